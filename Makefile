@@ -1,0 +1,31 @@
+# make quickstart: create .venv, install, train configs/quickstart.yaml, print the summary
+# make test:       create .venv if needed, run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# An existing torch (CUDA or CPU) is kept; otherwise this pinned CPU build is installed.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install quickstart baseline test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(VENV)/bin/faithful-train fit -c configs/quickstart.yaml
+
+baseline: install
+	$(VENV)/bin/faithful-train fit -c configs/quickstart-baseline.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not distributed"
+
+clean:
+	rm -rf $(VENV) runs wandb .pytest_cache

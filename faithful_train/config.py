@@ -1,0 +1,228 @@
+"""Experiment configs: omegaconf YAML checked against a schema.
+
+A config names a model preset (``models/<name>.yaml``, merged with any keys beside it), a
+task, objectives, audits, and trainer/optimizer/data/logger settings. ``key=value``
+overrides from the command line apply before the preset is resolved, so ``model=moe-tiny``
+swaps the architecture. Unknown keys and wrong types raise ``ConfigError`` naming the key
+and the valid ones. Objective, audit and task entries are ``{name: ..., **arguments}`` and
+are checked against their classes when the run is built (``registry.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from faithful_train.errors import ConfigError, UnknownNameError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class TrainerSection:
+    max_steps: int = 1000
+    val_every: int = 100  # validation cadence (steps)
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: at every validation
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 0
+
+
+@dataclass
+class DataSection:
+    batch_size: int = 128
+    val_size: int = 512
+    val_batch_size: int = 512
+
+
+@dataclass
+class WandbSection:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "faithful_train"
+    name: Optional[str] = None
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerSection:
+    wandb: WandbSection = field(default_factory=WandbSection)
+    csv: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    run_dir: Optional[str] = None
+    model: Any = MISSING
+    task: Any = MISSING
+    objectives: list[Any] = field(default_factory=list)
+    audits: list[Any] = field(default_factory=list)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    logger: LoggerSection = field(default_factory=LoggerSection)
+
+
+@dataclass
+class TransformerModelSection:
+    arch: str = "transformer"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_mlp: int = 256
+    n_experts: int = 0
+    top_k: int = 2
+    tie_embeddings: bool = False
+    vocab_size: Optional[int] = None  # default: the task's
+    max_seq_len: Optional[int] = None  # default: the task's
+
+
+@dataclass
+class HFModelSection:
+    arch: str = "hf"
+    family: Optional[str] = None  # gpt2 | llama | mixtral | qwen2_moe (with `config`)
+    config: dict[str, Any] = field(default_factory=dict)  # the family's HF config arguments
+    path: Optional[str] = None  # a local directory saved with save_pretrained
+
+
+MODEL_SECTIONS = {"transformer": TransformerModelSection, "hf": HFModelSection}
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _check_keys(data: Any, schema: type, prefix: str) -> None:
+    """Unknown keys anywhere under a dataclass schema -> one error naming key and valid ones."""
+    if not isinstance(data, (dict, DictConfig)):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise UnknownNameError("config key", full, fields)
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            _check_keys(value, sub, f"{full}.")
+
+
+def _merge(schema: type, data: Any, prefix: str = "") -> DictConfig:
+    _check_keys(data, schema, prefix)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), data)
+    except OmegaConfBaseException as e:
+        key = f"{prefix}{e.full_key}" if getattr(e, "full_key", None) else prefix.rstrip(".") or "config"
+        raise ConfigError(f"bad value for config key {key!r}: {str(e.msg).splitlines()[0]}") from None
+
+
+def find_preset(name: str, config_dir: Path | None = None) -> Path:
+    """A model preset by name or path: ``./models``, the config's ``../models``, the package's."""
+    candidates = [Path(name)]
+    roots = [Path.cwd(), *([config_dir, config_dir.parent] if config_dir else []), PACKAGE_ROOT]
+    candidates += [root / "models" / f"{name}.yaml" for root in roots]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted({p.stem for root in roots for p in (root / "models").glob("*.yaml")})
+    raise UnknownNameError("model preset", name, known)
+
+
+def resolve_model(spec: Any, config_dir: Path | None = None) -> DictConfig:
+    """Model section: a preset name, or a mapping with optional ``preset`` plus overriding keys."""
+    if spec is None or spec == MISSING:
+        raise ConfigError("config key 'model' is required (a preset name or a mapping with 'arch')")
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
+    if "preset" in spec:
+        preset = OmegaConf.to_container(_load_yaml(find_preset(spec.pop("preset"), config_dir)))
+        spec = OmegaConf.to_container(OmegaConf.merge(preset, spec))
+    arch = spec.get("arch", "transformer")
+    if arch not in MODEL_SECTIONS:
+        raise UnknownNameError("model arch", arch, MODEL_SECTIONS)
+    model = _merge(MODEL_SECTIONS[arch], spec, "model.")
+    if arch == "hf" and (model.family is None) == (model.path is None):
+        raise ConfigError("an 'hf' model needs exactly one of 'family' (with 'config') or 'path'")
+    return model
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        data = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping at top level")
+    return data
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
+    """``key=value`` (dotted keys, list indices allowed; values parsed as YAML)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot apply override {item!r}: {str(e.msg).splitlines()[0]}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load, override, resolve the model preset and validate a config file."""
+    path = Path(path)
+    raw = _load_yaml(path)
+    apply_overrides(raw, list(overrides))
+    return compose(raw, path.parent)
+
+
+def compose(raw: DictConfig | dict, config_dir: Path | None = None) -> DictConfig:
+    raw = raw if isinstance(raw, DictConfig) else OmegaConf.create(raw)
+    model = resolve_model(raw.get("model"), config_dir)
+    body = OmegaConf.to_container(raw)
+    body.pop("model", None)
+    cfg = _merge(ExperimentConfig, body)
+    cfg.model = model
+    if cfg.task == MISSING or cfg.task is None:
+        raise ConfigError("config key 'task' is required (a mapping with 'name')")
+    if isinstance(cfg.task, str):
+        cfg.task = {"name": cfg.task}
+    for kind in ("objectives", "audits"):
+        for i, entry in enumerate(cfg[kind]):
+            if not isinstance(entry, (dict, DictConfig)) or "name" not in entry:
+                raise ConfigError(f"config key '{kind}.{i}' must be a mapping with a 'name'")
+    if cfg.logger.wandb.mode not in WANDB_MODES:
+        raise UnknownNameError("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    for key in ("max_steps", "val_every", "log_every"):
+        if cfg.trainer[key] < 1:
+            raise ConfigError(f"config key 'trainer.{key}' must be >= 1, got {cfg.trainer[key]}")
+    return cfg
+
+
+def to_plain(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,250 @@
+"""Hugging Face causal LMs behind the same canonical sites as our own transformer.
+
+``HFAdapter`` wraps a ``transformers`` causal LM (gpt2, llama, mixtral, qwen2_moe, olmoe),
+returns plain logits from ``forward`` and maps each canonical site name onto a forward hook
+of the wrapped model (see ``faithful_train.sites``):
+
+    embed                      (B, T, D)     residual stream entering block 0 (gpt2: output of
+                                             ``transformer.drop``, after token + position embeddings;
+                                             others: output of ``model.embed_tokens``)
+    blocks.{i}.resid_pre       (B, T, D)     input of decoder layer i
+    blocks.{i}.attn.heads      (B, T, H, Dh) input of the attention output projection, per head
+    blocks.{i}.attn.out        (B, T, D)     attention output
+    blocks.{i}.mlp.out         (B, T, D)     output of the MLP or sparse MoE block
+    blocks.{i}.moe.router      (B, T, E)     raw router logits (sparse MoE layers only)
+    blocks.{i}.moe.weights     (B, T, E)     routing weights, zero off the top-k (sparse MoE layers only)
+    blocks.{i}.resid_post      (B, T, D)     output of decoder layer i
+    final                      (B, T, D)     after the final norm
+
+Writing ``moe.router`` recomputes the routing (top-k experts and their weights) from the
+edited logits exactly as the family's router does, so patching router logits changes which
+experts run. An edit of ``moe.weights`` may leave at most top-k nonzero weights per token
+(HF experts run exactly top-k experts per token; more raises ``ConfigError``). The ``moe.*``
+sites need the forward to go through ``HFAdapter.forward``, which tells them the (B, T)
+shape that the router's flattened ``(B*T, E)`` output comes from.
+
+Absent on purpose: ``blocks.{i}.resid_mid``. HF decoder layers add the attention output to
+the residual stream inline (no module boundary), so a hook could read it (the input of the
+post-attention norm) but an edit would reach only the norm, not the residual that skips
+it: patching it would silently be unfaithful. Qwen2-MoE layers without a sparse block
+(``mlp_only_layers``, ``decoder_sparse_step``) have no ``moe.*`` sites.
+
+Models use eager attention and eager experts, so outputs are deterministic and every
+computation passes through hookable modules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.sites import SitePoint
+
+Route = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
+
+
+def _route_mixtral(gate: nn.Module, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``MixtralTopKRouter``: float softmax, top-k, renormalise; scores stay float32."""
+    probs = F.softmax(logits.float(), dim=-1)
+    top, indices = torch.topk(probs, gate.top_k, dim=-1)
+    return top / top.sum(dim=-1, keepdim=True), indices
+
+
+def _route_qwen(gate: nn.Module, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``Qwen2MoeTopKRouter`` / ``OlmoeTopKRouter``: as Mixtral, renormalising only if
+    ``norm_topk_prob``, then casting the scores to the logits' dtype."""
+    probs = F.softmax(logits, dtype=torch.float, dim=-1)
+    top, indices = torch.topk(probs, gate.top_k, dim=-1)
+    if gate.norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return top.to(logits.dtype), indices
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Where a family keeps things: paths from the HF model (``layers``, ``embed``, ``final``)
+    or from one decoder layer (the rest)."""
+
+    layers: str  # the ModuleList of decoder layers
+    embed: str  # module whose output is the residual stream entering layer 0
+    final: str  # final norm
+    attn: str  # attention module; output[0] is (B, T, D)
+    o_proj: str  # attention output projection; its input holds the per-head outputs
+    mlp: str  # MLP or sparse MoE block
+    router: str | None = None  # router of a sparse MoE block, missing on dense layers
+    route: Route | None = None  # the router's logits -> (scores, indices) computation
+
+
+_LLAMA_STYLE = dict(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final="model.norm",
+    attn="self_attn",
+    o_proj="self_attn.o_proj",
+    mlp="mlp",
+)
+
+FAMILIES: dict[str, _Family] = {
+    "gpt2": _Family(
+        layers="transformer.h",
+        embed="transformer.drop",
+        final="transformer.ln_f",
+        attn="attn",
+        o_proj="attn.c_proj",
+        mlp="mlp",
+    ),
+    "llama": _Family(**_LLAMA_STYLE),
+    "mixtral": _Family(**_LLAMA_STYLE, router="mlp.gate", route=_route_mixtral),
+    "qwen2_moe": _Family(**_LLAMA_STYLE, router="mlp.gate", route=_route_qwen),
+    "olmoe": _Family(**_LLAMA_STYLE, router="mlp.gate", route=_route_qwen),
+}
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+
+_LOAD_KWARGS = {"attn_implementation": "eager", "experts_implementation": "eager"}
+
+
+def _family(name: str) -> _Family:
+    if name not in FAMILIES:
+        raise UnknownNameError("model family", name, SUPPORTED_FAMILIES)
+    return FAMILIES[name]
+
+
+def _first(raw: Any) -> Tensor:
+    """The hidden states of a module output that may be a tensor or a tuple."""
+    return raw[0] if isinstance(raw, tuple) else raw
+
+
+def _replace_first(raw: Any, new: Tensor) -> Any:
+    return (new, *raw[1:]) if isinstance(raw, tuple) else new
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+class HFAdapter(nn.Module):
+    """A Hugging Face causal LM with our interface: ``forward(ids) -> logits`` and ``site_points``."""
+
+    def __init__(self, hf_model: PreTrainedModel):
+        super().__init__()
+        self.family = hf_model.config.model_type
+        self._spec = _family(self.family)
+        self.hf_model = hf_model
+        # (batch, seq) of the current forward: the router sees tokens flattened to (B*T, D)
+        self._tokens_shape: tuple[int, int] | None = None
+
+    @classmethod
+    def from_config(
+        cls, family: str, config: dict[str, Any], vocab_size: int | None = None, seed: int | None = None
+    ) -> HFAdapter:
+        """A randomly initialised model of ``family`` from config keys (``vocab_size`` overrides).
+
+        ``seed`` makes the weights reproducible without touching the global RNG.
+        """
+        _family(family)
+        config = {**config, **({"vocab_size": vocab_size} if vocab_size is not None else {})}
+        hf_config = AutoConfig.for_model(family, **config)
+        if seed is None:
+            return cls(AutoModelForCausalLM.from_config(hf_config, **_LOAD_KWARGS))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(AutoModelForCausalLM.from_config(hf_config, **_LOAD_KWARGS))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> HFAdapter:
+        """Load from a local directory (never the Hub); the family comes from ``config.model_type``."""
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        _family(hf_config.model_type)
+        return cls(AutoModelForCausalLM.from_pretrained(path, config=hf_config, local_files_only=True, **_LOAD_KWARGS))
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        self.hf_model.save_pretrained(path)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._layers())
+
+    def _layers(self) -> nn.ModuleList:
+        return self.hf_model.get_submodule(self._spec.layers)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Next-token logits ``(B, T, vocab)``."""
+        # kept after the forward: gradient checkpointing re-runs layers (and hooks) in backward
+        self._tokens_shape = (input_ids.shape[0], input_ids.shape[1])
+        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def site_points(self) -> dict[str, SitePoint]:
+        spec = self._spec
+        points = {
+            "embed": SitePoint(self.hf_model.get_submodule(spec.embed)),
+            "final": SitePoint(self.hf_model.get_submodule(spec.final)),
+        }
+        for i, layer in enumerate(self._layers()):
+            points |= {f"blocks.{i}.{name}": p for name, p in self._layer_points(layer).items()}
+        return points
+
+    def _layer_points(self, layer: nn.Module) -> dict[str, SitePoint]:
+        spec = self._spec
+        n_heads = self.hf_model.config.num_attention_heads
+        points = {
+            "resid_pre": SitePoint(layer, kind="input"),
+            "attn.heads": SitePoint(
+                layer.get_submodule(spec.o_proj),
+                kind="input",
+                read=lambda raw: raw.unflatten(-1, (n_heads, -1)),
+                write=lambda raw, new: new.flatten(-2),
+            ),
+            "attn.out": SitePoint(layer.get_submodule(spec.attn), read=_first, write=_replace_first),
+            "mlp.out": SitePoint(layer.get_submodule(spec.mlp)),
+            "resid_post": SitePoint(layer, read=_first, write=_replace_first),
+        }
+        gate = _submodule(layer, spec.router) if spec.router else None
+        if gate is not None:
+            points |= self._router_points(gate)
+        return points
+
+    def _router_points(self, gate: nn.Module) -> dict[str, SitePoint]:
+        """``moe.router`` and ``moe.weights`` on the router's ``(logits, scores, indices)`` output."""
+        route = self._spec.route
+
+        def unflatten(flat: Tensor) -> Tensor:  # (B*T, E) -> (B, T, E)
+            if self._tokens_shape is None or flat.shape[0] != self._tokens_shape[0] * self._tokens_shape[1]:
+                raise RuntimeError("moe sites are only available in forwards run through HFAdapter.forward")
+            return flat.view(*self._tokens_shape, flat.shape[-1])
+
+        def write_router(raw: tuple, new: Tensor) -> tuple:
+            logits = new.reshape(-1, new.shape[-1]).to(raw[0].dtype)
+            scores, indices = route(gate, logits)
+            return logits, scores, indices
+
+        def read_weights(raw: tuple) -> Tensor:
+            logits, scores, indices = raw
+            dense = torch.zeros(logits.shape, dtype=scores.dtype, device=scores.device)
+            return unflatten(dense.scatter(-1, indices, scores))
+
+        def write_weights(raw: tuple, new: Tensor) -> tuple:
+            logits, scores, _ = raw
+            dense = new.reshape(-1, new.shape[-1])
+            if (dense != 0).sum(-1).max() > gate.top_k:
+                raise ConfigError(
+                    f"an edit of moe.weights leaves more than top_k={gate.top_k} nonzero weights for a token; "
+                    "Hugging Face experts run exactly top_k experts per token"
+                )
+            indices = dense.abs().topk(gate.top_k, dim=-1).indices
+            return logits, dense.gather(-1, indices).to(scores.dtype), indices
+
+        return {
+            "moe.router": SitePoint(gate, read=lambda raw: unflatten(raw[0]), write=write_router),
+            "moe.weights": SitePoint(gate, read=read_weights, write=write_weights),
+        }

@@ -1,0 +1,188 @@
+"""Our decoder-only transformer, dense or mixture-of-experts, in the spirit of nanoGPT.
+
+Pre-norm GPT blocks. Every interesting activation passes through a ``HookPoint`` and is a
+canonical site (see ``site_points``):
+
+    embed                      (B, T, D)   token + position embedding
+    blocks.{i}.resid_pre       (B, T, D)
+    blocks.{i}.attn.heads      (B, T, H, Dh) per-head outputs, before the output projection
+    blocks.{i}.attn.out        (B, T, D)
+    blocks.{i}.resid_mid       (B, T, D)
+    blocks.{i}.mlp.out         (B, T, D)   the feed-forward sublayer (dense MLP or MoE)
+    blocks.{i}.moe.router      (B, T, E)   raw router logits (MoE only)
+    blocks.{i}.moe.weights     (B, T, E)   routing weights, zero off the top-k (MoE only)
+    blocks.{i}.resid_post      (B, T, D)
+    final                      (B, T, D)   after the final norm
+
+Patching ``moe.router`` changes which experts are chosen; patching ``moe.weights`` forces
+routing directly (a zero column masks an expert).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from faithful_train.sites import HookPoint, SitePoint
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    max_seq_len: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_mlp: int = 256
+    n_experts: int = 0  # 0: dense MLP; >0: mixture of experts in every block
+    top_k: int = 2
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k {self.top_k} must be in [1, n_experts={self.n_experts}]")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.hook_heads = HookPoint()
+        self.hook_out = HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).unbind(dim=2)  # (B, T, H, Dh) each
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        z = self.hook_heads(z.transpose(1, 2))  # (B, T, H, Dh)
+        return self.hook_out(self.proj(z.reshape(B, T, D)))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_mlp: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_mlp)
+        self.down = nn.Linear(d_mlp, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts (Mixtral routing: softmax, top-k, renormalise)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg.d_model, cfg.d_mlp) for _ in range(cfg.n_experts))
+        self.hook_router = HookPoint()
+        self.hook_weights = HookPoint()
+
+    def routing_weights(self, logits: Tensor) -> Tensor:
+        """(B, T, E) weights: softmax over experts, keep the top-k, renormalise them to sum 1."""
+        probs = logits.float().softmax(dim=-1)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True)).to(logits.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.hook_router(self.router(x))  # (B, T, E)
+        weights = self.hook_weights(self.routing_weights(logits))  # (B, T, E)
+        flat_x, flat_w = x.reshape(-1, x.shape[-1]), weights.reshape(-1, self.n_experts)
+        out = torch.zeros_like(flat_x)
+        for e, expert in enumerate(self.experts):
+            rows = flat_w[:, e].nonzero(as_tuple=True)[0]  # tokens routed to expert e
+            if rows.numel():
+                out = out.index_add(0, rows, expert(flat_x[rows]) * flat_w[rows, e, None])
+        return out.view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg.d_model, cfg.d_mlp)
+        self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.attn(self.ln1(x)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+
+    def site_points(self) -> dict[str, SitePoint]:
+        points = {
+            "resid_pre": self.hook_resid_pre,
+            "attn.heads": self.attn.hook_heads,
+            "attn.out": self.attn.hook_out,
+            "resid_mid": self.hook_resid_mid,
+            "mlp.out": self.hook_mlp_out,
+            "resid_post": self.hook_resid_post,
+        }
+        if isinstance(self.mlp, MoE):
+            points |= {"moe.router": self.mlp.hook_router, "moe.weights": self.mlp.hook_weights}
+        return {name: SitePoint(module) for name, module in points.items()}
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer returning next-token logits ``(B, T, vocab)``."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.tok_emb.weight
+        self.hook_embed, self.hook_final = HookPoint(), HookPoint()
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("attn.proj.weight", "down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        T = input_ids.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        positions = torch.arange(T, device=input_ids.device)
+        return self.hook_embed(self.tok_emb(input_ids) + self.pos_emb(positions))
+
+    def forward_from(self, layer: int, resid: Tensor) -> Tensor:
+        """Resume the forward pass at block ``layer`` from its input residual stream."""
+        for block in self.blocks[layer:]:
+            resid = block(resid)
+        return self.unembed(self.hook_final(self.ln_f(resid)))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        # attention_mask is accepted for interface parity with Hugging Face models; our tasks
+        # have no padding, and the causal mask already keeps later tokens out.
+        return self.forward_from(0, self.embed(input_ids))
+
+    def site_points(self) -> dict[str, SitePoint]:
+        points = {"embed": SitePoint(self.hook_embed), "final": SitePoint(self.hook_final)}
+        for i, block in enumerate(self.blocks):
+            points |= {f"blocks.{i}.{name}": p for name, p in block.site_points().items()}
+        return points

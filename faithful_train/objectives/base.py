@@ -1,0 +1,113 @@
+"""The ``Objective`` callback: a weighted interventional loss term added to the task loss.
+
+The FaithfulModule records, in the step's one forward pass, every site that its objectives
+declare (``sites()``), then asks each objective for ``term(ctx)`` and adds
+``weight_at(step) * term`` to the loss (DESIGN.md §3). An objective never runs the plain
+forward itself; it may run extra forwards with edits (patched runs).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+from torch import Tensor, nn
+
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.tasks.base import Batch, Task
+
+
+@dataclass
+class Schedule:
+    """Weight multiplier over steps.
+
+    constant: 1.  warmup: linear 0 -> 1 over ``[start, start + steps]``.
+    anneal: linear 1 -> ``final`` over ``[start, start + steps]``.
+    """
+
+    kind: str = "constant"
+    start: int = 0
+    steps: int = 0
+    final: float = 0.0
+
+    KINDS = ("constant", "warmup", "anneal")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise UnknownNameError("schedule kind", self.kind, self.KINDS)
+        if self.steps < 0 or self.start < 0:
+            raise ConfigError(f"schedule start and steps must be >= 0, got {self.start}, {self.steps}")
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return 1.0
+        progress = 1.0 if self.steps == 0 else min(max((step - self.start) / self.steps, 0.0), 1.0)
+        if step < self.start:
+            progress = 0.0
+        return progress if self.kind == "warmup" else 1.0 + (self.final - 1.0) * progress
+
+    @classmethod
+    def parse(cls, spec: Any) -> Schedule:
+        if spec is None:
+            return cls()
+        if isinstance(spec, str):
+            return cls(kind=spec)
+        allowed = {"kind", "start", "steps", "final"}
+        for key in spec:
+            if key not in allowed:
+                raise UnknownNameError("schedule key", key, allowed)
+        return cls(**dict(spec))
+
+
+@dataclass
+class StepContext:
+    """What the step's shared forward produced, handed to every objective."""
+
+    batch: Batch
+    logits: Tensor  # (B, T, vocab) of the plain forward
+    cache: dict[str, Tensor]  # recorded sites, not detached
+    model: nn.Module
+    task: Task
+    step: int
+    generator: torch.Generator  # seeded by (run seed, step, rank): resumable randomness
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Objective(Callback, ABC):
+    """Base class. Subclasses set ``name`` and implement ``sites`` and ``term``."""
+
+    name: str = "objective"
+
+    def __init__(self, weight: float = 1.0, schedule: Any = None, label: str | None = None):
+        if weight < 0:
+            raise ConfigError(f"objective {self.name!r}: weight must be >= 0, got {weight}")
+        self.weight = float(weight)
+        self.schedule = Schedule.parse(schedule)
+        self.label = label or self.name
+
+    @property
+    def state_key(self) -> str:
+        return f"objective/{self.label}"
+
+    def weight_at(self, step: int) -> float:
+        return self.weight * self.schedule(step)
+
+    def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        """Check names against the model and task before training (raise FaithfulError)."""
+
+    def sites(self) -> list[str]:
+        """Site names the step's forward must record for this objective."""
+        return []
+
+    @abstractmethod
+    def term(self, ctx: StepContext) -> Tensor:
+        """The unweighted loss term for this step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,97 @@
+"""Names in configs -> classes: built-in tasks, objectives and audits, and users' own classes.
+
+A config entry is ``{name: <name>, **arguments}``. ``<name>`` is a built-in name, or
+``path/to/file.py:ClassName`` (relative to the working directory or the config's folder), or
+``package.module:ClassName``. Arguments are checked against the class's constructor, so a
+misspelt argument is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from faithful_train.errors import ConfigError, FaithfulError, UnknownNameError
+
+TASKS = {"hierarchical_equality": "faithful_train.tasks.hierarchical_equality:HierarchicalEquality"}
+OBJECTIVES = {"interchange": "faithful_train.objectives.interchange:InterchangeObjective"}
+AUDITS = {"interchange": "faithful_train.audits.interchange:InterchangeAudit"}
+
+
+def _load_file(path: Path, attr: str, kind: str, name: str) -> Any:
+    module_name = f"faithful_train_user.{path.stem}_{abs(hash(path.resolve())) % 10**8}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    module = sys.modules[module_name]
+    if not hasattr(module, attr):
+        raise UnknownNameError(f"{kind} class in {path}", attr, [n for n in dir(module) if not n.startswith("_")])
+    return getattr(module, attr)
+
+
+def resolve_class(kind: str, name: str, builtins: Mapping[str, str], base: type, config_dir: Path | None = None) -> type:
+    target = builtins.get(name, name)
+    if ":" not in target:
+        raise UnknownNameError(kind, name, [*builtins, "<file.py>:<Class>", "<module>:<Class>"])
+    where, attr = target.rsplit(":", 1)
+    if where.endswith(".py"):
+        candidates = [Path(where)] + ([config_dir / where] if config_dir else [])
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise ConfigError(f"{kind} {name!r}: file {where!r} not found")
+        cls = _load_file(path, attr, kind, name)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ConfigError(f"{kind} {name!r}: cannot import {where!r} ({e})") from None
+        if not hasattr(module, attr):
+            raise UnknownNameError(f"{kind} class in {where}", attr, [n for n in dir(module) if not n.startswith("_")])
+        cls = getattr(module, attr)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{kind} {name!r} must be a subclass of {base.__module__}.{base.__name__}")
+    return cls
+
+
+def constructor_arguments(cls: type) -> tuple[set[str], set[str]]:
+    """(all accepted keyword arguments, required ones), following ``**kwargs`` up the MRO."""
+    accepted, required = set(), set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        for p in params:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                accepted.add(p.name)
+                if p.default is p.empty:
+                    required.add(p.name)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return accepted, required
+
+
+def instantiate(kind: str, spec: Mapping[str, Any], builtins: Mapping[str, str], base: type, config_dir: Path | None = None) -> Any:
+    """Build ``spec['name']`` with the other keys as constructor arguments, checked."""
+    spec = dict(spec)
+    name = str(spec.pop("name"))
+    cls = resolve_class(kind, name, builtins, base, config_dir)
+    accepted, required = constructor_arguments(cls)
+    for key in spec:
+        if key not in accepted:
+            raise UnknownNameError(f"argument of {kind} {name!r}", key, accepted)
+    missing = sorted(required - set(spec))
+    if missing:
+        raise ConfigError(f"{kind} {name!r} needs argument(s): {', '.join(missing)}")
+    try:
+        return cls(**spec)
+    except FaithfulError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{kind} {name!r}: {e}") from None

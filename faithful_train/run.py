@@ -1,0 +1,193 @@
+"""Assemble a run from a config (task + model -> FaithfulModule + objectives + audits ->
+Trainer, loggers, run directory), then fit it or audit a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from faithful_train.audits.base import Audit
+from faithful_train.config import to_plain
+from faithful_train.data import TaskDataModule
+from faithful_train.errors import ConfigError
+from faithful_train.modeling import build_model
+from faithful_train.module import FaithfulModule
+from faithful_train.objectives.base import Objective
+from faithful_train.registry import AUDITS, OBJECTIVES, TASKS, instantiate
+from faithful_train.rundir import (
+    RunCSVLogger,
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    build_summary,
+    truncate_jsonl,
+)
+from faithful_train.tasks.base import Task
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    task: Task
+    module: FaithfulModule
+    datamodule: TaskDataModule
+    objectives: list[Objective] = field(default_factory=list)
+    audits: list[Audit] = field(default_factory=list)
+
+
+def _unique_labels(items: list[Any], kind: str) -> None:
+    seen: set[str] = set()
+    for item in items:
+        if item.label in seen:
+            raise ConfigError(f"two {kind} share the label {item.label!r}; give each a distinct 'label'")
+        seen.add(item.label)
+
+
+def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) -> Run:
+    """Everything a run needs, with every name checked before any training starts."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    task = instantiate("task", to_plain(cfg.task), TASKS, Task, config_dir)
+    model = build_model(cfg.model, task.vocab_size, task.seq_len, seed=cfg.seed)
+    with torch.no_grad():
+        vocab = model(task.sample(1, 0)["input_ids"]).shape[-1]
+    if vocab < task.vocab_size:
+        raise ConfigError(f"model vocabulary ({vocab}) is smaller than task {task.name!r}'s ({task.vocab_size})")
+    objectives = [instantiate("objective", to_plain(o), OBJECTIVES, Objective, config_dir) for o in cfg.objectives]
+    audits = [instantiate("audit", to_plain(a), AUDITS, Audit, config_dir) for a in cfg.audits]
+    _unique_labels(objectives, "objectives")
+    _unique_labels(audits, "audits")
+    for item in [*objectives, *audits]:
+        item.bind(model, task, cfg.seed)
+    optim = cfg.optim
+    module = FaithfulModule(model, task, optim.lr, optim.weight_decay, tuple(optim.betas), optim.warmup_steps, cfg.seed)
+    data = TaskDataModule(task, cfg.data.batch_size, cfg.seed, cfg.data.val_size, cfg.data.val_batch_size)
+    return Run(cfg, Path(run_dir), task, module, data, objectives, audits)
+
+
+def _loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(RunCSVLogger(run_dir, resume_step))
+    wandb_cfg = cfg.logger.wandb
+    if wandb_cfg.mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                save_dir=str(run_dir),
+                project=wandb_cfg.project,
+                name=wandb_cfg.name or run_dir.name,
+                entity=wandb_cfg.entity,
+                tags=list(wandb_cfg.tags),
+                mode=wandb_cfg.mode,  # offline unless the user turns it online
+                config=to_plain(cfg),
+                resume="allow" if resume_step is not None else None,
+                id=_wandb_id(run_dir) if resume_step is not None else None,
+            )
+        )
+    return loggers
+
+
+def _wandb_id(run_dir: Path) -> str | None:
+    """The id of the wandb run already in this run directory, so a resumed run continues it."""
+    runs = sorted((run_dir / "wandb").glob("*run-*"))
+    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
+
+
+def make_trainer(run: Run, extra_callbacks: list[Any] = (), resume_step: int | None = None) -> L.Trainer:
+    t = run.cfg.trainer
+    checkpoint = ModelCheckpoint(
+        dirpath=run.run_dir / "checkpoints",
+        filename="step{step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.checkpoint_every or t.val_every,
+        save_last=True,
+        save_top_k=1,
+        monitor=None,
+    )
+    return L.Trainer(
+        default_root_dir=str(run.run_dir),
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        enable_progress_bar=t.progress_bar,
+        deterministic=t.deterministic,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        logger=_loggers(run.cfg, run.run_dir, resume_step),
+        callbacks=[*run.objectives, *run.audits, checkpoint, *extra_callbacks],
+    )
+
+
+def quiet_lightning() -> None:
+    """Keep the terminal to the progress bar and our summary."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
+def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) -> dict[str, Any] | None:
+    """Train; then validate once more and write ``summary.json``. Returns the summary on rank zero."""
+    resume_step = None
+    if resume is not None:
+        resume_step = int(torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    trainer = make_trainer(run, list(extra_callbacks), resume_step)
+    if trainer.is_global_zero:
+        atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.cfg))
+        if resume_step is not None:
+            truncate_jsonl(run.run_dir / "audits.jsonl", resume_step)
+    trainer.fit(run.module, run.datamodule, ckpt_path=resume)
+    if trainer.interrupted:
+        return None
+    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    val_metrics = trainer.validate(run.module, run.datamodule, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return None
+    summary = build_summary({**train_metrics, **val_metrics}, run.audits, trainer.global_step)
+    atomic_write_json(run.run_dir / "summary.json", summary)
+    return summary
+
+
+def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:
+    """Re-run the config's audits on a checkpoint's weights, without training."""
+    path = Path(ckpt)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" not in state:
+        raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    missing, unexpected = run.module.load_state_dict(state["state_dict"], strict=False)
+    missing = [k for k in missing if k.startswith("model.")]
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint {path} does not fit the config's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    step = int(state.get("global_step", 0))
+    atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.cfg))
+    for audit in run.audits:
+        record = audit.remember(audit.evaluate(run.module.model, run.task), step)
+        append_jsonl(run.run_dir / "audits.jsonl", {**record, "checkpoint": str(path)})
+    summary = build_summary({}, run.audits, step)
+    atomic_write_json(run.run_dir / "summary.json", summary)
+    return summary

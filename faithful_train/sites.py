@@ -1,0 +1,213 @@
+"""Sites: named places in a model where an activation can be read or overwritten.
+
+A model that supports sites (our transformers, the Hugging Face adapter) implements
+``site_points() -> dict[str, SitePoint]``: each canonical name (``blocks.1.resid_post``,
+``blocks.0.attn.heads``, ``blocks.0.moe.router``...) maps to the module whose input or
+output holds the activation, and to the two small functions that convert between that raw
+hook value and the canonical tensor (``(batch, pos, ...)``).
+
+A ``SiteRef`` narrows a site to token positions, attention heads and a slice of the last
+dimension; it is plain data that can be written in a config and saved beside a checkpoint.
+
+``hooked(model, record=..., edits=...)`` is the one context manager that reads and edits
+sites: it records activations without detaching them (objectives need their gradients),
+applies edits in the forward pass, and removes exactly the hooks it added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from faithful_train.errors import ConfigError, UnknownNameError
+
+Edit = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    """A site narrowed to positions (dim 1), heads (dim 2 of head sites) and dims (last dim).
+
+    ``None`` means "all". ``dims`` is a half-open ``(start, stop)`` slice of the last dimension.
+    """
+
+    name: str
+    positions: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    dims: tuple[int, int] | None = None
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | SiteRef) -> SiteRef:
+        """Build from a site name, or a mapping ``{site, positions, heads, dims}``."""
+        if isinstance(spec, SiteRef):
+            return spec
+        if isinstance(spec, str):
+            return cls(spec)
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"a site must be a name or a mapping with 'site', got {spec!r}")
+        allowed = {"site", "positions", "heads", "dims"}
+        unknown = set(spec) - allowed
+        if unknown:
+            raise UnknownNameError("site key", sorted(unknown)[0], allowed)
+        if "site" not in spec:
+            raise ConfigError(f"site mapping {dict(spec)!r} needs a 'site' key")
+        dims = spec.get("dims")
+        if dims is not None:
+            dims = tuple(int(d) for d in dims)
+            if len(dims) != 2 or not 0 <= dims[0] < dims[1]:
+                raise ConfigError(f"dims must be [start, stop) with 0 <= start < stop, got {list(dims)}")
+
+        def ints(key: str) -> tuple[int, ...] | None:
+            value = spec.get(key)
+            if value is None:
+                return None
+            return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+        return cls(str(spec["site"]), ints("positions"), ints("heads"), dims)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"site": self.name}
+        for key in ("positions", "heads", "dims"):
+            if getattr(self, key) is not None:
+                out[key] = list(getattr(self, key))
+        return out
+
+    def mask(self, shape: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+        """Boolean mask of shape ``(1, *shape[1:])``: True where this ref selects."""
+        mask = torch.ones((1, *shape[1:]), dtype=torch.bool, device=device)
+        if self.positions is not None:
+            keep = torch.zeros(shape[1], dtype=torch.bool, device=device)
+            keep[list(self.positions)] = True
+            mask &= keep.view(1, -1, *([1] * (len(shape) - 2)))
+        if self.heads is not None:
+            if len(shape) != 4:
+                raise ConfigError(f"'heads' narrows only head sites (4-d), but {self.name} is {len(shape)}-d")
+            keep = torch.zeros(shape[2], dtype=torch.bool, device=device)
+            keep[list(self.heads)] = True
+            mask &= keep.view(1, 1, -1, 1)
+        if self.dims is not None:
+            if self.dims[1] > shape[-1]:
+                raise ConfigError(f"dims {list(self.dims)} exceed the width {shape[-1]} of site {self.name}")
+            keep = torch.zeros(shape[-1], dtype=torch.bool, device=device)
+            keep[self.dims[0] : self.dims[1]] = True
+            mask &= keep.view(*([1] * (len(shape) - 1)), -1)
+        return mask
+
+    def select(self, value: Tensor) -> Tensor:
+        """The narrowed part of an activation, flattened to ``(batch, features)``."""
+        if self.positions is not None:
+            value = value[:, list(self.positions)]
+        if self.heads is not None:
+            value = value[:, :, list(self.heads)]
+        if self.dims is not None:
+            value = value[..., self.dims[0] : self.dims[1]]
+        return value.reshape(value.shape[0], -1)
+
+
+def _identity(raw: Any) -> Tensor:
+    return raw
+
+
+def _replace(raw: Any, new: Tensor) -> Any:
+    return new
+
+
+@dataclass
+class SitePoint:
+    """Where a site lives: a module's output (``kind="output"``) or first input (``"input"``).
+
+    ``read`` turns the raw hook value into the canonical tensor; ``write`` puts an edited
+    canonical tensor back into the raw value's form (e.g. a tuple, or a flattened shape).
+    """
+
+    module: nn.Module
+    kind: str = "output"
+    read: Callable[[Any], Tensor] = field(default=_identity)
+    write: Callable[[Any, Tensor], Any] = field(default=_replace)
+
+
+class HookPoint(nn.Identity):
+    """An identity module marking a site in our own models (TransformerLens's ``HookPoint``)."""
+
+
+def resolve_site(model: nn.Module, name: str) -> SitePoint:
+    """The site point for ``name``, or an error that lists the valid site names."""
+    points = model.site_points()
+    if name not in points:
+        raise UnknownNameError("site", name, points)
+    return points[name]
+
+
+def validate_sites(model: nn.Module, names: Iterable[str]) -> None:
+    for name in names:
+        resolve_site(model, name)
+
+
+@contextmanager
+def hooked(
+    model: nn.Module,
+    record: Iterable[str | SiteRef] = (),
+    edits: Mapping[str, Edit | Sequence[Edit]] | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """Record and/or edit sites during forward passes run inside the block.
+
+    ``record``: site names (or refs; the whole site is recorded) whose activations are put in
+    the yielded dict, *not* detached. ``edits``: site name -> function (or list of functions,
+    applied in order) from the canonical activation to its replacement. A recorded site that
+    is also edited is recorded after the edit (what flows downstream).
+
+    Only the hooks added here are removed on exit, whatever else is registered on the model.
+    """
+    edits = dict(edits or {})
+    names_to_record = {SiteRef.parse(r).name for r in record}
+    cache: dict[str, Tensor] = {}
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for name in sorted(names_to_record | set(edits)):
+            point = resolve_site(model, name)
+            fns = edits.get(name, ())
+            fns = [fns] if callable(fns) else list(fns)
+            handles.append(_register(point, name, fns, name in names_to_record, cache))
+        yield cache
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _register(point: SitePoint, name: str, fns: list[Edit], keep: bool, cache: dict[str, Tensor]):
+    def apply(raw: Any) -> Any:
+        value = point.read(raw)
+        for fn in fns:
+            value = fn(value)
+        if keep:
+            cache[name] = value
+        return point.write(raw, value) if fns else None
+
+    if point.kind == "output":
+        return point.module.register_forward_hook(lambda _m, _args, out: apply(out))
+    if point.kind == "input":
+
+        def pre_hook(_m: nn.Module, args: tuple) -> tuple | None:
+            new = apply(args[0])
+            return None if new is None else (new, *args[1:])
+
+        return point.module.register_forward_pre_hook(pre_hook)
+    raise ValueError(f"site point kind must be 'output' or 'input', got {point.kind!r}")
+
+
+def run_with(
+    model: nn.Module,
+    input_ids: Tensor,
+    record: Iterable[str | SiteRef] = (),
+    edits: Mapping[str, Edit | Sequence[Edit]] | None = None,
+    **forward_kwargs: Any,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward with recording and edits; returns ``(logits, cache)``."""
+    with hooked(model, record, edits) as cache:
+        logits = model(input_ids, **forward_kwargs)
+    return logits, cache

@@ -1,0 +1,72 @@
+"""The ``Task`` interface: a seeded data source with a known causal model.
+
+A task generates token batches with the answer token at the last position, and, per
+example, the values of its high-level variables. Its causal model gives the
+counterfactual label: the label the example *would* have if some variables took the
+values they have on another (source) example. Objectives and audits use that label to
+test a model's internal mechanism causally.
+
+Batches are plain dicts of tensors (Lightning moves them to the device):
+
+    input_ids  (B, T) long      the prompt; the answer is predicted at the last position
+    labels     (B,)   long      the answer token
+    var/<name> (B,)   long      value of each causal variable
+
+To write your own task, subclass ``Task`` in your own file and name it in a config as
+``task: {name: path/to/file.py:MyTask, ...constructor args}`` (see README).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from faithful_train.errors import UnknownNameError
+
+Batch = dict[str, Tensor]
+
+
+class Task(ABC):
+    """A testbed with a known causal model. Subclasses set the class attributes below."""
+
+    name: str = "task"
+    variables: tuple[str, ...] = ()
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def seq_len(self) -> int: ...
+
+    @abstractmethod
+    def generate(self, n: int, generator: torch.Generator) -> Batch:
+        """``n`` examples drawn with ``generator`` only (never the global RNG)."""
+
+    @abstractmethod
+    def label_from_variables(self, variables: dict[str, Tensor]) -> Tensor:
+        """The causal model's output (answer token) given the values of its variables."""
+
+    def check_variables(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self.variables:
+                raise UnknownNameError(f"variable of task {self.name!r}", name, self.variables)
+
+    def counterfactual_labels(self, base: Batch, source: Batch, variables: Sequence[str]) -> Tensor:
+        """Label of each base example after setting ``variables`` to the source's values."""
+        self.check_variables(variables)
+        values = {v: (source if v in variables else base)[f"var/{v}"] for v in self.variables}
+        return self.label_from_variables(values)
+
+    def sample(self, n: int, seed: int) -> Batch:
+        """A fixed, seeded set (audit and validation sets)."""
+        return self.generate(n, torch.Generator().manual_seed(seed))
+
+
+def take(batch: Batch, index: Tensor | slice) -> Batch:
+    """The rows ``index`` of every tensor in a batch."""
+    return {key: value[index] for key, value in batch.items()}

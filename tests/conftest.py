@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    # tiny models: one thread is faster than two fighting over the CI's two cores
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+def tiny_transformer(vocab_size: int = 20, n_experts: int = 0, seed: int = 0, **kw):
+    from faithful_train.modeling.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size, max_seq_len=8, d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_experts=n_experts)
+    return Transformer(TransformerConfig(**(cfg | kw)))

@@ -1,0 +1,188 @@
+"""The CLI on tiny versions of the shipped configs: run directory, errors, audit, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from faithful_train import run as runs
+from faithful_train.cli import main
+from faithful_train.config import load_config
+from faithful_train.rundir import read_jsonl
+
+QUICKSTART = "configs/quickstart.yaml"
+TINY = [
+    "trainer.max_steps=30",
+    "trainer.val_every=10",
+    "trainer.progress_bar=false",
+    "audits.0.every_n_steps=10",
+    "audits.0.n_examples=64",
+    "data.val_size=64",
+    "data.batch_size=32",
+    "logger.wandb.mode=disabled",
+]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_fit_writes_the_run_directory(tmp_path, capsys):
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "audit/interchange/iia" in out and "val/task_acc" in out and "PASS" in out or "FAIL" in out
+    for name in ("config.yaml", "metrics.csv", "audits.jsonl", "summary.json", "checkpoints/last.ckpt"):
+        assert (tmp_path / name).is_file(), name
+    summary = _summary(tmp_path)
+    metrics = summary["metrics"]
+    for key in ("val/task_acc", "val/task_loss", "train/task_loss", "train/objective/interchange",
+                "audit/interchange/iia", "audit/interchange/iia/left", "audit/interchange/iia/right"):
+        assert key in metrics, key
+    assert summary["step"] == 30
+    assert set(summary["thresholds"]) == {"audit/interchange/iia"}
+    records = read_jsonl(tmp_path / "audits.jsonl")
+    assert [r["step"] for r in records] == [10, 20, 30]
+    assert records[-1]["metrics"]["iia"] == metrics["audit/interchange/iia"]
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/objective/interchange") for r in rows)
+    assert any(r.get("audit/interchange/iia") for r in rows)
+    resolved = load_config(tmp_path / "config.yaml")
+    assert resolved.trainer.max_steps == 30 and resolved.model.arch == "transformer"
+
+
+BAD_INPUTS = [
+    (["trainer.max_step=3"], "unknown config key 'trainer.max_step'", "max_steps"),
+    (["trainer.max_steps=abc"], "trainer.max_steps", "abc"),
+    (["objectives.0.name=interchnage"], "unknown objective 'interchnage'", "interchange"),
+    (["audits.0.name=nope"], "unknown audit 'nope'", "interchange"),
+    (["task.name=equality"], "unknown task 'equality'", "hierarchical_equality"),
+    (["objectives.0.alignment.left.site=blocks.7.resid_post"], "unknown site 'blocks.7.resid_post'", "blocks.1.resid_post"),
+    (["audits.0.alignment.middle=blocks.0.resid_post"], "unknown variable", "left, right"),
+    (["model=dense-huge"], "unknown model preset 'dense-huge'", "dense-tiny"),
+    (["objectives.0.wieght=2"], "unknown argument of objective 'interchange' 'wieght'", "weight"),
+    (["audits.0.thresholds.iaa=0.5"], "unknown metric of audit 'interchange'", "iia/left"),
+    (["logger.wandb.mode=sometimes"], "logger.wandb.mode", "offline"),
+    (["model.n_experts=-"], "model.n_experts", "-"),
+    (["seed"], "key=value", "seed"),
+]
+
+
+@pytest.mark.parametrize("overrides, message, valid", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message, valid):
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), *TINY, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("faithful-train: error:"), err
+    assert message in err and valid in err, err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "faithful_train.cli", "fit", "-c", QUICKSTART, "trainer.max_step=3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "unknown config key 'trainer.max_step'" in proc.stderr
+    missing = subprocess.run([sys.executable, "-m", "faithful_train.cli", "fit", "-c", "nope.yaml"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "config file not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_audit_command_reproduces_the_final_audit(tmp_path):
+    fit_dir, audit_dir = tmp_path / "fit", tmp_path / "audit"
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(fit_dir), *TINY]) == 0
+    ckpt = fit_dir / "checkpoints" / "last.ckpt"
+    assert main(["audit", "-c", QUICKSTART, "--ckpt", str(ckpt), "--run-dir", str(audit_dir), *TINY]) == 0
+    fitted, audited = _summary(fit_dir)["metrics"], _summary(audit_dir)["metrics"]
+    for key, value in audited.items():
+        assert value == pytest.approx(fitted[key], abs=1e-6), key
+    assert _summary(audit_dir)["step"] == 30
+    assert main(["audit", "-c", QUICKSTART, "--ckpt", str(tmp_path / "none.ckpt"), *TINY]) == 2
+
+
+def _csv_rows(run_dir: Path) -> set[tuple]:
+    with open(run_dir / "metrics.csv") as f:
+        return {tuple(sorted((k, v) for k, v in row.items() if v)) for row in csv.DictReader(f)}
+
+
+class StopAt(Callback):
+    """Stops training after ``step`` optimizer steps, as a user interrupting a run would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_resume_continues_exactly(tmp_path):
+    overrides = [*TINY, "trainer.max_steps=40", "trainer.checkpoint_every=20"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(whole), *overrides]) == 0
+
+    runs.quiet_lightning()
+    cfg = load_config(QUICKSTART, overrides)
+    runs.fit(runs.build(cfg, split), extra_callbacks=[StopAt(20)])
+    assert torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 20
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(split), "--resume", *overrides]) == 0
+
+    a, b = _summary(whole), _summary(split)
+    assert a["step"] == b["step"] == 40
+    assert a["metrics"].keys() == b["metrics"].keys()
+    for key in a["metrics"]:
+        assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-5, abs=1e-6), key
+    assert [r["step"] for r in read_jsonl(split / "audits.jsonl")] == [10, 20, 30, 40]
+    assert read_jsonl(split / "audits.jsonl") == read_jsonl(whole / "audits.jsonl")
+    # metrics.csv is continued, not restarted: every row of the uninterrupted run is there, and
+    # the only extra one is the validation the stopped run ran when it stopped
+    rows_whole, rows_split = _csv_rows(whole), _csv_rows(split)
+    assert rows_whole <= rows_split
+    for row in map(dict, rows_split - rows_whole):
+        assert row["step"] == "20" and set(row) <= {"step", "epoch", "val/task_acc", "val/task_loss"}, row
+    w1 = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    w2 = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], msg=key)
+
+
+def test_audits_do_not_change_training(tmp_path):
+    """Same seed with and without the audit: identical weights (audits touch no RNG, no data)."""
+    runs.quiet_lightning()
+    weights = []
+    for name, audits in (("with", None), ("without", "[]")):
+        overrides = [*TINY, "trainer.max_steps=15"] + ([f"audits={audits}"] if audits else [])
+        cfg = load_config(QUICKSTART, overrides)
+        run = runs.build(cfg, tmp_path / name)
+        runs.fit(run)
+        weights.append({k: v.clone() for k, v in run.module.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], msg=key)
+
+
+def test_wandb_offline_by_default_does_not_hang(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("logger.wandb")] + ["trainer.max_steps=5", "audits.0.every_n_steps=5"]
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), *overrides]) == 0
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert offline_runs, list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "mixtral-tiny"])
+def test_hugging_face_model_from_a_preset(tmp_path, preset):
+    overrides = [*TINY, f"model={preset}", "trainer.max_steps=6", "audits.0.every_n_steps=3"]
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), *overrides]) == 0
+    summary = _summary(tmp_path)
+    assert "audit/interchange/iia" in summary["metrics"] and summary["step"] == 6

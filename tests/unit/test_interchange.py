@@ -1,0 +1,156 @@
+"""Interchange: pure functions, the objective's term and gradient path, and the IIA audit on
+models whose answer is known (a hand-built mechanism)."""
+
+import pytest
+import torch
+from torch import nn
+
+from faithful_train.audits.interchange import InterchangeAudit
+from faithful_train.causal import interchange_batch, interchange_hits, interchange_loss, parse_alignment
+from faithful_train.errors import UnknownNameError
+from faithful_train.objectives.base import StepContext
+from faithful_train.objectives.interchange import InterchangeObjective
+from faithful_train.sites import HookPoint, SitePoint, run_with
+from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+from tests.conftest import tiny_transformer
+
+ALIGN = {"left": {"site": "blocks.0.resid_post", "positions": [1]}, "right": {"site": "blocks.0.resid_post", "positions": [3]}}
+
+
+class PlantedEquality(nn.Module):
+    """Computes the task by hand: ``left`` lives in unit 0 of site ``h``, ``right`` in unit 1,
+    ``decoy`` (unit 2) holds a copy of ``left`` that the output ignores. Logits put +10 on the
+    right answer token. IIA for left/right at their units is exactly 1; at the decoy, chance."""
+
+    def __init__(self, task: HierarchicalEquality):
+        super().__init__()
+        self.task = task
+        self.hook_h = HookPoint()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def site_points(self):
+        return {"h": SitePoint(self.hook_h)}
+
+    def forward(self, ids, attention_mask=None):
+        w, x, y, z = ids.unbind(1)
+        left, right = (w == x).float(), (y == z).float()
+        h = self.hook_h(torch.stack([left, right, left], dim=-1)[:, None].repeat(1, 4, 1))  # (B, 4, 3)
+        same = 1 - (h[:, -1, 0] - h[:, -1, 1]).abs()
+        logits = torch.zeros(ids.shape[0], 4, self.task.vocab_size) + self.dummy
+        logits[:, -1, self.task.true_token] = 10 * same
+        logits[:, -1, self.task.false_token] = 10 * (1 - same)
+        return logits
+
+
+def test_pure_loss_and_hits():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 0])
+    assert torch.equal(interchange_hits(logits, labels), torch.tensor([1.0, 0.0]))
+    expected = -(torch.log_softmax(logits, -1)[0, 0] + torch.log_softmax(logits, -1)[1, 0]) / 2
+    torch.testing.assert_close(interchange_loss(logits, labels), expected)
+
+
+def test_audit_on_planted_mechanism():
+    task = HierarchicalEquality()
+    model = PlantedEquality(task)
+    true_alignment = {"left": {"site": "h", "dims": [0, 1]}, "right": {"site": "h", "dims": [1, 2]}}
+    audit = InterchangeAudit(true_alignment, n_examples=400, batch_size=128)
+    audit.bind(model, task)
+    results = audit.evaluate(model, task)
+    assert results["iia"] == 1.0 and results["iia_changed/left"] == 1.0
+    decoy = InterchangeAudit({"left": {"site": "h", "dims": [2, 3]}}, n_examples=400)
+    decoy.bind(model, task)
+    results = decoy.evaluate(model, task)
+    assert results["iia_changed/left"] == 0.0  # the decoy never changes the answer
+    assert 0.4 < results["iia/left"] < 0.6  # so it is right only when the label does not change
+
+
+def test_audit_is_deterministic_and_keeps_model_mode():
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    audit = InterchangeAudit(ALIGN, n_examples=64)
+    audit.bind(model, task)
+    model.train()
+    first = audit.evaluate(model, task)
+    assert model.training
+    assert audit.evaluate(model, task) == first
+    assert set(first) == set(audit.metric_names(task))
+
+
+def test_audit_shards_across_ranks_cover_the_set():
+    """Rank shards are disjoint and their weighted means give the single-process figure."""
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    audit = InterchangeAudit(ALIGN, n_examples=50)
+    audit.bind(model, task)
+    whole = audit.evaluate(model, task)["iia/left"]
+    parts = [audit.evaluate(model, task, rank=r, world_size=2)["iia/left"] for r in (0, 1)]
+    assert whole == pytest.approx((parts[0] * 25 + parts[1] * 25) / 50)
+
+
+def test_alignment_errors_name_valid_values():
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    with pytest.raises(UnknownNameError, match="variable"):
+        parse_alignment({"middle": "blocks.0.resid_post"}, model, task)
+    with pytest.raises(UnknownNameError, match="blocks.0.resid_post"):
+        parse_alignment({"left": "blocks.0.resid_psot"}, model, task)
+
+
+def _ctx(model, task, batch, sites):
+    logits, cache = run_with(model, batch["input_ids"], record=sites)
+    return StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(0))
+
+
+def test_objective_term_is_ce_against_counterfactual_labels():
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    batch = task.sample(32, 0)
+    objective = InterchangeObjective(ALIGN)
+    objective.bind(model, task)
+    ctx = _ctx(model, task, batch, objective.sites())
+    term = objective.term(ctx)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    logits, targets = interchange_batch(model, task, batch, ctx.cache, perm, objective.alignment, ["left", "right"])
+    torch.testing.assert_close(term, interchange_loss(logits, targets))
+    assert logits.shape == (64, task.vocab_size)
+
+
+def test_gradient_reaches_upstream_parameters_and_detached_source_blocks_it():
+    """The term's gradient reaches parameters upstream of the patched site (block 0) through
+    the base run; detaching the source removes the path through the source activations."""
+    task = HierarchicalEquality()
+    batch = task.sample(16, 0)
+    align = {"left": {"site": "blocks.0.resid_post", "positions": [1]}}
+    grads = {}
+    for detach in (False, True):
+        model = tiny_transformer(vocab_size=task.vocab_size)
+        objective = InterchangeObjective(align, detach_source=detach)
+        objective.term(_ctx(model, task, batch, objective.sites())).backward()
+        grads[detach] = model.blocks[0].attn.qkv.weight.grad.clone()
+        assert grads[detach].abs().sum() > 0  # upstream of the site: via the unpatched positions
+    assert not torch.allclose(grads[False], grads[True])
+
+    # with the whole site patched, the base run contributes nothing below the site
+    full = {"left": {"site": "blocks.0.resid_post"}}
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    objective = InterchangeObjective(full, detach_source=True)
+    objective.term(_ctx(model, task, batch, objective.sites())).backward()
+    assert model.blocks[0].attn.qkv.weight.grad is None or model.blocks[0].attn.qkv.weight.grad.abs().sum() == 0
+    assert model.blocks[1].attn.qkv.weight.grad.abs().sum() > 0
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    objective = InterchangeObjective(full, detach_source=False)
+    objective.term(_ctx(model, task, batch, objective.sites())).backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # only through the source
+
+
+def test_sample_mode_uses_one_variable():
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    objective = InterchangeObjective(ALIGN, variables="sample")
+    calls = []
+    model.blocks[0].hook_resid_post.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
+    objective.term(_ctx(model, task, task.sample(8, 0), objective.sites()))
+    assert calls == [8, 8]  # the recorded forward, then one patched forward of B rows (not 2B)
+    with pytest.raises(UnknownNameError):
+        InterchangeObjective(ALIGN, variables="some")
