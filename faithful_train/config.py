@@ -208,7 +208,7 @@ def compose(raw: DictConfig | dict, config_dir: Path | None = None) -> DictConfi
     body.pop("model", None)
     cfg = _merge(ExperimentConfig, body)
     cfg.model = model
-    if cfg.task == MISSING or cfg.task is None:
+    if OmegaConf.is_missing(cfg, "task") or cfg.task is None:
         raise ConfigError("config key 'task' is required (a mapping with 'name')")
     if isinstance(cfg.task, str):
         cfg.task = {"name": cfg.task}

@@ -58,7 +58,7 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     """Everything a run needs, with every name checked before any training starts."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = instantiate("task", to_plain(cfg.task), TASKS, Task, config_dir)
-    model = build_model(cfg.model, task.vocab_size, task.seq_len, seed=cfg.seed)
+    model = build_model(cfg.model, task.vocab_size, task.seq_len, seed=cfg.seed).train()
     with torch.no_grad():
         vocab = model(task.sample(1, 0)["input_ids"]).shape[-1]
     if vocab < task.vocab_size:

@@ -1,0 +1,45 @@
+"""Two CPU processes under DDP: objectives train, audits run on every rank and agree, and only
+rank zero writes the run directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from faithful_train.rundir import read_jsonl
+
+pytestmark = pytest.mark.distributed
+
+
+def test_fit_with_two_cpu_processes(tmp_path, repo):
+    run_dir = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "faithful_train.cli", "fit", "-c", "configs/quickstart.yaml", "--run-dir", str(run_dir),
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+        "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false",
+        "audits.0.every_n_steps=4", "audits.0.n_examples=64", "data.batch_size=16", "data.val_size=64",
+        "logger.wandb.mode=disabled",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_jsonl(run_dir / "audits.jsonl")
+    assert [r["step"] for r in records] == [4, 8]  # one record per audit run, not one per rank
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 8 and "audit/interchange/iia" in summary["metrics"]
+    assert summary["metrics"]["audit/interchange/iia"] == records[-1]["metrics"]["iia"]
+    assert proc.stdout.count("run directory:") == 1
+
+    # the DDP figure is the mean over both ranks' shards: it equals one process auditing all 64
+    single = subprocess.run(
+        [sys.executable, "-m", "faithful_train.cli", "audit", "-c", "configs/quickstart.yaml", "--ckpt",
+         str(run_dir / "checkpoints" / "last.ckpt"), "--run-dir", str(tmp_path / "single"),
+         "audits.0.n_examples=64", "logger.wandb.mode=disabled"],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = json.loads((tmp_path / "single" / "summary.json").read_text())["metrics"]
+    for key, value in records[-1]["metrics"].items():
+        assert alone[f"audit/interchange/{key}"] == pytest.approx(value, abs=1e-6), key
