@@ -47,6 +47,8 @@ class OptimSection:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 0
+    decay: str = "none"  # none | cosine (to min_lr_ratio * lr at trainer.max_steps)
+    min_lr_ratio: float = 0.1
 
 
 @dataclass
@@ -109,6 +111,7 @@ class HFModelSection:
 
 MODEL_SECTIONS = {"transformer": TransformerModelSection, "hf": HFModelSection}
 WANDB_MODES = ("offline", "online", "disabled")
+LR_DECAYS = ("none", "cosine")
 
 
 def _check_keys(data: Any, schema: type, prefix: str) -> None:
@@ -218,6 +221,8 @@ def compose(raw: DictConfig | dict, config_dir: Path | None = None) -> DictConfi
                 raise ConfigError(f"config key '{kind}.{i}' must be a mapping with a 'name'")
     if cfg.logger.wandb.mode not in WANDB_MODES:
         raise UnknownNameError("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    if cfg.optim.decay not in LR_DECAYS:
+        raise UnknownNameError("optim.decay", cfg.optim.decay, LR_DECAYS)
     for key in ("max_steps", "val_every", "log_every"):
         if cfg.trainer[key] < 1:
             raise ConfigError(f"config key 'trainer.{key}' must be >= 1, got {cfg.trainer[key]}")

@@ -12,6 +12,7 @@ gradients are reduced like any other.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,11 +42,15 @@ class FaithfulModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 0,
         seed: int = 0,
+        decay: str = "none",
+        total_steps: int = 0,
+        min_lr_ratio: float = 0.1,
     ):
         super().__init__()
         self.model, self.task = model, task
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.seed = seed
+        self.decay, self.total_steps, self.min_lr_ratio = decay, total_steps, min_lr_ratio
         self.train_acc = MulticlassAccuracy(task.vocab_size, average="micro")
         self.val_acc = MulticlassAccuracy(task.vocab_size, average="micro")
 
@@ -92,7 +97,16 @@ class FaithfulModule(LightningModule):
         no_decay = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
-        if not self.warmup_steps:
+        if not self.warmup_steps and self.decay == "none":
             return optimizer
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / self.warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps``, then constant or cosine decay to ``min_lr_ratio``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "none" or self.total_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -70,7 +70,10 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     for item in [*objectives, *audits]:
         item.bind(model, task, cfg.seed)
     optim = cfg.optim
-    module = FaithfulModule(model, task, optim.lr, optim.weight_decay, tuple(optim.betas), optim.warmup_steps, cfg.seed)
+    module = FaithfulModule(
+        model, task, optim.lr, optim.weight_decay, tuple(optim.betas), optim.warmup_steps, cfg.seed,
+        decay=optim.decay, total_steps=cfg.trainer.max_steps, min_lr_ratio=optim.min_lr_ratio,
+    )  # fmt: skip
     data = TaskDataModule(task, cfg.data.batch_size, cfg.seed, cfg.data.val_size, cfg.data.val_batch_size)
     return Run(cfg, Path(run_dir), task, module, data, objectives, audits)
 

@@ -65,3 +65,16 @@ def test_config_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_lr_schedule():
+    from faithful_train.module import FaithfulModule
+    from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+    from tests.conftest import tiny_transformer
+
+    task = HierarchicalEquality()
+    module = FaithfulModule(tiny_transformer(task.vocab_size), task, warmup_steps=10, decay="cosine", total_steps=110, min_lr_ratio=0.1)
+    assert module.lr_factor(0) == pytest.approx(0.1) and module.lr_factor(9) == pytest.approx(1.0)
+    assert module.lr_factor(60) == pytest.approx(0.55) and module.lr_factor(110) == pytest.approx(0.1)
+    with pytest.raises(UnknownNameError, match="optim.decay"):
+        compose({"task": "hierarchical_equality", "model": {"arch": "transformer"}, "optim": {"decay": "step"}})
