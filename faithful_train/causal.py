@@ -6,14 +6,16 @@ aligned site set to its value on a source input; the causal model predicts the o
 ``task.counterfactual_labels(base, source, [v])``. Interchange-intervention accuracy (IIA,
 Geiger et al. 2021/2022) is the fraction of (base, source) pairs where they agree.
 
-All variables' interventions run in ONE batched forward: block ``k`` of a ``V * B`` batch
-carries the intervention on variable ``k``.
+Many interventions run in ONE batched forward: block ``k`` of a ``K * B`` batch carries the
+``k``-th group of swaps (one variable, or all the strict resamples), and the forward resumes
+at the first block any of them touches (``partial.run_patched``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,8 +24,9 @@ from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError
 from faithful_train.interventions import interchange
-from faithful_train.sites import SiteRef, run_with, validate_sites
-from faithful_train.tasks.base import Batch, Task, take
+from faithful_train.partial import ResumePlan, run_patched
+from faithful_train.sites import Edit, SiteRef, validate_sites
+from faithful_train.tasks.base import Batch, Task
 
 Alignment = dict[str, SiteRef]
 
@@ -40,68 +43,85 @@ def parse_alignment(spec: Mapping[str, Any], model: nn.Module | None = None, tas
     return alignment
 
 
-def interchange_forward(
+def parse_sites(specs: Sequence[Any] | None, model: nn.Module | None = None) -> list[SiteRef]:
+    """A list of site specs (names or mappings) -> refs, checked against ``model``."""
+    refs = [SiteRef.parse(spec) for spec in specs or ()]
+    if model is not None:
+        validate_sites(model, (ref.name for ref in refs))
+    return refs
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One interchange: ``ref``'s part of the base activation takes the source's, optionally only
+    along the columns of ``basis`` (then ``ref.dims`` name basis columns, already applied)."""
+
+    ref: SiteRef
+    source: Tensor  # the source's whole activation at ref.name, row-aligned with the base batch
+    basis: Tensor | None = None
+
+    def edit(self, rows: slice) -> Edit:
+        ref = self.ref if self.basis is None else replace(self.ref, dims=None)
+
+        def apply(t: Tensor) -> Tensor:
+            return interchange(t, self.source, ref.mask(t.shape, t.device), self.basis, rows)
+
+        return apply
+
+
+def swap_forward(
     model: nn.Module,
     base_ids: Tensor,
-    source_activations: Mapping[str, Tensor],
+    groups: Sequence[Sequence[Swap]],
+    base_cache: Mapping[str, Tensor] | None = None,
+    plan: ResumePlan | None = None,
+) -> Tensor:
+    """Logits ``(len(groups) * B, T, vocab)``: block ``k`` is the base with group ``k``'s swaps."""
+    B = base_ids.shape[0]
+    edits: dict[str, list[Edit]] = defaultdict(list)
+    for k, group in enumerate(groups):
+        for swap in group:
+            edits[swap.ref.name].append(swap.edit(slice(k * B, (k + 1) * B)))
+    return run_patched(model, base_ids, len(groups), edits, base_cache, plan)
+
+
+def variable_swaps(
     alignment: Alignment,
     variables: Sequence[str],
-    rotations: Mapping[str, Tensor] | None = None,
-) -> Tensor:
-    """Logits ``(V * B, T, vocab)`` of the base inputs with each variable's site interchanged.
-
-    ``source_activations[site]`` is the full activation of the *source* inputs at that site,
-    row-aligned with ``base_ids`` (source of base row ``i`` is row ``i``).
-    """
-    B = base_ids.shape[0]
-    edits: dict[str, list] = defaultdict(list)
-    for k, var in enumerate(variables):
-        ref = alignment[var]
-        source = source_activations[ref.name]
-        rotation = (rotations or {}).get(var)
-
-        def edit(t: Tensor, ref=ref, source=source, rotation=rotation, rows=slice(k * B, (k + 1) * B)) -> Tensor:
-            return interchange(t, source, ref.mask(t.shape, t.device), rotation, rows)
-
-        edits[ref.name].append(edit)
-    logits, _ = run_with(model, base_ids.repeat(len(variables), 1), edits=edits)
-    return logits
+    source_activations: Mapping[str, Tensor],
+    bases: Mapping[str, Tensor] | None = None,
+) -> list[list[Swap]]:
+    """One group per variable: its aligned site from the source (in its basis, if any)."""
+    bases = bases or {}
+    return [[Swap(alignment[v], source_activations[alignment[v].name], bases.get(v))] for v in variables]
 
 
 def counterfactual_targets(task: Task, base: Batch, source: Batch, variables: Sequence[str]) -> Tensor:
-    """``(V * B,)`` causal-model labels, in the block order of ``interchange_forward``."""
+    """``(V * B,)`` causal-model labels, in the block order of ``variable_swaps``."""
     return torch.cat([task.counterfactual_labels(base, source, [v]) for v in variables])
 
 
 def interchange_loss(answer_logits: Tensor, counterfactual_labels: Tensor) -> Tensor:
-    """IIT loss (Geiger et al. 2022): ``CE(M(base | site <- site(source)), C(base | var <- var(source)))``."""
+    """IIT loss (Geiger et al. 2022): ``CE(M(base | site <- site(source)), C(base | var <- var(source)))``.
+
+    With ``counterfactual_labels`` the base labels and the swapped sites the ones *not* aligned
+    to any variable, this is the strict term of SIIT (Gupta et al. 2024, InterpBench): those
+    sites must not matter.
+    """
     return F.cross_entropy(answer_logits.float(), counterfactual_labels)
 
 
-def interchange_hits(answer_logits: Tensor, counterfactual_labels: Tensor) -> Tensor:
+def answer_predictions(answer_logits: Tensor, task: Task) -> Tensor:
+    """Argmax over the task's possible answers (``task.answer_tokens``), else the whole vocabulary,
+    so a model that knows nothing scores chance, not zero."""
+    tokens = task.answer_tokens
+    if tokens is None:
+        return answer_logits.argmax(dim=-1)
+    tokens = torch.as_tensor(tokens, device=answer_logits.device)
+    return tokens[answer_logits[..., tokens].argmax(dim=-1)]
+
+
+def interchange_hits(answer_logits: Tensor, counterfactual_labels: Tensor, task: Task | None = None) -> Tensor:
     """Per-pair IIA indicator: 1 where the intervened model's answer is the causal model's."""
-    return (answer_logits.argmax(dim=-1) == counterfactual_labels).float()
-
-
-def interchange_batch(
-    model: nn.Module,
-    task: Task,
-    batch: Batch,
-    cache: Mapping[str, Tensor],
-    permutation: Tensor,
-    alignment: Alignment,
-    variables: Sequence[str],
-    detach_source: bool = False,
-    rotations: Mapping[str, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """In-batch interchange: sources are ``batch[permutation]``, whose activations come from
-    ``cache`` (the clean forward already recorded), so no source forward is run.
-
-    Returns ``(answer_logits (V*B, vocab), counterfactual_labels (V*B,))``.
-    """
-    sources = {ref.name: cache[ref.name][permutation] for ref in alignment.values()}
-    if detach_source:
-        sources = {name: act.detach() for name, act in sources.items()}
-    logits = interchange_forward(model, batch["input_ids"], sources, alignment, variables, rotations)
-    targets = counterfactual_targets(task, batch, take(batch, permutation), variables)
-    return logits[:, -1], targets
+    predictions = answer_logits.argmax(dim=-1) if task is None else answer_predictions(answer_logits, task)
+    return (predictions == counterfactual_labels).float()

@@ -31,20 +31,27 @@ def interchange(
     base: Tensor,
     source: Tensor,
     mask: Tensor,
-    rotation: Tensor | None = None,
+    basis: Tensor | None = None,
     rows: slice | None = None,
 ) -> Tensor:
     """Interchange intervention (Geiger et al. 2021; DAS, Geiger et al. 2023).
 
-    Without ``rotation``, a subspace patch. With an orthogonal ``rotation`` ``R`` (d x d),
-    the swap happens in the rotated basis: ``(where(mask, s R, b R)) R^T``, so ``mask``'s
-    last-dimension part selects rotated coordinates.
+    Without ``basis``, a subspace patch: ``where(mask, source, base)``. With a ``d x k`` matrix
+    ``Q`` of orthonormal columns (a learned or random subspace), the coordinates of the
+    activation along ``Q`` are swapped and the rest kept:
+
+        out = base + mask * ((source - base) Q) Q^T
+
+    which is DAS's ``R^T (where(first k, R s, R b))`` with the rotation's first ``k`` rows
+    ``Q^T``; here ``mask`` selects positions (and heads), not dimensions. Entries outside
+    ``mask`` are returned exactly.
     """
-    if rotation is None:
+    if basis is None:
         return patch(base, source, mask, rows)
     part = base if rows is None else base[rows]
-    mixed = torch.where(mask, source.to(part.dtype) @ rotation, part @ rotation) @ rotation.T
-    return _on_rows(base, mixed, rows)
+    basis = basis.to(part.dtype)
+    delta = ((source.to(part.dtype) - part) @ basis) @ basis.T
+    return _on_rows(base, part + delta * mask, rows)
 
 
 def zero_ablate(base: Tensor, mask: Tensor, rows: slice | None = None) -> Tensor:

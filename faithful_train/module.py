@@ -45,9 +45,12 @@ class FaithfulModule(LightningModule):
         decay: str = "none",
         total_steps: int = 0,
         min_lr_ratio: float = 0.1,
+        objective_modules: dict[str, nn.Module] | None = None,
     ):
         super().__init__()
         self.model, self.task = model, task
+        # objectives' own parameters (DAS bases...), keyed by objective label
+        self.objective_modules = nn.ModuleDict(objective_modules or {})
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.seed = seed
         self.decay, self.total_steps, self.min_lr_ratio = decay, total_steps, min_lr_ratio
@@ -81,6 +84,8 @@ class FaithfulModule(LightningModule):
             for objective, weight in active:
                 term = objective.term(ctx)
                 self.log(f"train/objective/{objective.label}", term, prog_bar=True, batch_size=size)
+                for part, value in objective.parts.items():
+                    self.log(f"train/objective/{objective.label}/{part}", value, batch_size=size)
                 loss = loss + weight * term
         self.log("train/loss", loss, batch_size=size)
         return loss
@@ -93,8 +98,10 @@ class FaithfulModule(LightningModule):
         self.log("val/task_acc", self.val_acc, prog_bar=True, batch_size=size)
 
     def configure_optimizers(self) -> Any:
-        decay = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() < 2]
+        # weight decay on the model's matrices only: not on biases, norms or objectives' parameters
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2] + [p for p in self.objective_modules.parameters() if p.requires_grad]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         if not self.warmup_steps and self.decay == "none":

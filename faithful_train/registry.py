@@ -18,9 +18,18 @@ from typing import Any
 
 from faithful_train.errors import ConfigError, FaithfulError, UnknownNameError
 
-TASKS = {"hierarchical_equality": "faithful_train.tasks.hierarchical_equality:HierarchicalEquality"}
-OBJECTIVES = {"interchange": "faithful_train.objectives.interchange:InterchangeObjective"}
-AUDITS = {"interchange": "faithful_train.audits.interchange:InterchangeAudit"}
+TASKS = {
+    "hierarchical_equality": "faithful_train.tasks.hierarchical_equality:HierarchicalEquality",
+    "multistep_arithmetic": "faithful_train.tasks.multistep_arithmetic:MultiStepArithmetic",
+}
+OBJECTIVES = {
+    "interchange": "faithful_train.objectives.interchange:InterchangeObjective",
+    "counterfactual_cot": "faithful_train.objectives.counterfactual_cot:CounterfactualCotObjective",
+}
+AUDITS = {
+    "interchange": "faithful_train.audits.interchange:InterchangeAudit",
+    "cot": "faithful_train.audits.cot:CotAudit",
+}
 
 
 def _load_file(path: Path, attr: str, kind: str, name: str) -> Any:

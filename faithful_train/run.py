@@ -69,11 +69,18 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     _unique_labels(audits, "audits")
     for item in [*objectives, *audits]:
         item.bind(model, task, cfg.seed)
+    owned = {o.label: o.module() for o in objectives if o.module() is not None}
+    for label in owned:
+        if "." in label:
+            raise ConfigError(f"objective label {label!r} must not contain '.'")
     optim = cfg.optim
     module = FaithfulModule(
         model, task, optim.lr, optim.weight_decay, tuple(optim.betas), optim.warmup_steps, cfg.seed,
         decay=optim.decay, total_steps=cfg.trainer.max_steps, min_lr_ratio=optim.min_lr_ratio,
+        objective_modules=owned,
     )  # fmt: skip
+    for audit in audits:
+        audit.attach(module)  # e.g. the interchange audit takes a learned rotation from its objective
     data = TaskDataModule(task, cfg.data.batch_size, cfg.seed, cfg.data.val_size, cfg.data.val_batch_size)
     return Run(cfg, Path(run_dir), task, module, data, objectives, audits)
 
@@ -183,12 +190,13 @@ def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:
     if "state_dict" not in state:
         raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     missing, unexpected = run.module.load_state_dict(state["state_dict"], strict=False)
-    missing = [k for k in missing if k.startswith("model.")]
+    missing = [k for k in missing if k.startswith(("model.", "objective_modules."))]
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not fit the config's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     step = int(state.get("global_step", 0))
     atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.cfg))
     for audit in run.audits:
+        audit.attach(run.module)
         record = audit.remember(audit.evaluate(run.module.model, run.task), step)
         append_jsonl(run.run_dir / "audits.jsonl", {**record, "checkpoint": str(path)})
     summary = build_summary({}, run.audits, step)

@@ -96,6 +96,10 @@ class Audit(Callback, ABC):
             self.seed = run_seed + 1_000_003
         self._data = None
 
+    def attach(self, pl_module: LightningModule) -> None:
+        """Take what the audit needs from the module before it runs (e.g. an objective's
+        learned rotation, ``pl_module.objective_modules[label]``). Default: nothing."""
+
     def data(self, task: Task) -> Batch:
         if self._data is None:
             self._data = self.build_data(task, self.seed if self.seed is not None else 1_000_003)
@@ -134,6 +138,7 @@ class Audit(Callback, ABC):
 
     def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         step = trainer.global_step
+        self.attach(pl_module)
         results = self.evaluate(pl_module.model, pl_module.task, trainer.global_rank, trainer.world_size)
         record = self.remember(results, step)
         logged = {f"audit/{self.label}/{k}": v for k, v in results.items()}

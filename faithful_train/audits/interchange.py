@@ -1,64 +1,215 @@
-"""Interchange-intervention accuracy (IIA; Geiger et al. 2021, 2022).
+"""Interchange-intervention accuracy (IIA; Geiger et al. 2021, 2022), with the controls that tell
+a real alignment from capacity, and strict IIA.
 
 For each aligned variable ``v`` and each (base, source) pair of a fixed, seeded held-out set:
 
     hit_v = [ argmax M(base | site_v <- site_v(source)) == C(base | v <- v(source)) ]
 
-``iia/<v>`` is the mean of ``hit_v``; ``iia`` the mean over variables. Chance is about 0.5
-on balanced binary tasks. ``iia_changed/<v>`` counts only the pairs where the
-counterfactual label differs from the base label: the pairs where a model that ignores the
-site would always fail.
+Figures (argmax over the task's answer tokens, so chance is chance and not 0):
+
+- ``iia/<v>`` the mean of ``hit_v``; ``iia`` the mean over variables.
+- ``iia_changed/<v>``: only the pairs whose counterfactual label differs from the base label,
+  where a model that ignores the site always fails.
+- ``control/random_subspace/...``: the same swaps along a random orthonormal subspace of the
+  same size at the same sites and positions. A learned rotation can find *some* subspace that
+  works in almost any high-dimensional activation (Makelov et al. 2023); a real alignment must
+  beat a random one clearly.
+- ``control/random_model/...``: the same alignment (and rotation) on a randomly initialised
+  model of the same architecture: what the alignment achieves without any training.
+- with ``strict`` sites (not aligned to any variable): ``strict_iia``, the base label kept when
+  they are all resampled from another input (SIIT, Gupta et al. 2024), and ``strict_changed``,
+  how often that resample changes the model's answer at all.
+
+``rotation_from: <objective label>`` audits the learned (DAS) subspace of that interchange
+objective; ``dims`` then name columns of the learned basis.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
-from faithful_train.causal import counterfactual_targets, interchange_forward, interchange_hits, parse_alignment
+from faithful_train.causal import (
+    Alignment,
+    Swap,
+    answer_predictions,
+    counterfactual_targets,
+    interchange_hits,
+    parse_alignment,
+    parse_sites,
+    swap_forward,
+    variable_swaps,
+)
+from faithful_train.das import random_basis, rotated_sites, variable_bases
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.partial import plan_resume
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task
 
-SOURCE = "source."
+SOURCE, RESAMPLE = "source.", "resample."
+CONTROLS = ("random_subspace", "random_model")
+
+
+def randomly_initialised(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with fresh random weights (its own ``init_weights`` if it has one,
+    else every submodule's ``reset_parameters``), drawn without touching the global RNG."""
+    fresh = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        if hasattr(fresh, "init_weights"):
+            fresh.init_weights()
+        else:
+            for module in fresh.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+    return fresh.eval()
+
+
+def control_alignment(alignment: Alignment, rotated: bool) -> tuple[Alignment, dict[str, int]]:
+    """The alignment the random-subspace control swaps in: each variable keeps its site and
+    positions, and takes as many random directions as it swaps (its ``dims`` size, or the
+    site's whole width). Returns the alignment (``dims`` as basis columns) and each site's rank
+    (``-1``: the site's width, known only once it is recorded)."""
+    if rotated:
+        return alignment, rotated_sites(alignment)
+    refs, ranks = {}, {}
+    for var, ref in alignment.items():
+        if ref.dims is None:
+            refs[var], ranks[ref.name] = ref, -1
+            continue
+        start = max(ranks.get(ref.name, 0), 0)
+        size = ref.dims[1] - ref.dims[0]
+        refs[var] = type(ref)(ref.name, ref.positions, ref.heads, (start, start + size))
+        ranks[ref.name] = start + size
+    return refs, ranks
 
 
 class InterchangeAudit(Audit):
     name = "interchange"
 
-    def __init__(self, alignment: dict[str, Any], **kwargs: Any):
+    def __init__(
+        self,
+        alignment: dict[str, Any],
+        rotation_from: str | None = None,
+        controls: list[str] | tuple[str, ...] = CONTROLS,
+        strict: list[Any] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.alignment = parse_alignment(alignment)
+        for control in controls:
+            if control not in CONTROLS:
+                raise UnknownNameError("interchange audit control", control, CONTROLS)
+        self.controls = tuple(controls)
+        self.rotation_from = rotation_from
+        if rotation_from is not None:
+            rotated_sites(self.alignment)  # every variable names its rotated coordinates
+        self.strict = parse_sites(strict)
+        self.site_bases: nn.Module | None = None
+        self._random_model: nn.Module | None = None
+        self._random_bases: dict[str, Tensor] | None = None
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         parse_alignment({v: ref.to_dict() for v, ref in self.alignment.items()}, model, task)
+        parse_sites([ref.to_dict() for ref in self.strict], model)
         super().bind(model, task, run_seed)
+        self._random_model, self._random_bases = None, None
+
+    def attach(self, pl_module: LightningModule) -> None:
+        if self.rotation_from is None:
+            return
+        owned = pl_module.objective_modules
+        if self.rotation_from not in owned:
+            raise UnknownNameError(f"objective with a learned rotation (rotation_from of audit {self.label!r})", self.rotation_from, list(owned))
+        self.site_bases = owned[self.rotation_from]
 
     def metric_names(self, task: Task) -> list[str]:
         names = ["iia"]
         for var in self.alignment:
             names += [f"iia/{var}", f"iia_changed/{var}"]
+        for control in self.controls:
+            names += [f"control/{control}/iia", *(f"control/{control}/iia/{var}" for var in self.alignment)]
+        if self.strict:
+            names += ["strict_iia", "strict_changed"]
         return names
 
     def build_data(self, task: Task, seed: int) -> Batch:
         base, source = task.sample(self.n_examples, seed), task.sample(self.n_examples, seed + 1)
-        return {**base, **{SOURCE + k: v for k, v in source.items()}}
+        resample = task.sample(self.n_examples, seed + 2) if self.strict else {}
+        return {**base, **{SOURCE + k: v for k, v in source.items()}, **{RESAMPLE + k: v for k, v in resample.items()}}
+
+    def _bases(self) -> dict[str, Tensor] | None:
+        if self.rotation_from is None:
+            return None
+        if self.site_bases is None:
+            raise ConfigError(f"audit {self.label!r}: rotation_from={self.rotation_from!r} but no rotation attached")
+        return variable_bases(self.alignment, self.site_bases())
+
+    def _control_bases(self, widths: dict[str, int], device: torch.device) -> tuple[Alignment, dict[str, Tensor]]:
+        refs, ranks = control_alignment(self.alignment, self.rotation_from is not None)
+        if self._random_bases is None:
+            generator = torch.Generator().manual_seed(int(self.seed or 0) + 7)
+            self._random_bases = {
+                name: random_basis(widths[name], widths[name] if rank < 0 else rank, generator)
+                for name, rank in sorted(ranks.items())
+            }
+        site_bases = {name: b.to(device) for name, b in self._random_bases.items()}
+        full = {var: (ref if ref.dims is not None else type(ref)(ref.name, ref.positions, ref.heads, (0, widths[ref.name]))) for var, ref in refs.items()}
+        return full, variable_bases(full, site_bases)
 
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Tensor]:
-        base = {k: v for k, v in batch.items() if not k.startswith(SOURCE)}
+        base = {k: v for k, v in batch.items() if not k.startswith((SOURCE, RESAMPLE))}
         source = {k.removeprefix(SOURCE): v for k, v in batch.items() if k.startswith(SOURCE)}
         variables = list(self.alignment)
-        sites = {ref.name for ref in self.alignment.values()}
-        _, source_cache = run_with(model, source["input_ids"], record=sites)
-        logits = interchange_forward(model, base["input_ids"], source_cache, self.alignment, variables)
+        V, B = len(variables), base["input_ids"].shape[0]
         targets = counterfactual_targets(task, base, source, variables)
-        hits = interchange_hits(logits[:, -1], targets).view(len(variables), -1)  # (V, B)
-        changed = (targets != base["labels"].repeat(len(variables))).view(len(variables), -1)
-        values = {"iia": hits.mean(dim=0)}
-        for k, var in enumerate(variables):
-            values[f"iia/{var}"] = hits[k]
-            # MeanMetric over a subset: weight the hits by whether the pair changes the label
-            values[f"iia_changed/{var}"] = (hits[k], changed[k].float())
+        changed = (targets != base["labels"].repeat(V)).view(V, -1).float()
+        values: dict[str, Tensor] = {}
+
+        def record(prefix: str, answers: Tensor) -> None:
+            hits = interchange_hits(answers, targets, task).view(V, -1)
+            values[f"{prefix}iia"] = hits.mean(dim=0)
+            for k, var in enumerate(variables):
+                values[f"{prefix}iia/{var}"] = hits[k]
+                if not prefix:  # MeanMetric over a subset: weight by whether the pair changes the label
+                    values[f"iia_changed/{var}"] = (hits[k], changed[k])
+
+        swapped = {ref.name for ref in self.alignment.values()} | {ref.name for ref in self.strict}
+        models = [("", model)]
+        if "random_model" in self.controls:
+            if self._random_model is None:
+                self._random_model = randomly_initialised(model, int(self.seed or 0) + 11)
+            models.append(("control/random_model/", self._random_model.to(base["input_ids"].device)))
+        for prefix, net in models:
+            plan = plan_resume(net, swapped)
+            record_sites = swapped | ({plan.site} if plan else set())
+            ids = torch.cat([base["input_ids"], source["input_ids"]])
+            extra = batch.get(RESAMPLE + "input_ids")
+            if prefix == "" and extra is not None:
+                ids = torch.cat([ids, extra])
+            logits, cache = run_with(net, ids, record=record_sites)
+            base_cache = {k: v[:B] for k, v in cache.items()}
+            source_cache = {k: v[B : 2 * B] for k, v in cache.items()}
+            groups = variable_swaps(self.alignment, variables, source_cache, self._bases())
+            if prefix == "":
+                if "random_subspace" in self.controls:
+                    widths = {name: act.shape[-1] for name, act in cache.items()}
+                    refs, bases = self._control_bases(widths, ids.device)
+                    groups += variable_swaps(refs, variables, source_cache, bases)
+                if self.strict:
+                    groups.append([Swap(ref, cache[ref.name][2 * B :]) for ref in self.strict])
+            answers = swap_forward(net, base["input_ids"], groups, base_cache, plan)[:, -1]
+            record(prefix, answers[: V * B])
+            if prefix == "" and "random_subspace" in self.controls:
+                record("control/random_subspace/", answers[V * B : 2 * V * B])
+            if prefix == "" and self.strict:
+                clean = answer_predictions(logits[:B, -1], task)
+                strict = answer_predictions(answers[-B:], task)
+                values["strict_iia"] = (strict == base["labels"]).float()
+                values["strict_changed"] = (strict != clean).float()
         return values

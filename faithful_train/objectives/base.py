@@ -87,6 +87,8 @@ class Objective(Callback, ABC):
         self.weight = float(weight)
         self.schedule = Schedule.parse(schedule)
         self.label = label or self.name
+        # named components of the last term, logged as train/objective/<label>/<part>
+        self.parts: dict[str, Tensor] = {}
 
     @property
     def state_key(self) -> str:
@@ -97,6 +99,11 @@ class Objective(Callback, ABC):
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         """Check names against the model and task before training (raise FaithfulError)."""
+
+    def module(self) -> nn.Module | None:
+        """Trainable parameters of the objective (e.g. a DAS rotation). The FaithfulModule owns
+        them (``objective_modules.<label>``), so the optimizer, checkpoints and DDP see them."""
+        return None
 
     def sites(self) -> list[str]:
         """Site names the step's forward must record for this objective."""

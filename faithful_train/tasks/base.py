@@ -51,6 +51,11 @@ class Task(ABC):
     def label_from_variables(self, variables: dict[str, Tensor]) -> Tensor:
         """The causal model's output (answer token) given the values of its variables."""
 
+    @property
+    def answer_tokens(self) -> tuple[int, ...] | None:
+        """The tokens an answer can be (audits predict among these), or ``None`` for any token."""
+        return None
+
     def check_variables(self, names: Sequence[str]) -> None:
         for name in names:
             if name not in self.variables:

@@ -33,6 +33,10 @@ class HierarchicalEquality(Task):
     def seq_len(self) -> int:
         return 4
 
+    @property
+    def answer_tokens(self) -> tuple[int, ...]:
+        return (self.false_token, self.true_token)
+
     def _pair(self, equal: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         n = equal.shape[0]
         first = torch.randint(0, self.n_symbols, (n,), generator=generator)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from faithful_train.audits.interchange import InterchangeAudit
-from faithful_train.causal import interchange_batch, interchange_hits, interchange_loss, parse_alignment
+from faithful_train.causal import interchange_hits, interchange_loss, parse_alignment
 from faithful_train.errors import UnknownNameError
 from faithful_train.objectives.base import StepContext
 from faithful_train.objectives.interchange import InterchangeObjective
@@ -22,9 +22,9 @@ class PlantedEquality(nn.Module):
     ``decoy`` (unit 2) holds a copy of ``left`` that the output ignores. Logits put +10 on the
     right answer token. IIA for left/right at their units is exactly 1; at the decoy, chance."""
 
-    def __init__(self, task: HierarchicalEquality):
+    def __init__(self, task: HierarchicalEquality, width: int = 3):
         super().__init__()
-        self.task = task
+        self.task, self.width = task, width
         self.hook_h = HookPoint()
         self.dummy = nn.Parameter(torch.zeros(1))
 
@@ -34,7 +34,8 @@ class PlantedEquality(nn.Module):
     def forward(self, ids, attention_mask=None):
         w, x, y, z = ids.unbind(1)
         left, right = (w == x).float(), (y == z).float()
-        h = self.hook_h(torch.stack([left, right, left], dim=-1)[:, None].repeat(1, 4, 1))  # (B, 4, 3)
+        units = [left, right, left] + [torch.zeros_like(left)] * (self.width - 3)
+        h = self.hook_h(torch.stack(units, dim=-1)[:, None].repeat(1, 4, 1))  # (B, 4, width)
         same = 1 - (h[:, -1, 0] - h[:, -1, 1]).abs()
         logits = torch.zeros(ids.shape[0], 4, self.task.vocab_size) + self.dummy
         logits[:, -1, self.task.true_token] = 10 * same
@@ -102,18 +103,42 @@ def _ctx(model, task, batch, sites):
     return StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(0))
 
 
-def test_objective_term_is_ce_against_counterfactual_labels():
+def _hand_patched_answers(model, base_ids, source_ids, position):
+    """Last-position logits of ``base`` with blocks.0.resid_post at ``position`` taken from
+    ``source``, written with a plain forward hook (independent of our sites machinery)."""
+    stored = {}
+    hook = model.blocks[0].register_forward_hook(lambda m, a, out: stored.setdefault("src", out))
+    model(source_ids)
+    hook.remove()
+
+    def swap(m, a, out):
+        out = out.clone()
+        out[:, position] = stored["src"][:, position]
+        return out
+
+    hook = model.blocks[0].register_forward_hook(swap)
+    logits = model(base_ids)[:, -1]
+    hook.remove()
+    return logits
+
+
+@pytest.mark.parametrize("bound", [False, True])  # bound: the patched run resumes at block 1
+def test_objective_term_is_ce_against_counterfactual_labels(bound):
     task = HierarchicalEquality()
     model = tiny_transformer(vocab_size=task.vocab_size)
     batch = task.sample(32, 0)
     objective = InterchangeObjective(ALIGN)
-    objective.bind(model, task)
-    ctx = _ctx(model, task, batch, objective.sites())
-    term = objective.term(ctx)
+    if bound:
+        objective.bind(model, task)
+        assert objective.plan.layer == 1 and "blocks.1.resid_pre" in objective.sites()
+    term = objective.term(_ctx(model, task, batch, objective.sites()))
     perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
-    logits, targets = interchange_batch(model, task, batch, ctx.cache, perm, objective.alignment, ["left", "right"])
-    torch.testing.assert_close(term, interchange_loss(logits, targets))
-    assert logits.shape == (64, task.vocab_size)
+    source = {k: v[perm] for k, v in batch.items()}
+    expected = []
+    for var, position in (("left", 1), ("right", 3)):
+        answers = _hand_patched_answers(model, batch["input_ids"], source["input_ids"], position)
+        expected.append(interchange_loss(answers, task.counterfactual_labels(batch, source, [var])))
+    torch.testing.assert_close(term, (expected[0] + expected[1]) / 2)
 
 
 def test_gradient_reaches_upstream_parameters_and_detached_source_blocks_it():
@@ -154,3 +179,57 @@ def test_sample_mode_uses_one_variable():
     assert calls == [8, 8]  # the recorded forward, then one patched forward of B rows (not 2B)
     with pytest.raises(UnknownNameError):
         InterchangeObjective(ALIGN, variables="some")
+
+
+def test_strict_term_is_ce_of_resampled_non_aligned_sites_against_base_labels():
+    """SIIT: term = IIT + strict_weight * CE(M(b | non-aligned <- resample), base label)."""
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    batch = task.sample(16, 0)
+    align = {"left": {"site": "blocks.0.resid_post", "positions": [1]}}
+    objective = InterchangeObjective(align, strict=[{"site": "blocks.0.resid_post", "positions": [0]}], strict_weight=0.5)
+    objective.bind(model, task)
+    term = objective.term(_ctx(model, task, batch, objective.sites()))
+    generator = torch.Generator().manual_seed(0)
+    perm, resample = torch.randperm(16, generator=generator), torch.randperm(16, generator=generator)
+    source = {k: v[perm] for k, v in batch.items()}
+    iit = interchange_loss(
+        _hand_patched_answers(model, batch["input_ids"], source["input_ids"], 1),
+        task.counterfactual_labels(batch, source, ["left"]),
+    )
+    strict = interchange_loss(_hand_patched_answers(model, batch["input_ids"], batch["input_ids"][resample], 0), batch["labels"])
+    torch.testing.assert_close(term, iit + 0.5 * strict)
+    torch.testing.assert_close(objective.parts["strict"], strict.detach())
+
+
+def test_audit_controls_and_strict_on_planted_mechanism():
+    """On the planted model (16 units): the true units give IIA 1, random directions of the same
+    size do not; resampling the decoy unit (not aligned, unused) never changes the answer, resampling
+    an aligned unit does."""
+    task = HierarchicalEquality()
+    model = PlantedEquality(task, width=16)
+    true_alignment = {"left": {"site": "h", "dims": [0, 1]}, "right": {"site": "h", "dims": [1, 2]}}
+    audit = InterchangeAudit(true_alignment, strict=[{"site": "h", "dims": [2, 3]}], n_examples=400, batch_size=128)
+    audit.bind(model, task)
+    results = audit.evaluate(model, task)
+    assert set(results) == set(audit.metric_names(task))
+    assert results["iia"] == 1.0
+    assert results["control/random_subspace/iia"] < 0.7
+    assert results["control/random_model/iia"] == 1.0  # nothing to re-initialise: the mechanism is hard-wired
+    assert results["strict_changed"] == 0.0 and results["strict_iia"] == 1.0
+    leaky = InterchangeAudit(true_alignment, strict=[{"site": "h", "dims": [0, 1]}], controls=[], n_examples=400)
+    leaky.bind(model, task)
+    assert leaky.evaluate(model, task)["strict_changed"] > 0.3
+
+
+def test_random_model_control_is_at_chance_and_leaves_the_model_alone():
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    audit = InterchangeAudit(ALIGN, controls=["random_model"], n_examples=512)
+    audit.bind(model, task)
+    results = audit.evaluate(model, task)
+    assert 0.4 < results["control/random_model/iia"] < 0.6  # argmax over TRUE/FALSE: chance, not 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(UnknownNameError, match="random_subspace"):
+        InterchangeAudit(ALIGN, controls=["shuffled"])

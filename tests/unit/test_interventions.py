@@ -41,15 +41,27 @@ def test_interchange_without_rotation_is_a_subspace_patch():
     assert torch.equal(interchange(base, source, mask), patch(base, source, mask))
 
 
-def test_interchange_with_rotation_swaps_rotated_coordinates():
+def test_interchange_in_a_basis_swaps_only_those_coordinates():
     base, source = _pair()
     rotation, _ = torch.linalg.qr(torch.randn(6, 6))
-    mask = SiteRef("x", dims=(0, 2)).mask(base.shape)
-    out = interchange(base, source, mask, rotation)
-    torch.testing.assert_close((out @ rotation)[..., :2], (source @ rotation)[..., :2])
-    torch.testing.assert_close((out @ rotation)[..., 2:], (base @ rotation)[..., 2:])
-    full = torch.ones_like(mask)
+    basis = rotation[:, :2]
+    positions = SiteRef("x", positions=(1,)).mask(base.shape)
+    out = interchange(base, source, positions, basis)
+    # DAS: in the rotated basis, the first two coordinates come from the source, the rest from the base
+    torch.testing.assert_close((out[:, 1] @ rotation)[..., :2], (source[:, 1] @ rotation)[..., :2])
+    torch.testing.assert_close((out[:, 1] @ rotation)[..., 2:], (base[:, 1] @ rotation)[..., 2:])
+    assert torch.equal(out[:, [0, 2]], base[:, [0, 2]])  # unselected positions exactly untouched
+    full = torch.ones_like(positions)
     torch.testing.assert_close(interchange(base, source, full, rotation), source)
+
+
+def test_interchange_in_the_standard_basis_equals_a_dims_patch():
+    base, source = _pair()
+    basis = torch.eye(6)[:, 2:5]
+    everywhere = torch.ones(1, 3, 6, dtype=torch.bool)
+    torch.testing.assert_close(
+        interchange(base, source, everywhere, basis), patch(base, source, SiteRef("x", dims=(2, 5)).mask(base.shape))
+    )
 
 
 def test_ablations_and_steering():

@@ -1,0 +1,53 @@
+"""Counterfactual chain-of-thought training: the answer must follow the written steps.
+
+Each step, a ``fraction`` of the batch has one written step corrupted (a wrong value, the chain
+continued correctly from it, ``ReasoningTask.corrupt``); the term trains the answer to follow:
+
+    term = CE( M(x with step j corrupted)[answer],  answer implied by the corrupted chain )
+
+A model that reaches the answer by a hidden shortcut (ignoring the steps) pays this loss; one
+that reads the steps does not. Measured by the ``cot`` audit's corrupted-step follow rate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor, nn
+
+from faithful_train.cot import STEP_CHOICES, corrupted_steps, follow_loss
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.objectives.base import Objective, StepContext
+from faithful_train.tasks.base import Task
+from faithful_train.tasks.reasoning import ReasoningTask
+
+
+def require_reasoning_task(task: Task, who: str) -> ReasoningTask:
+    if not isinstance(task, ReasoningTask):
+        raise ConfigError(f"{who} needs a task with written reasoning steps (a ReasoningTask); {task.name!r} is not one")
+    return task
+
+
+class CounterfactualCotObjective(Objective):
+    name = "counterfactual_cot"
+
+    def __init__(self, fraction: float = 1.0, steps: str = "any", weight: float = 1.0, schedule: Any = None, label: str | None = None):
+        super().__init__(weight, schedule, label)
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
+        if steps not in STEP_CHOICES:
+            raise UnknownNameError("corrupted step choice", steps, STEP_CHOICES)
+        self.fraction, self.steps = float(fraction), steps
+
+    def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        require_reasoning_task(task, f"objective {self.label!r}")
+
+    def term(self, ctx: StepContext) -> Tensor:
+        task: ReasoningTask = ctx.task
+        ids = ctx.batch["input_ids"]
+        n = max(1, math.ceil(self.fraction * ids.shape[0]))  # batch rows are i.i.d.: the first n
+        rows = {k: v[:n] for k, v in ctx.batch.items()}
+        step = corrupted_steps(n, task.n_steps, self.steps, ctx.generator).to(ids.device)
+        corrupted, follow = task.corrupt(rows, step, ctx.generator)
+        return follow_loss(ctx.model(corrupted)[:, -1], follow)

@@ -1,0 +1,93 @@
+"""Partial forwards: a patched run resumes at the first block it changes.
+
+An intervention at ``blocks.i.*`` leaves everything below block ``i`` as it was in the clean
+forward, so the patched run can start from the clean ``blocks.i.resid_pre`` (recorded in the
+step's forward) instead of re-running the embedding and blocks ``0..i-1``. ``blocks.i.resid_post``
+is the same tensor as ``blocks.{i+1}.resid_pre``, so a patch there starts one block later still,
+and ``embed`` is ``blocks.0.resid_pre``.
+
+Models that can resume implement ``forward_from(layer, resid) -> logits`` (our transformer);
+others (Hugging Face adapters) get a full forward.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
+
+from faithful_train.sites import Edit, hooked
+
+_BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Start a patched run at block ``layer``; edits on ``aliases``' keys move to their values."""
+
+    layer: int
+    aliases: Mapping[str, str]
+
+    @property
+    def site(self) -> str:
+        """The clean activation the run resumes from (record it in the step's forward)."""
+        return f"blocks.{self.layer}.resid_pre"
+
+
+def plan_resume(model: nn.Module, site_names: Iterable[str]) -> ResumePlan | None:
+    """The latest block a run that edits ``site_names`` can resume at, or ``None`` (full forward)."""
+    if not hasattr(model, "forward_from"):
+        return None
+    n_layers = model.n_layers
+    layer, aliases = n_layers, {}
+    for name in site_names:
+        if name == "embed":
+            aliases[name], start = "blocks.0.resid_pre", 0
+        else:
+            match = _BLOCK_SITE.match(name)
+            if match is None:  # e.g. "final": no block to resume at
+                return None
+            i, rest = int(match[1]), match[2]
+            start = i + 1 if rest == "resid_post" and i + 1 < n_layers else i
+            aliases[name] = f"blocks.{i + 1}.resid_pre" if start == i + 1 else name
+        layer = min(layer, start)
+    return ResumePlan(layer, aliases) if layer < n_layers else None
+
+
+def run_patched(
+    model: nn.Module,
+    base_ids: Tensor,
+    repeats: int,
+    edits: Mapping[str, Sequence[Edit]],
+    base_cache: Mapping[str, Tensor] | None = None,
+    plan: ResumePlan | None = None,
+) -> Tensor:
+    """Logits ``(repeats * B, T, vocab)`` of ``base_ids`` tiled ``repeats`` times, with ``edits``.
+
+    With a ``plan`` and the clean ``plan.site`` in ``base_cache``, only blocks ``plan.layer..``
+    run; gradients still reach the layers below through the cached activation.
+    """
+    if plan is None or base_cache is None or plan.site not in base_cache:
+        with hooked(model, edits=edits):
+            return model(base_ids.repeat(repeats, 1))
+    moved: dict[str, list[Edit]] = defaultdict(list)
+    for name, fns in edits.items():
+        moved[plan.aliases.get(name, name)].extend(fns)
+    resid = base_cache[plan.site]
+    with hooked(model, edits=moved):
+        return model.forward_from(plan.layer, resid.repeat(repeats, *([1] * (resid.dim() - 1))))
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with detached parameters: losses computed inside send no gradient to it
+    (e.g. a DAS search that trains only the rotation)."""
+    detached = {name: p.detach() for name, p in model.named_parameters()}
+    with _reparametrize_module(model, detached, tie_weights=True):
+        yield

@@ -1,0 +1,48 @@
+"""Tasks whose inputs carry written reasoning steps (a chain of thought) before the answer.
+
+The faithfulness question (Lanham et al. 2023, "Measuring faithfulness in chain-of-thought
+reasoning") is whether the answer follows the steps as written or a hidden shortcut. A
+``ReasoningTask`` says where its steps are written, how to corrupt one (and what answer the
+corrupted chain then implies), and has a filler token to hide steps with.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from torch import Tensor
+
+from faithful_train.tasks.base import Batch, Task
+
+
+class ReasoningTask(Task):
+    """A task with ``n_steps`` written steps at ``step_positions`` of every input."""
+
+    @property
+    @abstractmethod
+    def step_positions(self) -> tuple[int, ...]:
+        """Positions of the written steps, in order."""
+
+    @property
+    @abstractmethod
+    def filler_token(self) -> int:
+        """The token that hides a step (early answering, filler control)."""
+
+    @abstractmethod
+    def corrupt(self, batch: Batch, step: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Write a wrong value at step ``step[i]`` (0-based) of each example, continue the chain
+        correctly from it, and return ``(corrupted input_ids, answer the corrupted chain implies)``.
+        The implied answer differs from the clean one for every example."""
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.step_positions)
+
+    def hide_steps(self, input_ids: Tensor, keep: int) -> Tensor:
+        """The inputs with every step after the first ``keep`` replaced by the filler token."""
+        hidden = input_ids.clone()
+        positions = list(self.step_positions[keep:])
+        if positions:
+            hidden[:, positions] = self.filler_token
+        return hidden
