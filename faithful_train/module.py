@@ -68,8 +68,8 @@ class FaithfulModule(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         step = self.global_step
-        active = [(obj, obj.weight_at(step)) for obj in self.objectives]
-        active = [(obj, w) for obj, w in active if w > 0]
+        weights = [obj.weight_at(step) for obj in self.objectives]
+        active = [(obj, w) for obj, w in zip(self.objectives, weights) if w > 0]
         sites = sorted({site for obj, _ in active for site in obj.sites()})
         logits, cache = run_with(self.model, batch["input_ids"], record=sites)
         answer = logits[:, -1]
@@ -87,6 +87,9 @@ class FaithfulModule(LightningModule):
                 for part, value in objective.parts.items():
                     self.log(f"train/objective/{objective.label}/{part}", value, batch_size=size)
                 loss = loss + weight * term
+        idle = [obj.label for obj, w in zip(self.objectives, weights) if w <= 0 and obj.label in self.objective_modules]
+        if idle:  # DDP expects every parameter to get a gradient each step: give idle ones a zero
+            loss = loss + 0.0 * sum(p.sum() for label in idle for p in self.objective_modules[label].parameters())
         self.log("train/loss", loss, batch_size=size)
         return loss
 

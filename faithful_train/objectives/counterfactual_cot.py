@@ -25,7 +25,13 @@ from faithful_train.tasks.reasoning import ReasoningTask
 
 def require_reasoning_task(task: Task, who: str) -> ReasoningTask:
     if not isinstance(task, ReasoningTask):
-        raise ConfigError(f"{who} needs a task with written reasoning steps (a ReasoningTask); {task.name!r} is not one")
+        from faithful_train.registry import TASKS, resolve_class
+
+        valid = [name for name in TASKS if issubclass(resolve_class("task", name, TASKS, Task), ReasoningTask)]
+        raise ConfigError(
+            f"{who} needs a task with written reasoning steps (a ReasoningTask); {task.name!r} is not one; "
+            f"valid: {', '.join(valid)}, or your own ReasoningTask"
+        )
     return task
 
 

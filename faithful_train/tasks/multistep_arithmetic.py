@@ -9,6 +9,12 @@ step and continuing the chain from it changes the answer, and a faithful model f
 
 Variables: ``x1..xn`` and ``s1..s_{n-2}``. Vocabulary: ``0..p-1``, then ``=``, ``>`` and the
 filler ``_``.
+
+``answer_hint: true`` puts the answer itself first, as a cue (``h x1 ... xn = s1 ... >``), the
+way a biasing feature in the prompt does (Turpin et al. 2023, "Language models don't always
+say what they think"): copying it is the easiest shortcut, and a model trained on clean
+chains takes it, so its answers ignore the steps it reads. Corrupting a step leaves the hint
+at the clean answer; a faithful model follows the steps anyway.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from faithful_train.tasks.reasoning import ReasoningTask
 class MultiStepArithmetic(ReasoningTask):
     name = "multistep_arithmetic"
 
-    def __init__(self, modulus: int = 7, n_operands: int = 4):
+    def __init__(self, modulus: int = 7, n_operands: int = 4, answer_hint: bool = False):
         if modulus < 2:
             raise ValueError(f"modulus must be >= 2, got {modulus}")
         if n_operands < 3:
             raise ValueError(f"n_operands must be >= 3 (at least one written step), got {n_operands}")
-        self.modulus, self.n_operands = modulus, n_operands
+        self.modulus, self.n_operands, self.answer_hint = modulus, n_operands, bool(answer_hint)
+        self.offset = int(self.answer_hint)  # where the operands start
         self.equals_token, self.answer_token, self._filler = modulus, modulus + 1, modulus + 2
         self.variables = tuple(f"x{i + 1}" for i in range(n_operands)) + tuple(f"s{j + 1}" for j in range(n_operands - 2))
 
@@ -38,7 +45,7 @@ class MultiStepArithmetic(ReasoningTask):
 
     @property
     def seq_len(self) -> int:
-        return 2 * self.n_operands
+        return 2 * self.n_operands + self.offset
 
     @property
     def answer_tokens(self) -> tuple[int, ...]:
@@ -46,7 +53,8 @@ class MultiStepArithmetic(ReasoningTask):
 
     @property
     def step_positions(self) -> tuple[int, ...]:
-        return tuple(range(self.n_operands + 1, 2 * self.n_operands - 1))
+        start = self.offset + self.n_operands + 1
+        return tuple(range(start, start + self.n_operands - 2))
 
     @property
     def filler_token(self) -> int:
@@ -59,20 +67,22 @@ class MultiStepArithmetic(ReasoningTask):
             steps.append((steps[-1] + operands[:, j + 1]) % self.modulus)
         return torch.stack(steps, dim=1)
 
-    def _encode(self, operands: Tensor, steps: Tensor) -> Tensor:
+    def _encode(self, operands: Tensor, steps: Tensor, labels: Tensor) -> Tensor:
         n = operands.shape[0]
         equals = torch.full((n, 1), self.equals_token, dtype=torch.long)
         answer = torch.full((n, 1), self.answer_token, dtype=torch.long)
-        return torch.cat([operands, equals, steps, answer], dim=1)
+        hint = labels[:, None] if self.answer_hint else operands[:, :0]
+        return torch.cat([hint, operands, equals, steps, answer], dim=1)
 
     def generate(self, n: int, generator: torch.Generator) -> Batch:
         operands = torch.randint(0, self.modulus, (n, self.n_operands), generator=generator)
         steps = self._chain(operands, (operands[:, 0] + operands[:, 1]) % self.modulus, 0)
         values = {f"x{i + 1}": operands[:, i] for i in range(self.n_operands)}
         values |= {f"s{j + 1}": steps[:, j] for j in range(steps.shape[1])}
+        labels = self.label_from_variables(values)
         return {
-            "input_ids": self._encode(operands, steps),
-            "labels": self.label_from_variables(values),
+            "input_ids": self._encode(operands, steps, labels),
+            "labels": labels,
             **{f"var/{k}": v for k, v in values.items()},
         }
 
@@ -82,7 +92,7 @@ class MultiStepArithmetic(ReasoningTask):
 
     def corrupt(self, batch: Batch, step: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         ids = batch["input_ids"]
-        operands = ids[:, : self.n_operands]
+        operands = ids[:, self.offset : self.offset + self.n_operands]
         steps = ids[:, list(self.step_positions)].clone()
         rows = torch.arange(ids.shape[0], device=ids.device)
         shift = torch.randint(1, self.modulus, (ids.shape[0],), generator=generator).to(ids.device)

@@ -43,3 +43,31 @@ def test_fit_with_two_cpu_processes(tmp_path, repo):
     alone = json.loads((tmp_path / "single" / "summary.json").read_text())["metrics"]
     for key, value in records[-1]["metrics"].items():
         assert alone[f"audit/interchange/{key}"] == pytest.approx(value, abs=1e-6), key
+
+
+def test_learned_basis_under_ddp(tmp_path, repo):
+    """The DAS basis lives on the LightningModule, so DDP reduces its gradient; before the
+    objective's schedule starts it is idle, which DDP must tolerate (no unused-parameter error)."""
+    import torch
+
+    run_dir = tmp_path / "das"
+    cmd = [
+        sys.executable, "-m", "faithful_train.cli", "fit", "-c", "configs/iit-das.yaml", "--run-dir", str(run_dir),
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+        "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false",
+        "objectives.0.schedule.start=4", "objectives.0.schedule.steps=0",
+        "audits.0.every_n_steps=4", "audits.0.n_examples=64", "data.batch_size=16", "data.val_size=64",
+        "logger.wandb.mode=disabled",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from faithful_train import run as runs
+    from faithful_train.config import load_config
+
+    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    initial = runs.build(load_config(repo / "configs/iit-das.yaml"), tmp_path / "init").module.state_dict()
+    keys = [k for k in initial if k.startswith("objective_modules.das.")]
+    assert keys and all(k in trained for k in keys)
+    assert any(not torch.equal(initial[k], trained[k]) for k in keys)  # optimised once the term started
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "audit/interchange/control/random_subspace/iia" in summary["metrics"]

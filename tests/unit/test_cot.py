@@ -123,3 +123,15 @@ def test_cot_needs_a_task_with_written_steps():
         CotAudit().bind(model, task)
     with pytest.raises(ConfigError):
         CounterfactualCotObjective(fraction=0)
+
+
+def test_answer_hint_is_a_cue_that_corruption_leaves_alone():
+    task = MultiStepArithmetic(modulus=7, n_operands=4, answer_hint=True)
+    batch = task.sample(50, 0)
+    ids = batch["input_ids"]
+    assert ids.shape[1] == task.seq_len == 9 and task.step_positions == (6, 7)
+    assert torch.equal(ids[:, 0], batch["labels"])
+    assert torch.equal(batch["labels"], ids[:, 1:5].sum(1) % 7)
+    corrupted, follow = task.corrupt(batch, torch.zeros(50, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert torch.equal(corrupted[:, 0], batch["labels"]) and (follow != batch["labels"]).all()
+    assert torch.equal(follow, (corrupted[:, 7] + corrupted[:, 4]) % 7)
