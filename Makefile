@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # An existing torch (CUDA or CPU) is kept; otherwise this pinned CPU build is installed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart baseline test test-fast clean
+.PHONY: install quickstart baseline test test-fast benchmarks clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
@@ -27,5 +27,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not distributed"
 
+# pyvene is a benchmark peer only: installed beside the venv (--no-deps keeps our torch)
+.bench/pyvene: | install
+	$(PY) -m pip install --quiet --no-deps --target .bench "pyvene==0.1.8"
+
+benchmarks: install .bench/pyvene
+	PYVENE_LIB=.bench $(PY) benchmarks/interchange_step.py
+
 clean:
-	rm -rf $(VENV) runs wandb .pytest_cache
+	rm -rf $(VENV) runs wandb .pytest_cache .bench

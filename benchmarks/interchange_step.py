@@ -41,10 +41,11 @@ ALIGNMENT = {
     "left": {"site": "blocks.0.resid_post", "positions": [3], "dims": [0, 32]},
     "right": {"site": "blocks.0.resid_post", "positions": [3], "dims": [32, 64]},
 }
-DAS = {
-    "left": {"site": "blocks.0.resid_post", "positions": [3], "dims": [0, 32]},
-    "right": {"site": "blocks.0.resid_post", "positions": [3], "dims": [32, 64]},
+DAS = {  # 16-dim learned subspaces (as configs/iit-das.yaml), at position 3 like pyvene's
+    "left": {"site": "blocks.0.resid_post", "positions": [3], "dims": [0, 16]},
+    "right": {"site": "blocks.0.resid_post", "positions": [3], "dims": [16, 32]},
 }
+DAS_PARTITION = ((0, 16), (16, 32))
 
 
 def make_model(seed: int = 0, d_model: int = 64, n_layers: int = 2) -> torch.nn.Module:
@@ -100,7 +101,8 @@ def pyvene_step(model: torch.nn.Module, batch: dict, mode: str, variables: list[
     source = {k: v[perm] for k, v in batch.items()}
     targets = [task.counterfactual_labels(batch, source, [v]) for v in task.variables]
     targets = targets if variables is None else targets[variables[0]]
-    peer = build_pyvene_iit(model, mode, seed=0)
+    partition = DAS_PARTITION if mode == "rotated" else ((0, 32), (32, 64))
+    peer = build_pyvene_iit(model, mode, partition=partition, seed=0)
     return lambda: pyvene_iit_step(peer, None, batch["input_ids"], source["input_ids"], targets, batch["labels"], variables=variables)
 
 

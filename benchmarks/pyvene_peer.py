@@ -30,8 +30,8 @@ pyvene is not a dependency of faithful_train; it is imported lazily. Install it 
 project's environment without touching it (its declared dependencies, datasets, accelerate,
 plotnine, ..., are not needed to import it, and torch must not be replaced)::
 
-    .venv/bin/pip install --no-deps --target /work/pyvene-lib pyvene==0.1.8
-    PYVENE_LIB=/work/pyvene-lib .venv/bin/python benchmarks/pyvene_peer.py --check --time
+    .venv/bin/pip install --no-deps --target .bench pyvene==0.1.8
+    PYVENE_LIB=.bench .venv/bin/python benchmarks/pyvene_peer.py --check --time
 
 Caveats of pyvene for a plain ``nn.Module``: it needs ``model.config`` and ``model.device``
 (``_PyveneAdapter`` provides them, so our model is not modified), ``IntervenableModel`` freezes

@@ -76,13 +76,14 @@ def swap_forward(
     base_cache: Mapping[str, Tensor] | None = None,
     plan: ResumePlan | None = None,
 ) -> Tensor:
-    """Logits ``(len(groups) * B, T, vocab)``: block ``k`` is the base with group ``k``'s swaps."""
+    """Answer logits ``(len(groups) * B, vocab)`` (last position): block ``k`` is the base with
+    group ``k``'s swaps."""
     B = base_ids.shape[0]
     edits: dict[str, list[Edit]] = defaultdict(list)
     for k, group in enumerate(groups):
         for swap in group:
             edits[swap.ref.name].append(swap.edit(slice(k * B, (k + 1) * B)))
-    return run_patched(model, base_ids, len(groups), edits, base_cache, plan)
+    return run_patched(model, base_ids, len(groups), edits, base_cache, plan, last_only=True)[:, -1]
 
 
 def variable_swaps(

@@ -33,6 +33,9 @@ class ResumePlan:
 
     layer: int
     aliases: Mapping[str, str]
+    # no edit inside the last block (past its resid_pre): a caller that needs only the last
+    # position's logits may run that block for the last position alone
+    last_only: bool = False
 
     @property
     def site(self) -> str:
@@ -57,7 +60,11 @@ def plan_resume(model: nn.Module, site_names: Iterable[str]) -> ResumePlan | Non
             start = i + 1 if rest == "resid_post" and i + 1 < n_layers else i
             aliases[name] = f"blocks.{i + 1}.resid_pre" if start == i + 1 else name
         layer = min(layer, start)
-    return ResumePlan(layer, aliases) if layer < n_layers else None
+    if layer >= n_layers:
+        return None
+    last = f"blocks.{n_layers - 1}."
+    last_only = all(not a.startswith(last) or a == f"{last}resid_pre" for a in aliases.values())
+    return ResumePlan(layer, aliases, last_only)
 
 
 def run_patched(
@@ -67,11 +74,14 @@ def run_patched(
     edits: Mapping[str, Sequence[Edit]],
     base_cache: Mapping[str, Tensor] | None = None,
     plan: ResumePlan | None = None,
+    last_only: bool = False,
 ) -> Tensor:
     """Logits ``(repeats * B, T, vocab)`` of ``base_ids`` tiled ``repeats`` times, with ``edits``.
 
     With a ``plan`` and the clean ``plan.site`` in ``base_cache``, only blocks ``plan.layer..``
-    run; gradients still reach the layers below through the cached activation.
+    run; gradients still reach the layers below through the cached activation. ``last_only``
+    (the caller reads only ``[:, -1]``): where the plan allows, the last block computes only the
+    last position, and the logits are ``(repeats * B, 1, vocab)``.
     """
     if plan is None or base_cache is None or plan.site not in base_cache:
         with hooked(model, edits=edits):
@@ -81,7 +91,10 @@ def run_patched(
         moved[plan.aliases.get(name, name)].extend(fns)
     resid = base_cache[plan.site]
     with hooked(model, edits=moved):
-        return model.forward_from(plan.layer, resid.repeat(repeats, *([1] * (resid.dim() - 1))))
+        tiled = resid.repeat(repeats, *([1] * (resid.dim() - 1)))
+        if last_only and plan.last_only:
+            return model.forward_from(plan.layer, tiled, last_only=True)
+        return model.forward_from(plan.layer, tiled)
 
 
 @contextmanager

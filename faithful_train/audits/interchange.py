@@ -203,7 +203,7 @@ class InterchangeAudit(Audit):
                     groups += variable_swaps(refs, variables, source_cache, bases)
                 if self.strict:
                     groups.append([Swap(ref, cache[ref.name][2 * B :]) for ref in self.strict])
-            answers = swap_forward(net, base["input_ids"], groups, base_cache, plan)[:, -1]
+            answers = swap_forward(net, base["input_ids"], groups, base_cache, plan)
             record(prefix, answers[: V * B])
             if prefix == "" and "random_subspace" in self.controls:
                 record("control/random_subspace/", answers[V * B : 2 * V * B])

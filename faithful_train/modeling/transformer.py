@@ -58,12 +58,16 @@ class Attention(nn.Module):
         self.hook_heads = HookPoint()
         self.hook_out = HookPoint()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
+        """``last_only``: compute only the last position's output (it attends to every position,
+        so no mask is needed); returns ``(B, 1, D)``."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).unbind(dim=2)  # (B, T, H, Dh) each
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        z = self.hook_heads(z.transpose(1, 2))  # (B, T, H, Dh)
-        return self.hook_out(self.proj(z.reshape(B, T, D)))
+        if last_only:
+            q = q[:, -1:]
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=not last_only)
+        z = self.hook_heads(z.transpose(1, 2))  # (B, T or 1, H, Dh)
+        return self.hook_out(self.proj(z.reshape(B, q.shape[1], D)))
 
 
 class MLP(nn.Module):
@@ -114,9 +118,10 @@ class Block(nn.Module):
         self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.attn(self.ln1(x)))
+        attended = self.attn(self.ln1(x), last_only)
+        x = self.hook_resid_mid((x[:, -1:] if last_only else x) + attended)
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
 
     def site_points(self) -> dict[str, SitePoint]:
@@ -170,10 +175,15 @@ class Transformer(nn.Module):
         positions = torch.arange(T, device=input_ids.device)
         return self.hook_embed(self.tok_emb(input_ids) + self.pos_emb(positions))
 
-    def forward_from(self, layer: int, resid: Tensor) -> Tensor:
-        """Resume the forward pass at block ``layer`` from its input residual stream."""
-        for block in self.blocks[layer:]:
-            resid = block(resid)
+    def forward_from(self, layer: int, resid: Tensor, last_only: bool = False) -> Tensor:
+        """Resume the forward pass at block ``layer`` from its input residual stream.
+
+        ``last_only``: the caller needs only the last position's logits ``(B, 1, vocab)``, so
+        the last block computes only that position (every site of the last block but
+        ``resid_pre`` then has one position).
+        """
+        for i in range(layer, self.cfg.n_layers):
+            resid = self.blocks[i](resid, last_only and i == self.cfg.n_layers - 1)
         return self.unembed(self.hook_final(self.ln_f(resid)))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -128,7 +128,7 @@ class InterchangeObjective(Objective):
             resample = torch.randperm(B, generator=ctx.generator).to(ids.device)
             groups.append([Swap(ref, cache[ref.name][resample]) for ref in self.strict])
         with nullcontext() if self.update_model else frozen_parameters(ctx.model):
-            answers = swap_forward(ctx.model, ids, groups, cache, self.plan)[:, -1]
+            answers = swap_forward(ctx.model, ids, groups, cache, self.plan)
         targets = counterfactual_targets(ctx.task, ctx.batch, take(ctx.batch, permutation), names)
         iit = interchange_loss(answers[: len(names) * B], targets)
         if not self.strict:

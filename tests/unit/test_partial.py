@@ -67,3 +67,23 @@ def test_frozen_parameters_block_gradient_and_restore_the_model():
     assert all(p.requires_grad for p in model.parameters())
     model(x).sum().backward()
     assert model.tok_emb.weight.grad is not None
+
+
+@pytest.mark.parametrize("site, allowed", [("blocks.0.resid_post", True), ("blocks.1.resid_pre", True), ("blocks.1.attn.heads", False)])
+def test_last_position_only_run_equals_the_full_runs_last_position(site, allowed):
+    """When the caller reads only the answer position, the last block computes only it."""
+    model = tiny_transformer()
+    base, source = torch.randint(0, 20, (4, 6)), torch.randint(0, 20, (4, 6))
+    plan = plan_resume(model, [site])
+    assert plan.last_only == allowed
+    _, src = run_with(model, source, record=[site])
+    ref = SiteRef(site, positions=(2,))
+    edits = {site: [lambda t: patch(t, src[site], ref.mask(t.shape))]}
+    _, cache = run_with(model, base, record=[plan.site])
+    full = run_patched(model, base, 1, edits, cache, plan)
+    last = run_patched(model, base, 1, edits, cache, plan, last_only=True)
+    assert last.shape[1] == (1 if allowed else 6)
+    torch.testing.assert_close(last[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+    (g_full,) = torch.autograd.grad(full[:, -1].sum(), cache[plan.site])
+    (g_last,) = torch.autograd.grad(last[:, -1].sum(), cache[plan.site])
+    torch.testing.assert_close(g_last, g_full, atol=1e-5, rtol=1e-5)
