@@ -60,13 +60,22 @@ class Swap:
     source: Tensor  # the source's whole activation at ref.name, row-aligned with the base batch
     basis: Tensor | None = None
 
-    def edit(self, rows: slice) -> Edit:
+    def apply(self, base: Tensor) -> Tensor:
         ref = self.ref if self.basis is None else replace(self.ref, dims=None)
+        return interchange(base, self.source, cached_mask(ref, base.shape, base.device), self.basis)
 
-        def apply(t: Tensor) -> Tensor:
-            return interchange(t, self.source, ref.mask(t.shape, t.device), self.basis, rows)
 
-        return apply
+_MASKS: dict[tuple, Tensor] = {}
+
+
+def cached_mask(ref: SiteRef, shape: Sequence[int], device: torch.device) -> Tensor:
+    """``ref.mask(shape)``, built once per (ref, shape, device): the step's swaps reuse it."""
+    key = (ref, tuple(shape[1:]), str(device))
+    if key not in _MASKS:
+        if len(_MASKS) > 1024:
+            _MASKS.clear()
+        _MASKS[key] = ref.mask(shape, device)
+    return _MASKS[key]
 
 
 def swap_forward(
@@ -77,13 +86,27 @@ def swap_forward(
     plan: ResumePlan | None = None,
 ) -> Tensor:
     """Answer logits ``(len(groups) * B, vocab)`` (last position): block ``k`` is the base with
-    group ``k``'s swaps."""
-    B = base_ids.shape[0]
-    edits: dict[str, list[Edit]] = defaultdict(list)
+    group ``k``'s swaps. Each site gets one edit that rebuilds its activation once."""
+    B, K = base_ids.shape[0], len(groups)
+    by_site: dict[str, dict[int, list[Swap]]] = defaultdict(lambda: defaultdict(list))
     for k, group in enumerate(groups):
         for swap in group:
-            edits[swap.ref.name].append(swap.edit(slice(k * B, (k + 1) * B)))
-    return run_patched(model, base_ids, len(groups), edits, base_cache, plan, last_only=True)[:, -1]
+            by_site[swap.ref.name][k].append(swap)
+
+    def site_edit(blocks: Mapping[int, list[Swap]]) -> Edit:
+        def apply(t: Tensor) -> Tensor:
+            pieces = []
+            for k in range(K):
+                part = t[k * B : (k + 1) * B]
+                for swap in blocks.get(k, ()):
+                    part = swap.apply(part)
+                pieces.append(part)
+            return torch.cat(pieces)
+
+        return apply
+
+    edits = {name: [site_edit(blocks)] for name, blocks in by_site.items()}
+    return run_patched(model, base_ids, K, edits, base_cache, plan, last_only=True)[:, -1]
 
 
 def variable_swaps(
