@@ -11,7 +11,7 @@ def test_quickstart_config_composes_preset_and_overrides(repo, monkeypatch):
     assert cfg.model.arch == "transformer" and cfg.model.n_experts == 4  # the preset was swapped first
     assert cfg.objectives[0].weight == 0.5
     assert cfg.objectives[0].alignment == cfg.audits[0].alignment  # YAML anchor
-    assert cfg.trainer.max_steps == 3000 and cfg.logger.wandb.mode == "offline"
+    assert cfg.trainer.max_steps == 5000 and cfg.logger.wandb.mode == "offline"
 
 
 def test_every_config_and_preset_starts_with_its_command(repo):
