@@ -10,6 +10,19 @@ from faithful_train.sites import SiteRef, run_with
 from tests.conftest import tiny_transformer
 
 
+def _patch_setup(site):
+    """A tiny model, a base batch, its resume plan for ``site``, a patch of position 2 of
+    ``site`` from a source batch, and the clean cache the plan resumes from."""
+    model = tiny_transformer()
+    base, source = torch.randint(0, 20, (4, 6)), torch.randint(0, 20, (4, 6))
+    plan = plan_resume(model, [site])
+    _, src = run_with(model, source, record=[site])
+    ref = SiteRef(site, positions=(2,))
+    edits = {site: [lambda t: patch(t, src[site], ref.mask(t.shape))]}
+    _, cache = run_with(model, base, record=[plan.site])
+    return model, base, plan, edits, cache
+
+
 @pytest.mark.parametrize(
     "site, layer",
     [
@@ -22,15 +35,9 @@ from tests.conftest import tiny_transformer
     ],
 )
 def test_resumed_patch_equals_full_patch(site, layer):
-    model = tiny_transformer()
-    base, source = torch.randint(0, 20, (4, 6)), torch.randint(0, 20, (4, 6))
-    plan = plan_resume(model, [site])
+    model, base, plan, edits, cache = _patch_setup(site)
     assert plan.layer == layer
-    _, src = run_with(model, source, record=[site])
-    ref = SiteRef(site, positions=(2,))
-    edits = {site: [lambda t: patch(t, src[site], ref.mask(t.shape))]}
     full = run_patched(model, base, 1, edits)
-    _, cache = run_with(model, base, record=[plan.site])
     calls = []
     hook = model.hook_embed.register_forward_hook(lambda *a: calls.append(1))
     resumed = run_patched(model, base, 1, edits, cache, plan)
@@ -72,14 +79,8 @@ def test_frozen_parameters_block_gradient_and_restore_the_model():
 @pytest.mark.parametrize("site, allowed", [("blocks.0.resid_post", True), ("blocks.1.resid_pre", True), ("blocks.1.attn.heads", False)])
 def test_last_position_only_run_equals_the_full_runs_last_position(site, allowed):
     """When the caller reads only the answer position, the last block computes only it."""
-    model = tiny_transformer()
-    base, source = torch.randint(0, 20, (4, 6)), torch.randint(0, 20, (4, 6))
-    plan = plan_resume(model, [site])
+    model, base, plan, edits, cache = _patch_setup(site)
     assert plan.last_only == allowed
-    _, src = run_with(model, source, record=[site])
-    ref = SiteRef(site, positions=(2,))
-    edits = {site: [lambda t: patch(t, src[site], ref.mask(t.shape))]}
-    _, cache = run_with(model, base, record=[plan.site])
     full = run_patched(model, base, 1, edits, cache, plan)
     last = run_patched(model, base, 1, edits, cache, plan, last_only=True)
     assert last.shape[1] == (1 if allowed else 6)
