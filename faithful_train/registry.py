@@ -21,14 +21,17 @@ from faithful_train.errors import ConfigError, FaithfulError, UnknownNameError
 TASKS = {
     "hierarchical_equality": "faithful_train.tasks.hierarchical_equality:HierarchicalEquality",
     "multistep_arithmetic": "faithful_train.tasks.multistep_arithmetic:MultiStepArithmetic",
+    "domain_mixture": "faithful_train.tasks.domain_mixture:DomainMixture",
 }
 OBJECTIVES = {
     "interchange": "faithful_train.objectives.interchange:InterchangeObjective",
     "counterfactual_cot": "faithful_train.objectives.counterfactual_cot:CounterfactualCotObjective",
+    "router": "faithful_train.objectives.router:RouterObjective",
 }
 AUDITS = {
     "interchange": "faithful_train.audits.interchange:InterchangeAudit",
     "cot": "faithful_train.audits.cot:CotAudit",
+    "router": "faithful_train.audits.router:RouterAudit",
 }
 
 

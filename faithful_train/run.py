@@ -199,6 +199,7 @@ def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:
         audit.attach(run.module)
         record = audit.remember(audit.evaluate(run.module.model, run.task), step)
         append_jsonl(run.run_dir / "audits.jsonl", {**record, "checkpoint": str(path)})
+        audit.write_artifacts(run.module.model, run.task, run.run_dir, step, [])
     summary = build_summary({}, run.audits, step)
     atomic_write_json(run.run_dir / "summary.json", summary)
     return summary

@@ -2,7 +2,8 @@
 seeded held-out set.
 
 Subclasses implement ``measure(model, task, batch)``, returning per-example values for each
-figure; the base class runs it over the audit set in eval mode without gradients, shards the
+figure (or ``Total`` counts, summed over the set and turned into figures by ``summarise``,
+for figures that are not means: mutual information, load balance); the base class runs it over the audit set in eval mode without gradients, shards the
 set across ranks, averages with torchmetrics (which syncs across processes), logs
 ``audit/<label>/<figure>``, checks pre-registered thresholds, and appends a record to
 ``<run dir>/audits.jsonl`` (rank zero). Audits never touch the weights, the optimizer, the
@@ -14,13 +15,14 @@ from __future__ import annotations
 import operator
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.rundir import append_jsonl
@@ -36,6 +38,27 @@ def parse_threshold(spec: Any) -> tuple[str, float]:
     if not match:
         raise ConfigError(f"threshold {spec!r} is not of the form '>= 0.9', '< 0.1' or a number")
     return match.group(1) or ">=", float(match.group(2))
+
+
+@dataclass
+class Total:
+    """Counts of one chunk of the audit set (any shape), summed over chunks and ranks."""
+
+    value: Tensor
+
+
+class TensorSum(Metric):
+    """A tensor summed over updates and synced across processes by summing."""
+
+    def __init__(self, shape: tuple[int, ...], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor) -> None:
+        self.total += value.to(self.total)
+
+    def compute(self) -> Tensor:
+        return self.total
 
 
 class Audit(Callback, ABC):
@@ -76,6 +99,13 @@ class Audit(Callback, ABC):
         """Per-example values ``(n,)`` of each figure on one chunk of the audit set, or
         ``(values, weights)`` pairs for a weighted mean (weight 0 leaves an example out)."""
 
+    def summarise(self, totals: dict[str, Tensor], task: Task) -> dict[str, float]:
+        """Figures from the ``Total`` counts of the whole audit set (default: none)."""
+        return {}
+
+    def write_artifacts(self, model: nn.Module, task: Task, run_dir: Path, step: int, loggers: list[Any]) -> None:
+        """Files beside the figures (rank zero, after each run of the audit); default: none."""
+
     def build_data(self, task: Task, seed: int) -> Batch:
         """The fixed audit set; subclasses may add keys (e.g. paired sources)."""
         return task.sample(self.n_examples, seed)
@@ -111,6 +141,7 @@ class Audit(Callback, ABC):
         device = next(model.parameters()).device
         indices = torch.arange(self.n_examples)[rank::world_size]
         metrics: dict[str, MeanMetric] = {}
+        sums: dict[str, TensorSum] = {}
         was_training = model.training
         model.eval()
         try:
@@ -118,12 +149,18 @@ class Audit(Callback, ABC):
                 for chunk in indices.split(self.batch_size):
                     batch = {k: v.to(device) for k, v in take(data, chunk).items()}
                     for key, values in self.measure(model, task, batch).items():
+                        if isinstance(values, Total):
+                            sums.setdefault(key, TensorSum(tuple(values.value.shape), sync_on_compute=world_size > 1).to(device))
+                            sums[key].update(values.value)
+                            continue
                         metrics.setdefault(key, MeanMetric(sync_on_compute=world_size > 1).to(device))
                         value, weight = values if isinstance(values, tuple) else (values, 1.0)
                         metrics[key].update(value.float(), weight)
         finally:
             model.train(was_training)
-        return {key: float(metric.compute()) for key, metric in sorted(metrics.items())}
+        results = {key: float(metric.compute()) for key, metric in metrics.items()}
+        results |= self.summarise({key: metric.compute().cpu() for key, metric in sums.items()}, task)
+        return dict(sorted(results.items()))
 
     def verdicts(self, results: dict[str, float]) -> dict[str, dict[str, Any]]:
         return {
@@ -146,6 +183,7 @@ class Audit(Callback, ABC):
             logger.log_metrics(logged, step=step)
         if trainer.is_global_zero:
             append_jsonl(Path(trainer.default_root_dir) / "audits.jsonl", record)
+            self.write_artifacts(pl_module.model, pl_module.task, Path(trainer.default_root_dir), step, trainer.loggers)
         return results
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -48,21 +48,30 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.sites import SitePoint
 
-Route = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
+Route = Callable[[nn.Module, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
 
 
-def _route_mixtral(gate: nn.Module, logits: Tensor) -> tuple[Tensor, Tensor]:
+def _top_k(probs: Tensor, logits: Tensor, k: int, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The family's ``topk(probs)``; with a selection bias, choose by ``logits + bias`` and keep
+    the unbiased probabilities as weights (DeepSeek-V3)."""
+    if bias is None:
+        return torch.topk(probs, k, dim=-1)
+    indices = (logits.float() + bias.to(logits.device, torch.float32)).topk(k, dim=-1).indices
+    return probs.gather(-1, indices), indices
+
+
+def _route_mixtral(gate: nn.Module, logits: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``MixtralTopKRouter``: float softmax, top-k, renormalise; scores stay float32."""
     probs = F.softmax(logits.float(), dim=-1)
-    top, indices = torch.topk(probs, gate.top_k, dim=-1)
+    top, indices = _top_k(probs, logits, gate.top_k, bias)
     return top / top.sum(dim=-1, keepdim=True), indices
 
 
-def _route_qwen(gate: nn.Module, logits: Tensor) -> tuple[Tensor, Tensor]:
+def _route_qwen(gate: nn.Module, logits: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``Qwen2MoeTopKRouter`` / ``OlmoeTopKRouter``: as Mixtral, renormalising only if
     ``norm_topk_prob``, then casting the scores to the logits' dtype."""
     probs = F.softmax(logits, dtype=torch.float, dim=-1)
-    top, indices = torch.topk(probs, gate.top_k, dim=-1)
+    top, indices = _top_k(probs, logits, gate.top_k, bias)
     if gate.norm_topk_prob:
         top = top / top.sum(dim=-1, keepdim=True)
     return top.to(logits.dtype), indices
@@ -143,6 +152,33 @@ class HFAdapter(nn.Module):
         self.hf_model = hf_model
         # (batch, seq) of the current forward: the router sees tokens flattened to (B*T, D)
         self._tokens_shape: tuple[int, int] | None = None
+        # per-expert selection bias of each sparse MoE layer (bias balancing); zero = the
+        # family's own routing. Saved in our checkpoints, not by save_pretrained.
+        for i, gate in self._gates().items():
+            self.register_buffer(f"selection_bias_{i}", torch.zeros(gate.weight.shape[0]))
+            gate.register_forward_hook(self._biased_routing(gate, i))
+
+    def _gates(self) -> dict[int, nn.Module]:
+        spec = self._spec
+        gates = {i: _submodule(layer, spec.router) if spec.router else None for i, layer in enumerate(self._layers())}
+        return {i: g for i, g in gates.items() if g is not None}
+
+    def _biased_routing(self, gate: nn.Module, layer: int) -> Callable:
+        def hook(_module: nn.Module, _args: tuple, out: tuple) -> tuple | None:
+            bias = self.selection_bias(layer)
+            if not bias.any():
+                return None
+            return (out[0], *self._spec.route(gate, out[0], bias))
+
+        return hook
+
+    def moe_layers(self) -> dict[int, tuple[int, int]]:
+        """``{layer: (n_experts, top_k)}`` of the sparse MoE layers."""
+        return {i: (gate.weight.shape[0], gate.top_k) for i, gate in self._gates().items()}
+
+    def selection_bias(self, layer: int) -> Tensor:
+        """The per-expert bias buffer that steers top-k selection in MoE layer ``layer``."""
+        return getattr(self, f"selection_bias_{layer}")
 
     @classmethod
     def from_config(
@@ -217,6 +253,7 @@ class HFAdapter(nn.Module):
     def _router_points(self, gate: nn.Module) -> dict[str, SitePoint]:
         """``moe.router`` and ``moe.weights`` on the router's ``(logits, scores, indices)`` output."""
         route = self._spec.route
+        layer = next(i for i, g in self._gates().items() if g is gate)
 
         def unflatten(flat: Tensor) -> Tensor:  # (B*T, E) -> (B, T, E)
             if self._tokens_shape is None or flat.shape[0] != self._tokens_shape[0] * self._tokens_shape[1]:
@@ -225,7 +262,8 @@ class HFAdapter(nn.Module):
 
         def write_router(raw: tuple, new: Tensor) -> tuple:
             logits = new.reshape(-1, new.shape[-1]).to(raw[0].dtype)
-            scores, indices = route(gate, logits)
+            bias = self.selection_bias(layer)
+            scores, indices = route(gate, logits, bias if bias.any() else None)
             return logits, scores, indices
 
         def read_weights(raw: tuple) -> Tensor:

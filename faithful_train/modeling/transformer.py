@@ -81,7 +81,12 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k mixture of experts (Mixtral routing: softmax, top-k, renormalise)."""
+    """Top-k mixture of experts (Mixtral routing: softmax, top-k, renormalise).
+
+    ``selection_bias`` (a buffer, zero unless the router objective's bias balancing moves it)
+    is added to the logits only to choose the top-k experts; their weights come from the
+    unbiased probabilities (DeepSeek-V3's auxiliary-loss-free balancing).
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -90,11 +95,14 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(cfg.d_model, cfg.d_mlp) for _ in range(cfg.n_experts))
         self.hook_router = HookPoint()
         self.hook_weights = HookPoint()
+        self.register_buffer("selection_bias", torch.zeros(cfg.n_experts))
 
     def routing_weights(self, logits: Tensor) -> Tensor:
-        """(B, T, E) weights: softmax over experts, keep the top-k, renormalise them to sum 1."""
+        """(B, T, E) weights: softmax over experts, keep the top-k (of logits + selection bias),
+        renormalise them to sum 1."""
         probs = logits.float().softmax(dim=-1)
-        top, idx = probs.topk(self.top_k, dim=-1)
+        idx = (logits.float() + self.selection_bias).topk(self.top_k, dim=-1).indices
+        top = probs.gather(-1, idx)
         return torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True)).to(logits.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,6 +198,14 @@ class Transformer(nn.Module):
         # attention_mask is accepted for interface parity with Hugging Face models; our tasks
         # have no padding, and the causal mask already keeps later tokens out.
         return self.forward_from(0, self.embed(input_ids))
+
+    def moe_layers(self) -> dict[int, tuple[int, int]]:
+        """``{layer: (n_experts, top_k)}`` of the mixture-of-experts blocks."""
+        return {i: (b.mlp.n_experts, b.mlp.top_k) for i, b in enumerate(self.blocks) if isinstance(b.mlp, MoE)}
+
+    def selection_bias(self, layer: int) -> Tensor:
+        """The per-expert bias buffer that steers top-k selection in MoE block ``layer``."""
+        return self.blocks[layer].mlp.selection_bias
 
     def site_points(self) -> dict[str, SitePoint]:
         points = {"embed": SitePoint(self.hook_embed), "final": SitePoint(self.hook_final)}

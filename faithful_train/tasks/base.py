@@ -11,6 +11,7 @@ Batches are plain dicts of tensors (Lightning moves them to the device):
     input_ids  (B, T) long      the prompt; the answer is predicted at the last position
     labels     (B,)   long      the answer token
     var/<name> (B,)   long      value of each causal variable
+    concept/<name> (B,) or (B, T) long   value of each concept label, per sequence or per token
 
 To write your own task, subclass ``Task`` in your own file and name it in a config as
 ``task: {name: path/to/file.py:MyTask, ...constructor args}`` (see README).
@@ -55,6 +56,28 @@ class Task(ABC):
     def answer_tokens(self) -> tuple[int, ...] | None:
         """The tokens an answer can be (audits predict among these), or ``None`` for any token."""
         return None
+
+    @property
+    def concepts(self) -> dict[str, tuple[str, ...]]:
+        """Concept labels in batches (``concept/<name>``): name -> the names of its values."""
+        return {}
+
+    def check_concept(self, name: str | None, owner: str) -> str:
+        """``name`` (default: the task's only concept) if the task labels it, else an error."""
+        if name is None and len(self.concepts) == 1:
+            return next(iter(self.concepts))
+        if name not in self.concepts:
+            raise UnknownNameError(f"concept of task {self.name!r} for {owner}", str(name), self.concepts)
+        return name
+
+    def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor | None:
+        """Meaning-preserving perturbations: ``input_ids`` of the same shape whose labels and
+        concepts are those of ``batch``; ``None`` if the task has none."""
+        return None
+
+    def token_name(self, token: int) -> str:
+        """A readable name of a token (per-token reports)."""
+        return str(token)
 
     def check_variables(self, names: Sequence[str]) -> None:
         for name in names:

@@ -1,0 +1,171 @@
+"""The router objective: MoE routing that is balanced, decisive and readable.
+
+Independently weighted terms on the raw router logits recorded at ``blocks.{i}.moe.router``
+in the step's forward (formulas and sources in ``faithful_train.routing``):
+
+- ``load_balance`` (Switch), pooled over layers exactly as transformers'
+  ``load_balancing_loss_func`` (``pooling: pooled``) or averaged per layer
+  (``pooling: per_layer``); padding is left out when the batch has an ``attention_mask``;
+- ``z_loss`` (ST-MoE);
+- ``entropy``: mean routing entropy (lower is more decisive);
+- ``alignment``: experts specialise by a task concept (``concept``, e.g. ``domain``). With
+  ``mapping: learned`` the term is ``-I(expert; concept)`` and the model picks the mapping;
+  with ``mapping: {value: expert or [experts]}`` it is the cross-entropy of routing into the
+  given experts.
+- ``bias_rate``: DeepSeek-V3's auxiliary-loss-free balancing. After every optimizer step each
+  expert's selection bias moves by ``bias_rate`` towards balance (load summed over ranks).
+  The bias is a buffer of the model (``selection_bias``), so checkpoints, resume and audits
+  see the routing the model was trained with.
+
+Each term is logged unweighted as ``train/objective/<label>/<term>``; so is
+``max_violation``, ``max_e load_e / mean load - 1`` of the step (DeepSeek-V3's MaxVio).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
+
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.objectives.base import Objective, StepContext
+from faithful_train.routing import (
+    bias_update,
+    expert_concept_mi_loss,
+    expert_load,
+    mapped_alignment_loss,
+    router_z_loss,
+    routing_entropy,
+    switch_load_balance,
+)
+from faithful_train.tasks.base import Task
+
+POOLINGS = ("pooled", "per_layer")
+
+
+def router_layers(model: nn.Module, layers: Sequence[int] | None, owner: str) -> dict[int, tuple[int, int]]:
+    """``{layer: (n_experts, top_k)}`` of the requested MoE layers (default: all of them)."""
+    moe = model.moe_layers() if hasattr(model, "moe_layers") else {}
+    if not moe:
+        raise ConfigError(f"{owner} needs a mixture-of-experts model (e.g. model: moe-tiny or mixtral-tiny)")
+    if layers is None:
+        return moe
+    for layer in layers:
+        if layer not in moe:
+            raise UnknownNameError(f"MoE layer for {owner}", str(layer), [str(i) for i in moe])
+    return {layer: moe[layer] for layer in layers}
+
+
+def parse_mapping(mapping: Mapping[str, Any], values: Sequence[str], n_experts: int, owner: str) -> Tensor:
+    """``{concept value: expert or [experts]}`` as a boolean ``(C, E)`` table; every value needs one."""
+    table = torch.zeros(len(values), n_experts, dtype=torch.bool)
+    for value, experts in mapping.items():
+        if value not in values:
+            raise UnknownNameError(f"concept value in {owner}'s mapping", str(value), values)
+        for expert in [experts] if isinstance(experts, int) else list(experts):
+            if not 0 <= int(expert) < n_experts:
+                raise ConfigError(f"{owner}: expert {expert} for {value!r} is not in [0, {n_experts})")
+            table[values.index(value), int(expert)] = True
+    missing = [v for v, row in zip(values, table) if not row.any()]
+    if missing:
+        raise ConfigError(f"{owner}: mapping gives no expert for concept value(s) {missing}")
+    return table
+
+
+class RouterObjective(Objective):
+    name = "router"
+
+    def __init__(
+        self,
+        load_balance: float = 0.0,
+        pooling: str = "pooled",
+        z_loss: float = 0.0,
+        entropy: float = 0.0,
+        alignment: float = 0.0,
+        concept: str | None = None,
+        mapping: str | Mapping[str, Any] = "learned",
+        bias_rate: float = 0.0,
+        layers: Sequence[int] | None = None,
+        weight: float = 1.0,
+        schedule: Any = None,
+        label: str | None = None,
+    ):
+        super().__init__(weight, schedule, label)
+        if pooling not in POOLINGS:
+            raise UnknownNameError("load-balance pooling", pooling, POOLINGS)
+        if isinstance(mapping, str) and mapping != "learned":
+            raise ConfigError(f"objective {self.label!r}: mapping must be 'learned' or {{value: expert}}, got {mapping!r}")
+        self.coefficients = {"load_balance": load_balance, "z_loss": z_loss, "entropy": entropy, "alignment": alignment}
+        for term, c in self.coefficients.items():
+            if c < 0:
+                raise ConfigError(f"objective {self.label!r}: {term} must be >= 0, got {c}")
+        if bias_rate < 0:
+            raise ConfigError(f"objective {self.label!r}: bias_rate must be >= 0, got {bias_rate}")
+        self.pooling, self.concept, self.mapping, self.bias_rate = pooling, concept, mapping, bias_rate
+        self.requested_layers = None if layers is None else [int(i) for i in layers]
+        self.layers: dict[int, tuple[int, int]] = {}
+        self.table: Tensor | None = None  # given mapping, (C, E)
+        self.n_concepts = 0
+        self._pending_load: Tensor | None = None
+
+    def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        owner = f"objective {self.label!r}"
+        self.layers = router_layers(model, self.requested_layers, owner)
+        if len({top_k for _, top_k in self.layers.values()}) > 1 and self.coefficients["load_balance"]:
+            raise ConfigError(f"{owner}: the load-balance term needs one top_k across its layers")
+        if self.coefficients["alignment"] > 0:
+            self.concept = task.check_concept(self.concept, owner)
+            values = task.concepts[self.concept]
+            self.n_concepts = len(values)
+            if not isinstance(self.mapping, str):
+                n_experts = {e for e, _ in self.layers.values()}
+                if len(n_experts) > 1:
+                    raise ConfigError(f"{owner}: a given mapping needs one number of experts across its layers")
+                self.table = parse_mapping(self.mapping, values, n_experts.pop(), owner)
+
+    def sites(self) -> list[str]:
+        return [f"blocks.{i}.moe.router" for i in self.layers]
+
+    def term(self, ctx: StepContext) -> Tensor:
+        logits = [ctx.cache[site] for site in self.sites()]
+        mask = ctx.batch.get("attention_mask")
+        top_k = next(iter(self.layers.values()))[1]
+        compute = {
+            "load_balance": lambda: switch_load_balance(logits, top_k, mask, pooled=self.pooling == "pooled"),
+            "z_loss": lambda: torch.stack([router_z_loss(x, mask) for x in logits]).mean(),
+            "entropy": lambda: torch.stack([routing_entropy(x, mask) for x in logits]).mean(),
+            "alignment": lambda: torch.stack([self._alignment(x, ctx, mask) for x in logits]).mean(),
+        }
+        total = logits[0].sum() * 0.0
+        self.parts = {}
+        for name, coefficient in self.coefficients.items():
+            if coefficient > 0:
+                value = compute[name]()
+                self.parts[name] = value.detach()
+                total = total + coefficient * value
+        with torch.no_grad():
+            load = torch.stack([
+                expert_load(x, k, mask, ctx.model.selection_bias(i)) for (i, (_, k)), x in zip(self.layers.items(), logits)
+            ])  # fmt: skip
+            self.parts["max_violation"] = (load.max(-1).values / load.mean(-1).clamp_min(1e-9) - 1).mean()
+        self._pending_load = load if self.bias_rate > 0 else None
+        return total
+
+    def _alignment(self, logits: Tensor, ctx: StepContext, mask: Tensor | None) -> Tensor:
+        concept = ctx.batch[f"concept/{self.concept}"]
+        if self.table is None:
+            return expert_concept_mi_loss(logits, concept, self.n_concepts, mask)
+        return mapped_alignment_loss(logits, concept, self.table, mask)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._pending_load is None:
+            return
+        load = trainer.strategy.reduce(self._pending_load, reduce_op="sum") if trainer.world_size > 1 else self._pending_load
+        with torch.no_grad():
+            for row, layer in zip(load, self.layers):
+                bias = pl_module.model.selection_bias(layer)
+                bias.copy_(bias_update(bias, row, self.bias_rate))
+        self._pending_load = None
