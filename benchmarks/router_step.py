@@ -7,7 +7,9 @@ Models: ``moe-tiny`` (ours: d_model 64, 2 layers, 4 experts, top-2, d_mlp 128) o
 domain-mixture batches of ``configs/moe-router.yaml``, and ``mixtral-tiny`` (Hugging Face,
 the same sizes). Every step is a full training step: forward, loss, backward, AdamW step.
 Timings are medians over interleaved rounds (``time_steps``), so drifting load hits every
-variant alike.
+variant alike. The optimizer steps at learning rate 0, so the variants cannot drift apart in
+routing (which experts run is most of an MoE step's cost); bias balancing still moves its
+bias, as it would in training.
 
 Our step is ``FaithfulModule.training_step`` without Lightning's logging: one forward that
 records the router logits, the task loss, ``objective.term``, backward, optimizer step, then
@@ -52,7 +54,9 @@ def make_model(preset: str) -> torch.nn.Module:
 
 
 def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01)
+    """AdamW doing all its work at learning rate 0: the weights, so the routing and the experts
+    that run (which decide an MoE step's cost), stay the same in every variant and round."""
+    return torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.98), weight_decay=0.01)
 
 
 def plain_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
@@ -117,15 +121,31 @@ def audit_seconds(preset: str, n_examples: int, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def balanced_twins(batch: dict, warm_steps: int = 300) -> tuple[Callable[[], float], Callable[[], float]]:
+    """A bias-balancing step and a plain step on a model that routes the same way: bias
+    balancing changes which experts run (so the experts' cost), so its overhead is measured
+    against a plain step with the selection bias that balancing converged to."""
+    model = make_model("moe-tiny")
+    balancing = our_step(model, batch, **ALL_TERMS, bias_rate=0.001)
+    for _ in range(warm_steps):
+        balancing()
+    twin = make_model("moe-tiny")
+    for layer in twin.moe_layers():
+        twin.selection_bias(layer).copy_(model.selection_bias(layer))
+    return balancing, plain_step(twin, batch)
+
+
 def run(batch_size: int, rounds: int, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     batch = TASK.sample(batch_size, 0)
+    balancing, balanced_plain = balanced_twins(batch)
     return time_steps(
         {
             "moe-tiny: plain step": plain_step(make_model("moe-tiny"), batch),
             "moe-tiny: router, load balance + z-loss": our_step(make_model("moe-tiny"), batch, load_balance=0.01, z_loss=0.001),
             "moe-tiny: router, all four terms": our_step(make_model("moe-tiny"), batch, **ALL_TERMS),
-            "moe-tiny: router, all four terms + bias balancing": our_step(make_model("moe-tiny"), batch, **ALL_TERMS, bias_rate=0.001),
+            "moe-tiny balanced: plain step": balanced_plain,
+            "moe-tiny balanced: router, all four terms + bias balancing": balancing,
             "mixtral-tiny: plain step": plain_step(make_model("mixtral-tiny"), batch),
             "mixtral-tiny: transformers' aux loss": hf_aux_step(make_model("mixtral-tiny"), batch),
             "mixtral-tiny: router, load balance": our_step(make_model("mixtral-tiny"), batch, load_balance=0.01),
@@ -138,7 +158,7 @@ def run(batch_size: int, rounds: int, threads: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--audit-every", type=int, default=500, help="audit cadence of configs/moe-router.yaml")
     parser.add_argument("--audit-examples", type=int, default=1024)
@@ -148,7 +168,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, batch {args.batch_size}")
     print("| step | ms/step | × plain |\n|---|---|---|")
     for name, value in ms.items():
-        plain = ms[name.split(":")[0] + ": plain step"]
+        plain = ms[name.split(":")[0] + ": plain step"]  # against the plain step of the same model
         print(f"| {name} | {value:.2f} | {value / plain:.3f} |")
     audit_ms = 1000 * audit_seconds("moe-tiny", args.audit_examples)
     plain = ms["moe-tiny: plain step"]

@@ -29,23 +29,64 @@ auxiliary-loss-free balancing, Liu et al. 2024 §2.1.2: ``b_e += rate * sign(mea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def _flat(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(N, E)`` float logits and ``(N,)`` float token weights."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    weights = torch.ones(flat.shape[0], device=flat.device) if mask is None else mask.reshape(-1).to(flat.device, torch.float32)
-    if weights.shape[0] != flat.shape[0]:
-        raise ValueError(f"mask has {weights.shape[0]} tokens, router logits {flat.shape[0]}")
-    return flat, weights
+@dataclass
+class RouterRows:
+    """Router logits prepared once for every term: expert-major ``(L, E, N)`` float (``L``
+    stacked layers, or 1) with token weights ``(N,)`` (1 = real token, 0 = padding), and the
+    log-partition, log-probabilities and probabilities computed on first use.
 
+    Expert-major because softmax, top-k and their backward over a last dimension of 4-64
+    experts are 5-20x slower on CPU than over the leading one (measured; benchmarks/router_step.py).
+    """
 
-def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+    rows: Tensor
+    weights: Tensor
+    stacked: bool  # the logits had a leading layer dimension
+
+    @classmethod
+    def of(cls, logits: Tensor | RouterRows, mask: Tensor | None = None) -> RouterRows:
+        """From logits ``(B, T, E)``, ``(L, B, T, E)`` or ``(N, E)`` and an optional mask ``(B, T)``."""
+        if isinstance(logits, RouterRows):
+            return logits
+        E = logits.shape[-1]
+        n = mask.numel() if mask is not None else (logits.shape[-3] * logits.shape[-2] if logits.dim() >= 3 else logits.shape[0])
+        rows = logits.float().reshape(-1, n, E).transpose(1, 2).contiguous()
+        weights = torch.ones(n, device=rows.device) if mask is None else mask.reshape(-1).to(rows.device, torch.float32)
+        return cls(rows, weights, logits.dim() == 4)
+
+    @cached_property
+    def log_partition(self) -> Tensor:  # (L, N)
+        return torch.logsumexp(self.rows, dim=1)
+
+    @cached_property
+    def log_probs(self) -> Tensor:  # (L, E, N)
+        return self.rows - self.log_partition[:, None]
+
+    @cached_property
+    def probs(self) -> Tensor:  # (L, E, N)
+        return self.log_probs.exp()
+
+    def mean(self, values: Tensor) -> Tensor:
+        """Mean over layers of the weighted mean over tokens of ``values`` ``(L, N)``."""
+        return (values @ self.weights / self.weights.sum().clamp_min(1.0)).mean()
+
+    def load(self, top_k: int, bias: Tensor | None = None) -> Tensor:
+        """``(L, E)`` top-k assignment counts (of ``logits + bias`` where a bias is given)."""
+        scores = self.rows.detach()
+        if bias is not None:
+            scores = scores + bias.to(scores.device, torch.float32).reshape(-1, scores.shape[1], 1)
+        chosen = scores.topk(top_k, dim=1).indices  # (L, k, N)
+        L = scores.shape[0]
+        counts = torch.zeros(L, scores.shape[1], device=scores.device)
+        return counts.scatter_add_(1, chosen.reshape(L, -1), self.weights.repeat(top_k).expand(L, -1))
 
 
 def top_k_experts(logits: Tensor, top_k: int, bias: Tensor | None = None) -> Tensor:
@@ -55,34 +96,42 @@ def top_k_experts(logits: Tensor, top_k: int, bias: Tensor | None = None) -> Ten
     return scores.topk(top_k, dim=-1).indices
 
 
-def expert_load(logits: Tensor, top_k: int, mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """``(E,)`` number of top-k assignments each expert receives (padding excluded)."""
-    flat, weights = _flat(logits, mask)
-    chosen = top_k_experts(flat, top_k, bias)
-    return torch.zeros(flat.shape[-1], device=flat.device).scatter_add_(0, chosen.reshape(-1), weights.repeat_interleave(top_k))
+def expert_load(logits: Tensor | RouterRows, top_k: int, mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Number of top-k assignments each expert receives (padding excluded): ``(E,)``, or
+    ``(L, E)`` for stacked layers ``(L, B, T, E)`` (``bias`` then ``(L, E)``)."""
+    r = RouterRows.of(logits, mask)
+    counts = r.load(top_k, bias)
+    return counts if r.stacked else counts[0]
 
 
-def switch_load_balance(layers: Sequence[Tensor], top_k: int, mask: Tensor | None = None, pooled: bool = True) -> Tensor:
-    """Switch load-balancing loss over the router logits of ``layers`` (see module docstring)."""
-    if not layers:
-        raise ValueError("switch_load_balance needs the router logits of at least one layer")
-    E = layers[0].shape[-1]
-    counts, prob_sums, totals = [], [], []
-    for logits in layers:
-        flat, weights = _flat(logits, mask)
-        counts.append(expert_load(flat, top_k, weights))
-        prob_sums.append((flat.softmax(-1) * weights[:, None]).sum(0))
-        totals.append(weights.sum())
+def switch_load_balance(
+    layers: Sequence[Tensor] | Tensor | RouterRows,
+    top_k: int,
+    mask: Tensor | None = None,
+    pooled: bool = True,
+    counts: Tensor | None = None,
+) -> Tensor:
+    """Switch load-balancing loss over the router logits of ``layers`` (a sequence, or stacked
+    ``(L, B, T, E)``; see module docstring). ``counts``: the ``(L, E)`` top-k assignment counts
+    if already known (the experts the model actually chose, e.g. under a selection bias);
+    by default the top-k of the logits, as transformers counts them."""
+    if isinstance(layers, Sequence):
+        if not layers:
+            raise ValueError("switch_load_balance needs the router logits of at least one layer")
+        layers = torch.stack([x.reshape(1, -1, x.shape[-1]) for x in layers])  # (L, 1, N, E)
+    r = RouterRows.of(layers, mask)
+    L, E = r.rows.shape[:2]
+    counts = r.load(top_k) if counts is None else counts  # (L, E)
+    probs = r.probs @ r.weights  # (L, E)
+    total = r.weights.sum()
     if pooled:
-        total = torch.stack(totals).sum()
-        return E * (torch.stack(counts).sum(0) / total * (torch.stack(prob_sums).sum(0) / total)).sum()
-    per_layer = [E * (c / t * (p / t)).sum() for c, p, t in zip(counts, prob_sums, totals)]
-    return torch.stack(per_layer).mean()
+        return E * ((counts.sum(0) / (total * L)) * (probs.sum(0) / (total * L))).sum()
+    return (E * (counts / total * (probs / total)).sum(-1)).mean()
 
 
-def router_z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    flat, weights = _flat(logits, mask)
-    return _masked_mean(torch.logsumexp(flat, dim=-1).square(), weights)
+def router_z_loss(logits: Tensor | RouterRows, mask: Tensor | None = None) -> Tensor:
+    r = RouterRows.of(logits, mask)
+    return r.mean(r.log_partition.square())
 
 
 def entropy_of(probs: Tensor) -> Tensor:
@@ -90,42 +139,46 @@ def entropy_of(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
 
 
-def routing_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    flat, weights = _flat(logits, mask)
-    return _masked_mean(entropy_of(flat.softmax(-1)), weights)
+def routing_entropy(logits: Tensor | RouterRows, mask: Tensor | None = None) -> Tensor:
+    r = RouterRows.of(logits, mask)
+    return r.mean(-(r.probs * r.log_probs).sum(1))
 
 
-def token_concepts(concept: Tensor, logits: Tensor) -> Tensor:
+def token_concepts(concept: Tensor, n_tokens: int) -> Tensor:
     """A per-sequence ``(B,)`` or per-token ``(B, T)`` concept label as ``(B*T,)`` per token."""
     if concept.dim() == 1:
-        concept = concept[:, None].expand(*logits.shape[:2])
+        concept = concept.repeat_interleave(n_tokens // concept.shape[0])
     return concept.reshape(-1)
 
 
-def mapped_alignment_loss(logits: Tensor, concept: Tensor, mapping: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``-log sum_{e in M(c)} p_e`` averaged over tokens; ``mapping`` is ``(C, E)`` boolean."""
-    flat, weights = _flat(logits, mask)
-    labels = token_concepts(concept, logits).to(flat.device)
-    allowed = mapping.to(flat.device)[labels]  # (N, E)
-    log_probs = flat.log_softmax(-1).masked_fill(~allowed, float("-inf"))
-    return _masked_mean(-torch.logsumexp(log_probs, dim=-1), weights)
+def mapped_alignment_loss(
+    logits: Tensor | RouterRows, concept: Tensor, mapping: Tensor, mask: Tensor | None = None
+) -> Tensor:
+    """``-log sum_{e in M(c)} p_e`` averaged over tokens (and layers); ``mapping`` is ``(C, E)`` boolean."""
+    r = RouterRows.of(logits, mask)
+    labels = token_concepts(concept, r.weights.shape[0]).to(r.rows.device)
+    allowed = mapping.to(r.rows.device)[labels].T  # (E, N)
+    return r.mean(-torch.logsumexp(r.log_probs.masked_fill(~allowed, float("-inf")), dim=1))
 
 
-def expert_concept_mi_loss(logits: Tensor, concept: Tensor, n_concepts: int, mask: Tensor | None = None) -> Tensor:
-    """``-I(expert; concept)`` in nats under soft routing (Mod-Squad's mutual-information loss)."""
-    flat, weights = _flat(logits, mask)
-    labels = token_concepts(concept, logits).to(flat.device)
-    one_hot = F.one_hot(labels, n_concepts).float() * weights[:, None]  # (N, C)
-    joint = one_hot.T @ flat.softmax(-1) / weights.sum().clamp_min(1.0)  # P(c, e), (C, E)
-    return -mutual_information(joint)
+def expert_concept_mi_loss(
+    logits: Tensor | RouterRows, concept: Tensor, n_concepts: int, mask: Tensor | None = None
+) -> Tensor:
+    """``-I(expert; concept)`` in nats under soft routing (Mod-Squad's mutual-information loss),
+    averaged over stacked layers."""
+    r = RouterRows.of(logits, mask)
+    labels = token_concepts(concept, r.weights.shape[0]).to(r.rows.device)
+    one_hot = F.one_hot(labels, n_concepts).float() * r.weights[:, None]  # (N, C)
+    joint = r.probs @ one_hot / r.weights.sum().clamp_min(1.0)  # P(e, c) per layer, (L, E, C)
+    return -mutual_information(joint).mean()
 
 
 def mutual_information(joint: Tensor) -> Tensor:
-    """``I`` in nats of a joint distribution (or contingency table) ``(C, E)``."""
-    joint = joint / joint.sum().clamp_min(1e-30)
-    outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+    """``I`` in nats of a joint distribution (or contingency table) ``(..., C, E)``."""
+    joint = joint / joint.sum((-2, -1), keepdim=True).clamp_min(1e-30)
+    outer = joint.sum(-1, keepdim=True) * joint.sum(-2, keepdim=True)
     ratio = (joint.clamp_min(1e-30) / outer.clamp_min(1e-30)).log()
-    return (joint * ratio).sum()
+    return (joint * ratio).sum((-2, -1))
 
 
 def normalized_mutual_information(contingency: Tensor) -> Tensor:

@@ -112,8 +112,9 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat_x)
         for e, expert in enumerate(self.experts):
             rows = flat_w[:, e].nonzero(as_tuple=True)[0]  # tokens routed to expert e
-            if rows.numel():
-                out = out.index_add(0, rows, expert(flat_x[rows]) * flat_w[rows, e, None])
+            # an expert with no tokens still runs (on zero rows), so it gets a (zero) gradient:
+            # DDP needs every parameter in every step's graph
+            out = out.index_add(0, rows, expert(flat_x[rows]) * flat_w[rows, e, None])
         return out.view_as(x)
 
 

@@ -5,7 +5,9 @@ in the step's forward (formulas and sources in ``faithful_train.routing``):
 
 - ``load_balance`` (Switch), pooled over layers exactly as transformers'
   ``load_balancing_loss_func`` (``pooling: pooled``) or averaged per layer
-  (``pooling: per_layer``); padding is left out when the batch has an ``attention_mask``;
+  (``pooling: per_layer``); padding is left out when the batch has an ``attention_mask``.
+  ``f_e`` counts the experts the model actually chose: with bias balancing on, the biased
+  top-k (transformers' count, the unbiased top-k, is the same while the bias is zero);
 - ``z_loss`` (ST-MoE);
 - ``entropy``: mean routing entropy (lower is more decisive);
 - ``alignment``: experts specialise by a task concept (``concept``, e.g. ``domain``). With
@@ -33,9 +35,9 @@ from torch import Tensor, nn
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.routing import (
+    RouterRows,
     bias_update,
     expert_concept_mi_loss,
-    expert_load,
     mapped_alignment_loss,
     router_z_loss,
     routing_entropy,
@@ -114,51 +116,46 @@ class RouterObjective(Objective):
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         owner = f"objective {self.label!r}"
         self.layers = router_layers(model, self.requested_layers, owner)
-        if len({top_k for _, top_k in self.layers.values()}) > 1 and self.coefficients["load_balance"]:
-            raise ConfigError(f"{owner}: the load-balance term needs one top_k across its layers")
+        if len(set(self.layers.values())) > 1:
+            raise ConfigError(f"{owner}: its layers must share (n_experts, top_k); got {self.layers}; choose 'layers'")
         if self.coefficients["alignment"] > 0:
             self.concept = task.check_concept(self.concept, owner)
             values = task.concepts[self.concept]
             self.n_concepts = len(values)
             if not isinstance(self.mapping, str):
-                n_experts = {e for e, _ in self.layers.values()}
-                if len(n_experts) > 1:
-                    raise ConfigError(f"{owner}: a given mapping needs one number of experts across its layers")
-                self.table = parse_mapping(self.mapping, values, n_experts.pop(), owner)
+                self.table = parse_mapping(self.mapping, values, next(iter(self.layers.values()))[0], owner)
 
     def sites(self) -> list[str]:
         return [f"blocks.{i}.moe.router" for i in self.layers]
 
     def term(self, ctx: StepContext) -> Tensor:
-        logits = [ctx.cache[site] for site in self.sites()]
-        mask = ctx.batch.get("attention_mask")
+        logits = torch.stack([ctx.cache[site] for site in self.sites()])  # (L, B, T, E)
+        rows = RouterRows.of(logits, ctx.batch.get("attention_mask"))  # softmax etc. once, for every term
         top_k = next(iter(self.layers.values()))[1]
+        with torch.no_grad():  # (L, E) assignments as the model chose them (selection bias included)
+            load = rows.load(top_k, torch.stack([ctx.model.selection_bias(i) for i in self.layers]))
         compute = {
-            "load_balance": lambda: switch_load_balance(logits, top_k, mask, pooled=self.pooling == "pooled"),
-            "z_loss": lambda: torch.stack([router_z_loss(x, mask) for x in logits]).mean(),
-            "entropy": lambda: torch.stack([routing_entropy(x, mask) for x in logits]).mean(),
-            "alignment": lambda: torch.stack([self._alignment(x, ctx, mask) for x in logits]).mean(),
+            "load_balance": lambda: switch_load_balance(rows, top_k, pooled=self.pooling == "pooled", counts=load),
+            "z_loss": lambda: router_z_loss(rows),
+            "entropy": lambda: routing_entropy(rows),
+            "alignment": lambda: self._alignment(rows, ctx),
         }
-        total = logits[0].sum() * 0.0
+        total = None
         self.parts = {}
         for name, coefficient in self.coefficients.items():
             if coefficient > 0:
                 value = compute[name]()
                 self.parts[name] = value.detach()
-                total = total + coefficient * value
-        with torch.no_grad():
-            load = torch.stack([
-                expert_load(x, k, mask, ctx.model.selection_bias(i)) for (i, (_, k)), x in zip(self.layers.items(), logits)
-            ])  # fmt: skip
-            self.parts["max_violation"] = (load.max(-1).values / load.mean(-1).clamp_min(1e-9) - 1).mean()
+                total = coefficient * value if total is None else total + coefficient * value
+        self.parts["max_violation"] = (load.max(-1).values / load.mean(-1).clamp_min(1e-9) - 1).mean()
         self._pending_load = load if self.bias_rate > 0 else None
-        return total
+        return logits.sum() * 0.0 if total is None else total
 
-    def _alignment(self, logits: Tensor, ctx: StepContext, mask: Tensor | None) -> Tensor:
+    def _alignment(self, rows: RouterRows, ctx: StepContext) -> Tensor:
         concept = ctx.batch[f"concept/{self.concept}"]
         if self.table is None:
-            return expert_concept_mi_loss(logits, concept, self.n_concepts, mask)
-        return mapped_alignment_loss(logits, concept, self.table, mask)
+            return expert_concept_mi_loss(rows, concept, self.n_concepts)
+        return mapped_alignment_loss(rows, concept, self.table)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if self._pending_load is None:

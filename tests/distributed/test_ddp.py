@@ -71,3 +71,33 @@ def test_learned_basis_under_ddp(tmp_path, repo):
     assert any(not torch.equal(initial[k], trained[k]) for k in keys)  # optimised once the term started
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "audit/interchange/control/random_subspace/iia" in summary["metrics"]
+
+
+def test_router_objective_and_audit_under_ddp(tmp_path, repo):
+    """Router audit counts (contingency tables, loads, ablation tallies) are summed over ranks:
+    the 2-rank figures equal one process auditing the whole set; bias balancing runs under DDP."""
+    import torch
+
+    run_dir = tmp_path / "router"
+    common = ["audits.0.n_examples=64", "audits.0.batch_size=16", "logger.wandb.mode=disabled"]
+    cmd = [
+        sys.executable, "-m", "faithful_train.cli", "fit", "-c", "configs/moe-router.yaml", "--run-dir", str(run_dir),
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+        "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false", "objectives.0.bias_rate=0.01",
+        "audits.0.every_n_steps=4", "data.batch_size=16", "data.val_size=64", *common,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["state_dict"]["model.blocks.0.mlp.selection_bias"].abs().max() > 0
+    single = subprocess.run(
+        [sys.executable, "-m", "faithful_train.cli", "audit", "-c", "configs/moe-router.yaml", "--ckpt", str(ckpt),
+         "--run-dir", str(tmp_path / "single"), *common],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = json.loads((tmp_path / "single" / "summary.json").read_text())["metrics"]
+    figures = read_jsonl(run_dir / "audits.jsonl")[-1]["metrics"]
+    assert "expert_concept_nmi" in figures and "ablation/own_drop" in figures
+    for key, value in figures.items():
+        assert alone[f"audit/router/{key}"] == pytest.approx(value, abs=1e-6), key
