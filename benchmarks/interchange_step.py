@@ -59,8 +59,9 @@ def optimizer_for(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01)
 
 
-def plain_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
-    optimizer = optimizer_for(model.parameters())
+def plain_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None) -> Callable[[], float]:
+    """Forward, answer cross-entropy, backward, optimizer step (AdamW at lr 2e-3 by default)."""
+    optimizer = optimizer or optimizer_for(model.parameters())
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)

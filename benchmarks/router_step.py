@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.interchange_step import plain_step as interchange_plain_step  # noqa: E402
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
 from faithful_train.audits.router import RouterAudit  # noqa: E402
 from faithful_train.config import find_preset  # noqa: E402
@@ -60,16 +61,7 @@ def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def plain_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
-    optimizer = optimizer_for(model)
-
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(batch["input_ids"])[:, -1].float(), batch["labels"])
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    return step
+    return interchange_plain_step(model, batch, optimizer_for(model))
 
 
 def our_step(model: torch.nn.Module, batch: dict, **objective_kwargs: Any) -> Callable[[], float]:

@@ -81,13 +81,18 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("overrides, message, valid", BAD_INPUTS)
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message, valid):
-    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), *TINY, *overrides]) == 2
+def assert_fit_fails_in_one_line(config, run_dir, capsys, overrides, message, valid):
+    """``fit`` exits 2 with one line that names the bad value and the valid ones, and trains nothing."""
+    assert main(["fit", "-c", config, "--run-dir", str(run_dir), *TINY, *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("faithful-train: error:"), err
     assert message in err and valid in err, err
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides, message, valid", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message, valid):
+    assert_fit_fails_in_one_line(QUICKSTART, tmp_path, capsys, overrides, message, valid)
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
@@ -129,16 +134,21 @@ class StopAt(Callback):
             trainer.should_stop = True
 
 
+def fit_whole_and_resumed(config: str, overrides: list[str], tmp_path: Path, stop: int = 20) -> tuple[Path, Path]:
+    """The same run twice: uninterrupted (``whole``), and stopped after ``stop`` steps then
+    resumed from its checkpoint (``split``). Returns both run directories."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["fit", "-c", config, "--run-dir", str(whole), *overrides]) == 0
+    runs.quiet_lightning()
+    runs.fit(runs.build(load_config(config, overrides), split), extra_callbacks=[StopAt(stop)])
+    assert torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stop
+    assert main(["fit", "-c", config, "--run-dir", str(split), "--resume", *overrides]) == 0
+    return whole, split
+
+
 def test_resume_continues_exactly(tmp_path):
     overrides = [*TINY, "trainer.max_steps=40", "trainer.checkpoint_every=20"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(whole), *overrides]) == 0
-
-    runs.quiet_lightning()
-    cfg = load_config(QUICKSTART, overrides)
-    runs.fit(runs.build(cfg, split), extra_callbacks=[StopAt(20)])
-    assert torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 20
-    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(split), "--resume", *overrides]) == 0
+    whole, split = fit_whole_and_resumed(QUICKSTART, overrides, tmp_path)
 
     a, b = _summary(whole), _summary(split)
     assert a["step"] == b["step"] == 40

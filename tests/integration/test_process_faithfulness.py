@@ -14,7 +14,7 @@ from faithful_train import run as runs
 from faithful_train.cli import main
 from faithful_train.config import load_config
 from faithful_train.rundir import read_jsonl
-from tests.integration.test_cli import TINY, StopAt
+from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
 DAS = "configs/iit-das.yaml"
 ACTIVE = ["objectives.0.schedule=constant"]  # the shipped schedule starts the term at step 1000
@@ -70,11 +70,7 @@ def test_learned_basis_is_checkpointed_and_audited_from_the_checkpoint(tmp_path)
 
 def test_resume_with_a_learned_basis_continues_exactly(tmp_path):
     overrides = [*TINY, *ACTIVE, "trainer.max_steps=40", "trainer.checkpoint_every=20"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main(["fit", "-c", DAS, "--run-dir", str(whole), *overrides]) == 0
-    runs.quiet_lightning()
-    runs.fit(runs.build(load_config(DAS, overrides), split), extra_callbacks=[StopAt(20)])
-    assert main(["fit", "-c", DAS, "--run-dir", str(split), "--resume", *overrides]) == 0
+    whole, split = fit_whole_and_resumed(DAS, overrides, tmp_path)
     w1 = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     w2 = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert any(k.startswith("objective_modules.") for k in w1)
@@ -98,10 +94,7 @@ BAD = [
 
 @pytest.mark.parametrize("config, overrides, message, valid", BAD)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, config, overrides, message, valid):
-    assert main(["fit", "-c", config, "--run-dir", str(tmp_path), *TINY, *overrides]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("faithful-train: error:"), err
-    assert message in err and valid in err, err
+    assert_fit_fails_in_one_line(config, tmp_path, capsys, overrides, message, valid)
 
 
 @pytest.mark.slow

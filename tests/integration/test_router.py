@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from faithful_train import run as runs
 from faithful_train.cli import main
 from faithful_train.config import load_config
 from faithful_train.modeling.hf import HFAdapter
 from faithful_train.rundir import read_jsonl
 from faithful_train.tasks.domain_mixture import DomainMixture
-from tests.integration.test_cli import TINY, StopAt
+from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
 ROUTER, BASELINE, HF = "configs/moe-router.yaml", "configs/moe-router-baseline.yaml", "configs/moe-router-hf.yaml"
 
@@ -80,11 +79,7 @@ def test_bias_balancing_balances_load_with_frozen_weights(tmp_path):
 
 def test_resume_with_bias_balancing_continues_exactly(tmp_path):
     overrides = [*TINY, "trainer.max_steps=40", "trainer.checkpoint_every=20", "objectives.0.bias_rate=0.01"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main(["fit", "-c", ROUTER, "--run-dir", str(whole), *overrides]) == 0
-    runs.quiet_lightning()
-    runs.fit(runs.build(load_config(ROUTER, overrides), split), extra_callbacks=[StopAt(20)])
-    assert main(["fit", "-c", ROUTER, "--run-dir", str(split), "--resume", *overrides]) == 0
+    whole, split = fit_whole_and_resumed(ROUTER, overrides, tmp_path)
     w1 = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     w2 = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert w1["model.blocks.1.mlp.selection_bias"].abs().max() > 0
@@ -119,10 +114,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides, message, valid", BAD)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message, valid):
-    assert main(["fit", "-c", ROUTER, "--run-dir", str(tmp_path), *TINY, *overrides]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("faithful-train: error:"), err
-    assert message in err and valid in err, err
+    assert_fit_fails_in_one_line(ROUTER, tmp_path, capsys, overrides, message, valid)
 
 
 @pytest.mark.slow
