@@ -3,10 +3,11 @@ seeded held-out set.
 
 Subclasses implement ``measure(model, task, batch)``, returning per-example values for each
 figure (or ``Total`` counts, summed over the set and turned into figures by ``summarise``,
-for figures that are not means: mutual information, load balance); the base class runs it over the audit set in eval mode without gradients, shards the
-set across ranks, averages with torchmetrics (which syncs across processes), logs
-``audit/<label>/<figure>``, checks pre-registered thresholds, and appends a record to
-``<run dir>/audits.jsonl`` (rank zero). Audits never touch the weights, the optimizer, the
+for figures that are not means: mutual information, load balance; torchmetrics' SumMetric
+sums to a scalar, hence ``TensorSum``). The base class runs it over the audit set in eval
+mode without gradients, shards the set across ranks, averages with torchmetrics (which
+syncs across processes), logs ``audit/<label>/<figure>``, checks pre-registered thresholds,
+and appends a record to ``<run dir>/audits.jsonl`` (rank zero). Audits never touch the weights, the optimizer, the
 global RNG or the training data stream.
 """
 

@@ -165,12 +165,16 @@ class HFAdapter(nn.Module):
 
     def _biased_routing(self, gate: nn.Module, layer: int) -> Callable:
         def hook(_module: nn.Module, _args: tuple, out: tuple) -> tuple | None:
-            bias = self.selection_bias(layer)
-            if not bias.any():
-                return None
-            return (out[0], *self._spec.route(gate, out[0], bias))
+            bias = self._active_bias(layer)
+            return None if bias is None else (out[0], *self._spec.route(gate, out[0], bias))
 
         return hook
+
+    def _active_bias(self, layer: int) -> Tensor | None:
+        """The selection bias of MoE layer ``layer``, or ``None`` while it is zero (the family's
+        own routing, bit for bit). One host sync per MoE layer and forward on GPU."""
+        bias = self.selection_bias(layer)
+        return bias if bias.any() else None
 
     def moe_layers(self) -> dict[int, tuple[int, int]]:
         """``{layer: (n_experts, top_k)}`` of the sparse MoE layers."""
@@ -227,10 +231,10 @@ class HFAdapter(nn.Module):
             "final": SitePoint(self.hf_model.get_submodule(spec.final)),
         }
         for i, layer in enumerate(self._layers()):
-            points |= {f"blocks.{i}.{name}": p for name, p in self._layer_points(layer).items()}
+            points |= {f"blocks.{i}.{name}": p for name, p in self._layer_points(i, layer).items()}
         return points
 
-    def _layer_points(self, layer: nn.Module) -> dict[str, SitePoint]:
+    def _layer_points(self, index: int, layer: nn.Module) -> dict[str, SitePoint]:
         spec = self._spec
         n_heads = self.hf_model.config.num_attention_heads
         points = {
@@ -247,13 +251,12 @@ class HFAdapter(nn.Module):
         }
         gate = _submodule(layer, spec.router) if spec.router else None
         if gate is not None:
-            points |= self._router_points(gate)
+            points |= self._router_points(gate, index)
         return points
 
-    def _router_points(self, gate: nn.Module) -> dict[str, SitePoint]:
+    def _router_points(self, gate: nn.Module, layer: int) -> dict[str, SitePoint]:
         """``moe.router`` and ``moe.weights`` on the router's ``(logits, scores, indices)`` output."""
         route = self._spec.route
-        layer = next(i for i, g in self._gates().items() if g is gate)
 
         def unflatten(flat: Tensor) -> Tensor:  # (B*T, E) -> (B, T, E)
             if self._tokens_shape is None or flat.shape[0] != self._tokens_shape[0] * self._tokens_shape[1]:
@@ -262,8 +265,7 @@ class HFAdapter(nn.Module):
 
         def write_router(raw: tuple, new: Tensor) -> tuple:
             logits = new.reshape(-1, new.shape[-1]).to(raw[0].dtype)
-            bias = self.selection_bias(layer)
-            scores, indices = route(gate, logits, bias if bias.any() else None)
+            scores, indices = route(gate, logits, self._active_bias(layer))
             return logits, scores, indices
 
         def read_weights(raw: tuple) -> Tensor:
