@@ -88,6 +88,20 @@ class ExperimentConfig:
 
 
 @dataclass
+class BottleneckSection:
+    """A concept bottleneck after block ``layer`` (``faithful_train.modeling.bottleneck``)."""
+
+    mode: str = "hard"  # hard | hybrid | embedding
+    layer: Optional[int] = None  # default: the last block
+    concepts: Optional[list[str]] = None  # default: every concept the task labels
+    side_width: int = 8  # hybrid: width of the side channel
+    side_noise: float = 1.0  # hybrid: std of the side channel's training noise
+    embedding_dim: int = 16  # embedding: size of each concept value's embedding
+    head_hidden: int = 64  # hidden width of the head (0: linear)
+    discrete: bool = False  # hard: 0/1 concepts with a straight-through gradient
+
+
+@dataclass
 class TransformerModelSection:
     arch: str = "transformer"
     d_model: int = 64
@@ -99,6 +113,7 @@ class TransformerModelSection:
     tie_embeddings: bool = False
     vocab_size: Optional[int] = None  # default: the task's
     max_seq_len: Optional[int] = None  # default: the task's
+    bottleneck: Optional[BottleneckSection] = None
 
 
 @dataclass
@@ -107,6 +122,7 @@ class HFModelSection:
     family: Optional[str] = None  # gpt2 | llama | mixtral | qwen2_moe (with `config`)
     config: dict[str, Any] = field(default_factory=dict)  # the family's HF config arguments
     path: Optional[str] = None  # a local directory saved with save_pretrained
+    bottleneck: Optional[BottleneckSection] = None
 
 
 MODEL_SECTIONS = {"transformer": TransformerModelSection, "hf": HFModelSection}
@@ -132,6 +148,8 @@ def _merge(schema: type, data: Any, prefix: str = "") -> DictConfig:
     _check_keys(data, schema, prefix)
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), data)
+    except TypeError as e:  # e.g. a mapping where the schema has a list
+        raise ConfigError(f"bad value under config key {prefix.rstrip('.') or 'config'!r}: {e}") from None
     except OmegaConfBaseException as e:
         key = f"{prefix}{e.full_key}" if getattr(e, "full_key", None) else prefix.rstrip(".") or "config"
         raise ConfigError(f"bad value for config key {key!r}: {str(e.msg).splitlines()[0]}") from None
@@ -162,6 +180,8 @@ def resolve_model(spec: Any, config_dir: Path | None = None) -> DictConfig:
     arch = spec.get("arch", "transformer")
     if arch not in MODEL_SECTIONS:
         raise UnknownNameError("model arch", arch, MODEL_SECTIONS)
+    if isinstance(spec.get("bottleneck"), dict):
+        _check_keys(spec["bottleneck"], BottleneckSection, "model.bottleneck.")
     model = _merge(MODEL_SECTIONS[arch], spec, "model.")
     if arch == "hf" and (model.family is None) == (model.path is None):
         raise ConfigError("an 'hf' model needs exactly one of 'family' (with 'config') or 'path'")

@@ -22,16 +22,19 @@ TASKS = {
     "hierarchical_equality": "faithful_train.tasks.hierarchical_equality:HierarchicalEquality",
     "multistep_arithmetic": "faithful_train.tasks.multistep_arithmetic:MultiStepArithmetic",
     "domain_mixture": "faithful_train.tasks.domain_mixture:DomainMixture",
+    "concept_objects": "faithful_train.tasks.concept_objects:ConceptObjects",
 }
 OBJECTIVES = {
     "interchange": "faithful_train.objectives.interchange:InterchangeObjective",
     "counterfactual_cot": "faithful_train.objectives.counterfactual_cot:CounterfactualCotObjective",
     "router": "faithful_train.objectives.router:RouterObjective",
+    "concepts": "faithful_train.objectives.concepts:ConceptsObjective",
 }
 AUDITS = {
     "interchange": "faithful_train.audits.interchange:InterchangeAudit",
     "cot": "faithful_train.audits.cot:CotAudit",
     "router": "faithful_train.audits.router:RouterAudit",
+    "concepts": "faithful_train.audits.concepts:ConceptsAudit",
 }
 
 

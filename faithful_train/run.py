@@ -58,9 +58,10 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     """Everything a run needs, with every name checked before any training starts."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = instantiate("task", to_plain(cfg.task), TASKS, Task, config_dir)
-    model = build_model(cfg.model, task.vocab_size, task.seq_len, seed=cfg.seed).train()
-    with torch.no_grad():
-        vocab = model(task.sample(1, 0)["input_ids"]).shape[-1]
+    model = build_model(cfg.model, task.vocab_size, task.seq_len, seed=cfg.seed, concepts=task.concepts)
+    with torch.no_grad():  # in eval mode: no training-time noise drawn
+        vocab = model.eval()(task.sample(1, 0)["input_ids"]).shape[-1]
+    model.train()
     if vocab < task.vocab_size:
         raise ConfigError(f"model vocabulary ({vocab}) is smaller than task {task.name!r}'s ({task.vocab_size})")
     objectives = [instantiate("objective", to_plain(o), OBJECTIVES, Objective, config_dir) for o in cfg.objectives]

@@ -2,17 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-from faithful_train.errors import ConfigError
+from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.modeling.transformer import Transformer, TransformerConfig
 
 
-def build_model(section: Any, vocab_size: int, seq_len: int, seed: int = 0) -> nn.Module:
-    """A model from a resolved ``model`` config section, sized for the task when not given."""
+def build_model(
+    section: Any, vocab_size: int, seq_len: int, seed: int = 0, concepts: Mapping[str, Sequence[str]] | None = None
+) -> nn.Module:
+    """A model from a resolved ``model`` config section, sized for the task when not given;
+    with a ``bottleneck`` key, wrapped in a concept bottleneck over the task's ``concepts``."""
     spec = dict(section)
+    bottleneck = spec.pop("bottleneck", None)
+    backbone = _build_backbone(spec, vocab_size, seq_len, seed)
+    if bottleneck is None:
+        return backbone
+    return _with_bottleneck(backbone, dict(bottleneck), vocab_size, seed, concepts or {})
+
+
+def _with_bottleneck(backbone: nn.Module, spec: dict[str, Any], vocab_size: int, seed: int, concepts: Mapping) -> nn.Module:
+    from faithful_train.concepts import ConceptLayout
+    from faithful_train.modeling.bottleneck import BottleneckModel
+
+    if not concepts:
+        raise ConfigError("model.bottleneck needs a task that labels concepts (this one labels none)")
+    names = spec.pop("concepts", None)
+    for name in names or ():
+        if name not in concepts:
+            raise UnknownNameError("concept for model.bottleneck", name, concepts)
+    layout = ConceptLayout.from_task(concepts, names)
+    vocab = getattr(getattr(backbone, "cfg", None), "vocab_size", None) or backbone.hf_model.config.vocab_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        try:
+            return BottleneckModel(backbone, layout, max(vocab, vocab_size), **spec)
+        except ValueError as e:
+            raise ConfigError(f"model.bottleneck: {e}") from None
+
+
+def _build_backbone(spec: dict[str, Any], vocab_size: int, seq_len: int, seed: int) -> nn.Module:
     arch = spec.pop("arch")
     if arch == "transformer":
         spec["vocab_size"] = spec.get("vocab_size") or vocab_size
