@@ -34,6 +34,7 @@ test-fast: install
 benchmarks: install .bench/pyvene
 	PYVENE_LIB=.bench $(PY) benchmarks/interchange_step.py
 	$(PY) benchmarks/router_step.py
+	$(PY) benchmarks/attribution.py
 
 clean:
 	rm -rf $(VENV) runs wandb .pytest_cache .bench

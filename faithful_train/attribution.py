@@ -38,7 +38,7 @@ QUADRATURES: tuple[str, ...] = (
     "riemann_trapezoid",
     "gausslegendre",
 )
-OUTPUTS: tuple[str, ...] = ("logit", "logprob")
+OUTPUTS: tuple[str, ...] = ("logit", "logprob", "sum_logprob")
 METHODS: tuple[str, ...] = ("integrated_gradients", "gradient_x_input")
 
 
@@ -257,7 +257,12 @@ def _activation(
 
 
 def _select(logits: Tensor, target: Tensor, output: str) -> Tensor:
-    """``(N, V)`` last-position logits -> ``(N,)`` at ``target[r % B]``."""
+    """``(N, V)`` last-position logits -> ``(N,)``: the logit or log-probability of
+    ``target[r % B]``, or (``sum_logprob``) the sum of every class's log-probability, Ross et
+    al. 2017's choice for "right for the right reasons": unlike the target's log-probability, its
+    gradient does not vanish once the model is confident."""
+    if output == "sum_logprob":
+        return logits.log_softmax(-1).sum(-1)
     if output == "logprob":
         logits = logits.log_softmax(-1)
     index = target.repeat(logits.shape[0] // target.shape[0])
@@ -307,6 +312,16 @@ def site_function(
         return _select(logits[:, -1], target, output)
 
     return activation, fn
+
+
+def input_gradients(model: nn.Module, input_ids: Tensor, target: Tensor | int, site: str = "embed", output: str = "logit") -> Tensor:
+    """``∂ output / ∂ activation`` at ``site`` ``(B, T, ...)``, with the graph kept (a training
+    penalty on it back-propagates into the weights; Ross et al. 2017's input gradients)."""
+    activation, fn = site_function(model, input_ids, site, target, output=output)
+    z = activation if activation.requires_grad else activation.detach().requires_grad_()
+    with _double_backward_safe(True):
+        out = fn(z)
+    return torch.autograd.grad(out.sum(), z, create_graph=True)[0]
 
 
 def attribute_tokens(

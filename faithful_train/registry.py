@@ -23,18 +23,21 @@ TASKS = {
     "multistep_arithmetic": "faithful_train.tasks.multistep_arithmetic:MultiStepArithmetic",
     "domain_mixture": "faithful_train.tasks.domain_mixture:DomainMixture",
     "concept_objects": "faithful_train.tasks.concept_objects:ConceptObjects",
+    "decoy_objects": "faithful_train.tasks.decoy_objects:DecoyObjects",
 }
 OBJECTIVES = {
     "interchange": "faithful_train.objectives.interchange:InterchangeObjective",
     "counterfactual_cot": "faithful_train.objectives.counterfactual_cot:CounterfactualCotObjective",
     "router": "faithful_train.objectives.router:RouterObjective",
     "concepts": "faithful_train.objectives.concepts:ConceptsObjective",
+    "stability": "faithful_train.objectives.stability:StabilityObjective",
 }
 AUDITS = {
     "interchange": "faithful_train.audits.interchange:InterchangeAudit",
     "cot": "faithful_train.audits.cot:CotAudit",
     "router": "faithful_train.audits.router:RouterAudit",
     "concepts": "faithful_train.audits.concepts:ConceptsAudit",
+    "attribution": "faithful_train.audits.attribution:AttributionAudit",
 }
 
 

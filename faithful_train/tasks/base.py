@@ -12,6 +12,8 @@ Batches are plain dicts of tensors (Lightning moves them to the device):
     labels     (B,)   long      the answer token
     var/<name> (B,)   long      value of each causal variable
     concept/<name> (B,) or (B, T) long   value of each concept label, per sequence or per token
+    irrelevant (B, T) bool      (optional) tokens the label does not depend on (noise, decoys):
+                                where a "right for the right reasons" term wants no attribution
 
 To write your own task, subclass ``Task`` in your own file and name it in a config as
 ``task: {name: path/to/file.py:MyTask, ...constructor args}`` (see README).
@@ -74,6 +76,17 @@ class Task(ABC):
         """Meaning-preserving perturbations: ``input_ids`` of the same shape whose labels and
         concepts are those of ``batch``; ``None`` if the task has none."""
         return None
+
+    def perturb_aligned(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor] | None:
+        """Meaning-preserving perturbations with a token alignment: ``(input_ids', source)``, where
+        ``source[b, j]`` is the position in ``batch["input_ids"][b]`` that token ``j`` of the
+        perturbed sequence stands for, or -1 if it stands for none (inserted filler, resampled
+        noise). Default: ``perturb`` with every position aligned to itself; ``None`` if the task
+        has no perturbations."""
+        ids = self.perturb(batch, generator)
+        if ids is None:
+            return None
+        return ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids).clone()
 
     def token_name(self, token: int) -> str:
         """A readable name of a token (per-token reports)."""

@@ -24,8 +24,10 @@ concepts audit's leakage figure measures.
 person who knows it can fix the answer by intervening on the concept (the test-time
 intervention curve rises).
 
-Concept labels: ``concept/<name>`` (one per sequence); causal variables: the five attributes.
-Perturbations (meaning-preserving): a new order of the tokens and new noise tokens.
+Concept labels: ``concept/<name>`` (one per sequence); causal variables: the five attributes;
+``irrelevant`` marks the noise tokens (and, without ``hidden_concept``, the pattern token).
+Perturbations (meaning-preserving): a new order of the tokens and new noise tokens, aligned
+attribute to attribute (noise tokens align to nothing).
 """
 
 from __future__ import annotations
@@ -115,6 +117,14 @@ class ConceptObjects(Task):
         body = torch.cat([attrs, self.noise_token0 + noise], dim=1).gather(1, order)
         return torch.cat([body, torch.full_like(body[:, :1], self.query_token)], dim=1)
 
+    def _irrelevant(self, order: Tensor) -> Tensor:
+        """``(B, T)``: the positions of noise tokens (and of pattern, if the rule ignores it)."""
+        slot_irrelevant = torch.zeros(order.shape[1], dtype=torch.bool)
+        slot_irrelevant[len(ATTRIBUTES) :] = True
+        if not self.hidden_concept:
+            slot_irrelevant[list(ATTRIBUTES).index("pattern")] = True
+        return torch.cat([slot_irrelevant[order], torch.zeros(len(order), 1, dtype=torch.bool)], dim=1)
+
     def _shuffle_and_noise(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         noise = torch.randint(0, self.noise_vocab, (n, self.n_noise), generator=generator)
         order = torch.rand(n, len(ATTRIBUTES) + self.n_noise, generator=generator).argsort(dim=1)
@@ -129,12 +139,25 @@ class ConceptObjects(Task):
             "input_ids": self._tokens(values, occluded, noise, order),
             "labels": self.label_from_variables(values),
             "occluded": occluded,
+            "irrelevant": self._irrelevant(order),
+            "slots": torch.cat([order, torch.full((n, 1), order.shape[1])], dim=1),
             **{f"concept/{name}": values[name] for name in LABELLED},
             **{f"var/{name}": v for name, v in values.items()},
         }
 
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor:
         """The same object (same attribute tokens, occluded or not) in a new order among new noise."""
+        return self.perturb_aligned(batch, generator)[0]
+
+    def perturb_aligned(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``perturb``, with each attribute token (and ``?``) aligned to its old position."""
         values = {a: batch[f"var/{a}"].cpu() for a in ATTRIBUTES}
         noise, order = self._shuffle_and_noise(len(batch["labels"]), generator)
-        return self._tokens(values, batch["occluded"].cpu(), noise, order).to(batch["input_ids"].device)
+        ids = self._tokens(values, batch["occluded"].cpu(), noise, order)
+        slots = torch.cat([order, torch.full((len(order), 1), order.shape[1])], dim=1)  # slot at each new position
+        old_position = batch["slots"].cpu().argsort(dim=1)  # old_position[b, slot]
+        source = old_position.gather(1, slots)
+        source = torch.where(slots[:, :] >= len(ATTRIBUTES), -1, source)  # noise aligns to nothing
+        source[:, -1] = ids.shape[1] - 1  # the query
+        device = batch["input_ids"].device
+        return ids.to(device), source.to(device)

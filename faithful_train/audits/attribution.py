@@ -1,0 +1,368 @@
+"""The ``attribution`` audit: are the model's per-token attributions faithful, stable and
+about the weights?
+
+Attributions are per token at the ``embed`` site (``faithful_train.attribution.attribute_tokens``:
+integrated gradients or gradient × input, features summed per position), of the answer's
+``output`` (``logit`` or ``logprob``) at the last position, target ``batch["labels"]``.
+"Removing" a token means, everywhere below, replacing its ``embed`` activation by the baseline
+(zeros), with edits at the ``embed`` site; every set of removals of a chunk runs in ONE forward
+over stacked copies of the chunk.
+
+Figures:
+
+- ``task_acc``: argmax over the task's answer tokens (``answer_predictions``).
+- ``completeness_error``: mean of ``|delta| / (|f(x) - f(b)| + 1e-6)``, the completeness gap of
+  the attributions relative to the output change they explain (integrated gradients'
+  completeness axiom, Sundararajan et al. 2017; for gradient × input, ``b`` = 0 and the gap
+  measures how far the model is from linear).
+- ``stability/spearman``, ``stability/topk`` (only if the task has aligned perturbations,
+  ``Task.perturb_aligned``; the perturbed inputs and their alignment are drawn once with a
+  generator seeded by the audit's seed + 1 and kept in the audit set): Spearman rank correlation
+  between the attributions of the original tokens and of the tokens that stand for them in the
+  perturbed input (aligned tokens only, ``source >= 0``), per example; and the top-k intersection
+  ``|topk(orig) ∩ topk(pert)| / k`` on the aligned tokens by absolute attribution (``k`` =
+  ``top_k``, at most the number of aligned tokens). Ghorbani, Abid & Zou 2019 ("Interpretation
+  of neural networks is fragile") use exactly these two; see also Alvarez-Melis & Jaakkola 2018
+  and Yeh et al. 2019. Examples with fewer than two aligned tokens are left out (weight 0).
+- ``randomisation/top{n}`` for n = 1..S and ``randomisation/spearman`` (= stage S): cascading
+  model randomisation (Adebayo et al. 2018, "Sanity checks for saliency maps"): Spearman between
+  the trained model's ``|attribution|`` per token and that of a copy whose layers are
+  re-initialised from the top down, cumulatively: stage 1 the head (final norm and unembedding),
+  stage n the head and the last n - 1 blocks, stage S = n_blocks + 1 every block and the
+  embeddings too. LOW is healthy (the attribution depends on what the model learned); near 1
+  means the method would draw the same map for an untrained model. The copies are built once
+  per ``evaluate`` from one fresh, seeded initialisation (seed: the audit's seed + 2; our
+  ``Transformer``: its own constructor's init; other models: ``randomly_initialised``, i.e.
+  ``init_weights`` or every module's ``reset_parameters``), so all ranks agree. Stages
+  (``cascade_stages``): the blocks are ``model.blocks`` or an adapter's ``_layers()``; the
+  parameterised modules outside them are the head, except ``nn.Embedding``s, which go with the
+  last stage. With tied embeddings the token embedding is re-drawn with the unembedding (stage
+  1). A model without a block list gets one stage, everything re-initialised. Modules without
+  ``reset_parameters`` in a non-``Transformer`` model (e.g. Hugging Face RMSNorm gains) keep
+  their trained values.
+- ``eraser/comprehensiveness``, ``eraser/sufficiency`` (DeYoung et al. 2020, ERASER; averaged
+  over ``eraser_fractions`` like an AOPC, Samek et al. 2017): ``p(y|x) - p(y|x without its top
+  tokens)`` and ``p(y|x) - p(y|only its top tokens kept)``. The top tokens are the
+  ``ceil(fraction * T)`` with the highest SIGNED attribution (most evidence for ``y``; ties:
+  the earlier position first), over all T positions. ``p`` is the softmax over the whole
+  vocabulary at the last position (the model's own probability of the answer token). High
+  comprehensiveness and low sufficiency are the faithful side.
+- ``calibration``: Spearman, per example over the T positions, between each token's attribution
+  and the actual effect of removing that token alone, ``f(x) - f(x without t)`` with the same
+  ``output`` as the attribution (the "faithfulness" of Alvarez-Melis & Jaakkola 2018; Bhatt et
+  al. 2020's faithfulness correlation with single-token subsets). 1: the attribution ranks
+  tokens exactly as their removal does.
+
+Rank correlations use average ranks for ties (``spearman``), and are 0 on a row where either
+side is constant or fewer than two entries count (no order to agree on).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from faithful_train.attribution import METHODS, QUADRATURES, attribute_tokens
+from faithful_train.audits.base import Audit
+from faithful_train.audits.interchange import randomly_initialised
+from faithful_train.causal import answer_predictions
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.sites import resolve_site, run_with
+from faithful_train.tasks.base import Batch, Task
+
+OUTPUTS: tuple[str, ...] = ("logit", "logprob")
+SITE = "embed"
+PERTURBED, SOURCE = "attribution.perturbed", "attribution.source"
+
+AttributeFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+# --- pure helpers ---
+
+
+def average_ranks(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """1-based ranks along the last dim, ties given their average rank, counting only the
+    entries where ``mask`` is True (entries outside it get meaningless ranks)."""
+    mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
+    valid = mask.unsqueeze(-2)  # over j
+    less = ((x.unsqueeze(-2) < x.unsqueeze(-1)) & valid).sum(-1)  # [i]: #{j: x_j < x_i}
+    equal = ((x.unsqueeze(-2) == x.unsqueeze(-1)) & valid).sum(-1)  # includes i itself
+    return less.double() + (equal.double() + 1) / 2
+
+
+def spearman(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Spearman rank correlation of each row of ``a`` and ``b`` ``(B, N)`` over the entries
+    where ``mask`` ``(B, N)`` is True (default all): Pearson correlation of average ranks. A row
+    where either side is constant on the mask, or with fewer than two entries, gives 0 (never
+    NaN). Returns ``(B,)`` float64."""
+    mask = torch.ones_like(a, dtype=torch.bool) if mask is None else mask.bool()
+    m = mask.double()
+    n = m.sum(-1)
+    ra, rb = average_ranks(a, mask), average_ranks(b, mask)
+    ca = (ra - (ra * m).sum(-1, keepdim=True) / n.clamp_min(1)[..., None]) * m
+    cb = (rb - (rb * m).sum(-1, keepdim=True) / n.clamp_min(1)[..., None]) * m
+    cov, var = (ca * cb).sum(-1), (ca * ca).sum(-1) * (cb * cb).sum(-1)
+    ok = (var > 0) & (n >= 2)
+    rho = torch.where(ok, cov / var.clamp_min(1e-300).sqrt(), torch.zeros_like(cov))
+    return rho.clamp(-1.0, 1.0)
+
+
+def top_k_members(scores: Tensor, k: Tensor | int, mask: Tensor | None = None) -> Tensor:
+    """``(B, N)`` bool: each row's ``k`` highest ``scores`` among the entries in ``mask``; ties
+    go to the earlier index (a stable sort), so the choice is deterministic. ``k`` may be per row."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask.bool(), float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    place = order.argsort(dim=-1)  # each entry's place in the order
+    k = torch.as_tensor(k, device=scores.device)
+    members = place < (k[..., None] if k.dim() else k)
+    return members if mask is None else members & mask.bool()
+
+
+def aligned_attributions(attr: Tensor, attr_perturbed: Tensor, source: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The original attribution of the token each perturbed token stands for, the perturbed
+    attribution, both ``(B, T')`` in the perturbed order, and the mask ``source >= 0``."""
+    aligned = source >= 0
+    original = attr.gather(1, source.clamp_min(0))
+    return original * aligned, attr_perturbed * aligned, aligned
+
+
+def stability_figures(attr: Tensor, attr_perturbed: Tensor, source: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per example ``(spearman, top-k overlap, weight)`` between the attributions of the
+    aligned tokens (signed for Spearman, absolute for top-k; ``k`` at most the number aligned);
+    weight 0 where fewer than two tokens are aligned."""
+    original, perturbed, aligned = aligned_attributions(attr, attr_perturbed, source)
+    n = aligned.sum(1)
+    rho = spearman(original, perturbed, aligned)
+    k_row = n.clamp(max=k)
+    overlap = (top_k_members(original.abs(), k_row, aligned) & top_k_members(perturbed.abs(), k_row, aligned)).sum(1)
+    return rho, overlap.double() / k_row.clamp_min(1), (n >= 2).double()
+
+
+def randomisation_correlation(
+    attribute: AttributeFn,
+    model: nn.Module,
+    randomised: Sequence[nn.Module],
+    input_ids: Tensor,
+    target: Tensor,
+    reference: Tensor | None = None,
+) -> Tensor:
+    """``(len(randomised), B)``: per example, Spearman between ``|attribute(model, ids, target)|``
+    (or ``|reference|``, if given) and ``|attribute(r, ids, target)|`` for each randomised copy
+    ``r``. An attribution that does not depend on the weights scores 1 at every stage."""
+    trained = (attribute(model, input_ids, target) if reference is None else reference).abs()
+    rows = [spearman(trained, attribute(r, input_ids, target).abs()) for r in randomised]
+    return torch.stack(rows) if rows else torch.zeros(0, input_ids.shape[0], dtype=torch.float64)
+
+
+def _block_list(model: nn.Module) -> nn.ModuleList | None:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) and callable(getattr(model, "_layers", None)):
+        blocks = model._layers()  # the Hugging Face adapter
+    return blocks if isinstance(blocks, nn.ModuleList) and len(blocks) else None
+
+
+def cascade_stages(model: nn.Module) -> list[list[str]]:
+    """Names of the modules each stage of the cascade re-initialises (on top of the earlier
+    stages), top first: the head, then each block from the last, the first block with the
+    embeddings. The head: every module outside the blocks with parameters of its own, except
+    ``nn.Embedding``s (embeddings, last stage). Without a block list: one stage, every module."""
+    names = {id(m): name for name, m in model.named_modules()}
+    blocks = _block_list(model)
+    if blocks is None:
+        return [[name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]]
+    inside = {id(m) for block in blocks for m in block.modules()}
+    head, embeddings = [], []
+    for name, module in model.named_modules():
+        if id(module) in inside or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        (embeddings if isinstance(module, nn.Embedding) else head).append(name)
+    stages = [head] + [[names[id(block)]] for block in reversed(blocks)]
+    stages[-1] += embeddings
+    return stages
+
+
+def fresh_initialisation(model: nn.Module, seed: int) -> nn.Module:
+    """A model of the same architecture with newly drawn weights (the global RNG untouched):
+    our ``Transformer`` with its own constructor's init, others via ``randomly_initialised``."""
+    from faithful_train.modeling.transformer import Transformer
+
+    if type(model) is Transformer:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Transformer(model.cfg)
+    return randomly_initialised(model, seed)
+
+
+def cascading_randomisation(model: nn.Module, seed: int) -> list[nn.Module]:
+    """Copies of ``model`` for each stage of ``cascade_stages``, stage n with stages 1..n
+    re-initialised from one fresh initialisation (so later stages keep earlier stages' draws).
+    The copies are in eval mode, their parameters not requiring gradients."""
+    fresh = dict(fresh_initialisation(model, seed).named_modules())
+    current = copy.deepcopy(model)
+    modules = dict(current.named_modules())
+    copies = []
+    with torch.no_grad():
+        for stage in cascade_stages(model):
+            for name in stage:
+                new = dict(fresh[name].named_parameters())
+                for pname, param in modules[name].named_parameters():
+                    param.copy_(new[pname])
+            snapshot = copy.deepcopy(current).eval()
+            snapshot.requires_grad_(False)
+            copies.append(snapshot)
+    return copies
+
+
+def removal_logits(model: nn.Module, input_ids: Tensor, keep: Tensor) -> Tensor:
+    """Last-position logits ``(V, B, vocab)`` of ``V`` variants of the batch, variant ``v``
+    with the ``embed`` activation of the positions where ``keep[v]`` ``(B, T)`` is False set to
+    zero (the baseline), in one forward over the ``V * B`` stacked rows."""
+    V, B, T = keep.shape
+    flat = keep.reshape(V * B, T)
+
+    def erase(x: Tensor) -> Tensor:
+        k = flat.view(V * B, T, *([1] * (x.dim() - 2)))
+        return torch.where(k, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    logits, _ = run_with(model, input_ids.repeat(V, 1), edits={SITE: erase})
+    return logits[:, -1].reshape(V, B, -1)
+
+
+def score(logits: Tensor, target: Tensor, output: str) -> Tensor:
+    """``(..., B, vocab)`` -> ``(..., B)``: the logit or log-probability of ``target (B,)``."""
+    if output == "logprob":
+        logits = logits.log_softmax(-1)
+    return logits.gather(-1, target.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+
+def top_count(fraction: float, length: int) -> int:
+    """``ceil(fraction * length)`` (guarded against float fuzz: 0.3 * 10 is 3), in [1, length]."""
+    return min(length, max(1, math.ceil(fraction * length - 1e-9)))
+
+
+# --- the audit ---
+
+
+class AttributionAudit(Audit):
+    name = "attribution"
+
+    def __init__(
+        self,
+        method: str = "integrated_gradients",
+        steps: int = 32,
+        quadrature: str = "gausslegendre",
+        output: str = "logit",
+        top_k: int = 2,
+        eraser_fractions: Sequence[float] = (0.1, 0.2, 0.5),
+        stability: bool = True,
+        randomisation: bool = True,
+        calibration: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if method not in METHODS:
+            raise UnknownNameError("attribution method", method, METHODS)
+        if output not in OUTPUTS:
+            raise UnknownNameError("attribution output", output, OUTPUTS)
+        if quadrature not in QUADRATURES:
+            raise UnknownNameError("quadrature", quadrature, QUADRATURES)
+        fractions = tuple(float(f) for f in eraser_fractions)
+        if steps < 1 or top_k < 1 or not all(0 < f <= 1 for f in fractions):
+            raise ConfigError(
+                f"audit {self.label!r}: steps >= 1, top_k >= 1 and eraser_fractions in (0, 1] required, "
+                f"got {steps}, {top_k}, {list(fractions)}"
+            )
+        self.method, self.steps, self.quadrature, self.output = method, int(steps), quadrature, output
+        self.top_k, self.eraser_fractions = int(top_k), fractions
+        self.stability, self.randomisation, self.calibration = stability, randomisation, calibration
+        self.n_stages = 0  # cascade stages, set by bind
+        self._randomised: list[nn.Module] | None = None
+
+    def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        resolve_site(model, SITE)  # an UnknownNameError listing the model's sites
+        self.n_stages = len(cascade_stages(model)) if self.randomisation else 0
+        super().bind(model, task, run_seed)
+
+    def _stability_on(self, task: Task) -> bool:
+        return self.stability and task.perturb_aligned(task.sample(2, 0), torch.Generator().manual_seed(0)) is not None
+
+    def metric_names(self, task: Task) -> list[str]:
+        names = ["task_acc", "completeness_error"]
+        if self._stability_on(task):
+            names += ["stability/spearman", "stability/topk"]
+        if self.randomisation:
+            names += ["randomisation/spearman", *(f"randomisation/top{n}" for n in range(1, self.n_stages + 1))]
+        if self.eraser_fractions:
+            names += ["eraser/comprehensiveness", "eraser/sufficiency"]
+        if self.calibration:
+            names.append("calibration")
+        return names
+
+    def build_data(self, task: Task, seed: int) -> Batch:
+        data = task.sample(self.n_examples, seed)
+        if self.stability:
+            perturbed = task.perturb_aligned(data, torch.Generator().manual_seed(seed + 1))
+            if perturbed is not None:
+                data[PERTURBED], data[SOURCE] = perturbed
+        return data
+
+    def attribute(self, model: nn.Module, input_ids: Tensor, target: Tensor):
+        """Per-token attribution of ``model`` on ``input_ids`` (the audit's method and output)."""
+        return attribute_tokens(
+            model, input_ids, target, self.method, SITE, "zeros", self.steps, self.quadrature, output=self.output
+        )
+
+    def randomised_models(self, model: nn.Module) -> list[nn.Module]:
+        """The cascade's copies of ``model`` (seeded by the audit's seed + 2)."""
+        return cascading_randomisation(model, (self.seed if self.seed is not None else 1_000_003) + 2)
+
+    def evaluate(self, model: nn.Module, task: Task, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+        self._randomised = self.randomised_models(model) if self.randomisation else None
+        try:
+            return super().evaluate(model, task, rank, world_size)
+        finally:
+            self._randomised = None
+
+    def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
+        ids, labels = batch["input_ids"], batch["labels"]
+        B, T = ids.shape
+        stable = self.stability and PERTURBED in batch
+        inputs = torch.cat([ids, batch[PERTURBED]]) if stable else ids
+        result = self.attribute(model, inputs, labels.repeat(inputs.shape[0] // B))
+        attr = result.values[:B].detach()
+        gap = (result.output[:B] - result.baseline_output[:B]).abs()
+        out: dict[str, Any] = {"completeness_error": result.delta[:B].abs() / (gap + 1e-6)}
+        if stable:
+            rho, overlap, weight = stability_figures(attr, result.values[B:].detach(), batch[SOURCE], self.top_k)
+            out["stability/spearman"], out["stability/topk"] = (rho, weight), (overlap, weight)
+        if self.randomisation:
+            randomised = self._randomised if self._randomised is not None else self.randomised_models(model)
+            rhos = randomisation_correlation(lambda m, x, y: self.attribute(m, x, y).values, model, randomised, ids, labels, attr)
+            out |= {f"randomisation/top{n + 1}": rho for n, rho in enumerate(rhos)}
+            out["randomisation/spearman"] = rhos[-1]
+        # every removal in one forward: the clean batch, each fraction's top tokens removed and
+        # kept, each single token removed
+        keep = [torch.ones(1, B, T, dtype=torch.bool, device=ids.device)]
+        for fraction in self.eraser_fractions:
+            top = top_k_members(attr, top_count(fraction, T))
+            keep += [~top[None], top[None]]
+        if self.calibration:
+            keep.append(~torch.eye(T, dtype=torch.bool, device=ids.device)[:, None, :].expand(T, B, T))
+        logits = removal_logits(model, ids, torch.cat(keep))
+        out["task_acc"] = (answer_predictions(logits[0], task) == labels).float()
+        F = len(self.eraser_fractions)
+        if F:
+            p = logits[: 1 + 2 * F].float().softmax(-1).gather(-1, labels.expand(1 + 2 * F, B)[..., None]).squeeze(-1)
+            out["eraser/comprehensiveness"] = (p[0] - p[1::2]).mean(0)
+            out["eraser/sufficiency"] = (p[0] - p[2::2]).mean(0)
+        if self.calibration:
+            scores = score(logits[[0, *range(1 + 2 * F, 1 + 2 * F + T)]], labels, self.output)
+            effect = (scores[0] - scores[1:]).T  # (B, T): f(x) - f(x without t)
+            out["calibration"] = spearman(attr, effect)
+        return {key: (value[0].float(), value[1]) if isinstance(value, tuple) else value.float() for key, value in out.items()}

@@ -1,0 +1,257 @@
+"""The attribution audit on planted models whose answers are known: a bag-of-tokens linear
+model (integrated gradients exact, removal effects equal to attributions, order-invariant), the
+same with position-dependent weights (order matters), and a tiny transformer trained on a task
+that reads one position (its attributions must depend on its weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from faithful_train.attribution import METHODS
+from faithful_train.audits.attribution import (
+    AttributionAudit,
+    cascade_stages,
+    cascading_randomisation,
+    randomisation_correlation,
+    spearman,
+    top_k_members,
+)
+from faithful_train.errors import UnknownNameError
+from faithful_train.registry import AUDITS
+from faithful_train.sites import HookPoint, SitePoint
+from faithful_train.tasks.base import Task
+from faithful_train.tasks.concept_objects import ConceptObjects
+from tests.conftest import tiny_transformer
+
+
+class BagOfTokens(nn.Module):
+    """``logits = readout(sum_t scale_t * embed_t)`` at every position: linear in the ``embed``
+    site, so integrated gradients is exact and removing a token changes the logit by exactly its
+    attribution. ``scales`` (per position) makes it order-dependent; default: order-invariant."""
+
+    def __init__(self, vocab: int, d: int = 6, scales: torch.Tensor | None = None, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb, self.readout = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(vocab, d, generator=g))
+            self.readout.weight.copy_(torch.randn(vocab, d, generator=g))
+            self.readout.bias.copy_(torch.randn(vocab, generator=g))
+        self.hook_embed = HookPoint()
+        self.register_buffer("scales", scales)
+        self.double()
+
+    def site_points(self) -> dict[str, SitePoint]:
+        return {"embed": SitePoint(self.hook_embed)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.hook_embed(self.emb(input_ids))
+        if self.scales is not None:
+            e = e * self.scales[: input_ids.shape[1], None]
+        return self.readout(e.sum(1))[:, None].expand(-1, input_ids.shape[1], -1)
+
+
+class PickTask(Task):
+    """The answer is the class of the token at position 1; the rest is noise, then ``?``."""
+
+    name = "pick"
+
+    @property
+    def vocab_size(self) -> int:
+        return 12
+
+    @property
+    def seq_len(self) -> int:
+        return 6
+
+    @property
+    def answer_tokens(self) -> tuple[int, ...]:
+        return (0, 1, 2, 3)
+
+    def generate(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids = torch.randint(4, 11, (n, self.seq_len), generator=generator)
+        ids[:, -1] = 11
+        value = (ids[:, 1] - 4) % 4
+        return {"input_ids": ids, "labels": value, "var/x": value}
+
+    def label_from_variables(self, variables: dict[str, torch.Tensor]) -> torch.Tensor:
+        return variables["x"]
+
+
+def run(model: nn.Module, task: Task, n: int = 64, **kwargs) -> dict[str, float]:
+    audit = AttributionAudit(n_examples=n, batch_size=n, **({"steps": 8} | kwargs))
+    audit.bind(model, task)
+    return audit.evaluate(model, task)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, PickTask]:
+    """A tiny transformer trained to read position 1 (perfect after a few dozen steps)."""
+    task = PickTask()
+    model = tiny_transformer(task.vocab_size, max_seq_len=task.seq_len)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        batch = task.generate(64, g)
+        loss = nn.functional.cross_entropy(model(batch["input_ids"])[:, -1], batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), task
+
+
+# --- helpers ---
+
+
+def test_spearman_ranks_ties_masks_and_constant_rows():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0], [1.0, 1.0, 2.0, 3.0]])
+    b = torch.tensor([[10.0, 20.0, 30.0, 40.0], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    rho = spearman(a, b)
+    assert rho[:3].tolist() == [1.0, -1.0, 0.0]  # monotone, reversed, constant -> 0 (not NaN)
+    # ties get average ranks: (1.5, 1.5, 3, 4) against (1, 2, 3, 4)
+    ra, rb = torch.tensor([1.5, 1.5, 3, 4], dtype=torch.float64), torch.tensor([1.0, 2, 3, 4], dtype=torch.float64)
+    expected = ((ra - ra.mean()) * (rb - rb.mean())).sum() / ((ra - ra.mean()).norm() * (rb - rb.mean()).norm())
+    assert rho[3].item() == pytest.approx(expected.item(), abs=1e-12)
+    # the mask: only the first three entries count (the 4th would break the order)
+    x, y = torch.tensor([[1.0, 2.0, 3.0, 0.0]]), torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    assert spearman(x, y, torch.tensor([[True, True, True, False]])).item() == pytest.approx(1.0)
+    assert spearman(x, y, torch.tensor([[True, False, False, False]])).item() == 0.0  # one entry
+    # ties in the top k go to the earlier index
+    members = top_k_members(torch.tensor([[3.0, 5.0, 5.0, 1.0]]), 2)
+    assert members.tolist() == [[False, True, True, False]]
+    assert top_k_members(torch.tensor([[5.0, 5.0, 5.0]]), 1).tolist() == [[True, False, False]]
+
+
+def test_registered():
+    assert AUDITS["attribution"] == "faithful_train.audits.attribution:AttributionAudit"
+
+
+# --- the linear, order-invariant model: every figure known ---
+
+
+def test_linear_model_is_complete_calibrated_and_stable():
+    task = ConceptObjects(n_noise=0)  # distinct tokens: no ties in any ranking
+    r = run(BagOfTokens(task.vocab_size), task)
+    assert r["task_acc"] >= 0.0 and r["completeness_error"] < 1e-9  # IG exact on a linear model
+    assert r["calibration"] == pytest.approx(1.0, abs=1e-9)  # removing a token costs its attribution
+    assert r["stability/spearman"] == pytest.approx(1.0, abs=1e-9)  # same tokens, any order
+    assert r["stability/topk"] == pytest.approx(1.0, abs=1e-9)
+    assert r["eraser/comprehensiveness"] > 0  # the top tokens carry the answer's probability
+
+
+def test_gradient_x_input_is_exact_on_a_bias_free_direction_too():
+    task = ConceptObjects(n_noise=0)
+    r = run(BagOfTokens(task.vocab_size), task, method="gradient_x_input", randomisation=False)
+    assert r["completeness_error"] < 1e-9 and r["calibration"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_position_dependent_model_is_unstable():
+    task = ConceptObjects(n_noise=0)
+    scales = torch.randn(task.seq_len, generator=torch.Generator().manual_seed(3)).double()
+    r = run(BagOfTokens(task.vocab_size, scales=scales), task)
+    assert r["completeness_error"] < 1e-9 and r["calibration"] == pytest.approx(1.0, abs=1e-9)  # still linear
+    assert r["stability/spearman"] < 0.6 and r["stability/topk"] < 0.8
+
+
+def test_eraser_equals_a_hand_computation():
+    task = ConceptObjects(n_noise=0)
+    model = BagOfTokens(task.vocab_size)
+    audit = AttributionAudit(n_examples=32, batch_size=32, steps=4, eraser_fractions=(0.5,), randomisation=False)
+    audit.bind(model, task)
+    r = audit.evaluate(model, task)
+    data = audit.data(task)
+    ids, y = data["input_ids"], data["labels"]
+    e = model.emb.weight[ids].detach()  # (B, T, D)
+    attr = (e * model.readout.weight[y][:, None].detach()).sum(-1)  # exact IG of the logit: e_t . w_y
+    k = math.ceil(0.5 * ids.shape[1])
+    top = torch.zeros_like(attr, dtype=torch.bool).scatter(1, attr.topk(k, dim=1).indices, True)
+
+    def p(kept: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model.readout((e * kept[..., None]).sum(1))
+        return logits.softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+    full = p(torch.ones_like(top))
+    assert r["eraser/comprehensiveness"] == pytest.approx((full - p(~top)).mean().item(), abs=1e-6)
+    assert r["eraser/sufficiency"] == pytest.approx((full - p(top)).mean().item(), abs=1e-6)
+    assert r["eraser/comprehensiveness"] > 0
+
+
+# --- cascading randomisation ---
+
+
+def test_randomisation_separates_a_trained_model_from_a_weight_blind_attribution(trained):
+    model, task = trained
+    audit = AttributionAudit(n_examples=64, batch_size=64, steps=8, stability=False)
+    audit.bind(model, task)
+    r = audit.evaluate(model, task)
+    assert r["task_acc"] == 1.0
+    assert r["randomisation/spearman"] < 0.6 and r["randomisation/spearman"] == r["randomisation/top3"]
+    assert all(r[f"randomisation/top{n}"] < 0.8 for n in (1, 2, 3))
+    # the same check on an attribution that ignores the weights: 1 at every stage
+    ids, y = audit.data(task)["input_ids"], audit.data(task)["labels"]
+    copies = audit.randomised_models(model)
+    for blind in (lambda m, x, t: torch.arange(x.shape[1], dtype=torch.float64).expand(x.shape), lambda m, x, t: x.double().sin()):
+        rho = randomisation_correlation(blind, model, copies, ids, y)
+        assert rho.shape == (3, 64) and torch.all(rho == 1.0)
+
+
+def test_cascade_stages_and_copies():
+    model = tiny_transformer(20)
+    stages = cascade_stages(model)
+    assert stages == [["ln_f", "unembed"], ["blocks.1"], ["blocks.0", "tok_emb", "pos_emb"]]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    copies = cascading_randomisation(model, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the global RNG untouched
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model too
+
+    def changed(copy: nn.Module) -> set[str]:
+        return {k.split(".weight")[0].split(".bias")[0] for k, v in copy.state_dict().items() if not torch.equal(v, before[k])}
+
+    prefixes = [{"ln_f", "unembed"}, {"blocks.1"}, {"blocks.0", "tok_emb", "pos_emb"}]
+    for n, copy in enumerate(copies):
+        modules = changed(copy)
+        allowed = set().union(*prefixes[: n + 1])
+        assert all(any(m == p or m.startswith(p + ".") for p in allowed) for m in modules)
+        assert all(any(m == p or m.startswith(p + ".") for m in modules) for p in prefixes[n] - {"ln_f"})
+    again = cascading_randomisation(model, seed=5)  # deterministic
+    assert all(torch.equal(a, b) for a, b in zip(copies[-1].state_dict().values(), again[-1].state_dict().values()))
+    assert cascade_stages(BagOfTokens(10)) == [["emb", "readout"]]  # no blocks: one stage
+
+
+# --- names and the whole audit on a transformer ---
+
+
+def test_bad_names_list_the_valid_ones():
+    with pytest.raises(UnknownNameError, match="attribution method 'saliency'") as info:
+        AttributionAudit(method="saliency")
+    assert info.value.valid == sorted(METHODS)
+    with pytest.raises(UnknownNameError, match="attribution output 'prob'") as info:
+        AttributionAudit(output="prob")
+    assert info.value.valid == ["logit", "logprob"]
+    with pytest.raises(UnknownNameError, match="metric of audit 'attribution' 'randomisation/top9'"):
+        AttributionAudit(thresholds={"randomisation/top9": "< 0.5"}).bind(tiny_transformer(20), PickTask())
+
+
+def test_audit_on_a_transformer_with_concept_objects():
+    task = ConceptObjects()
+    model = tiny_transformer(task.vocab_size, max_seq_len=task.seq_len)
+    model.train()
+    audit = AttributionAudit(n_examples=48, batch_size=32, steps=4, top_k=3, thresholds={"randomisation/spearman": "< 0.5"})
+    audit.bind(model, task)
+    rng = torch.random.get_rng_state()
+    r = audit.evaluate(model, task)
+    assert set(r) == set(audit.metric_names(task)) and "stability/topk" in r and "randomisation/top3" in r
+    assert all(math.isfinite(v) for v in r.values())
+    assert model.training and torch.equal(torch.random.get_rng_state(), rng)
+    assert audit.evaluate(model, task) == r  # a fixed audit set, fixed randomised copies
+    logprob = run(model, task, n=16, output="logprob", steps=4)
+    assert all(math.isfinite(v) for v in logprob.values())
+    no_perturbations = AttributionAudit(n_examples=8, steps=4)
+    no_perturbations.bind(model, PickTask())
+    assert "stability/spearman" not in no_perturbations.metric_names(PickTask())
