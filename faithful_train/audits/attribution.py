@@ -53,6 +53,10 @@ Figures:
   al. 2020's faithfulness correlation with single-token subsets). 1: the attribution ranks
   tokens exactly as their removal does.
 
+Cost per chunk of ``batch_size`` examples: one attribution call on the chunk and its
+perturbations (``2 * batch_size * steps`` rows), one per cascade stage, and one forward of
+``(1 + 2 * len(eraser_fractions) + T) * batch_size`` rows for every removal.
+
 Rank correlations use average ranks for ties (``spearman``), and are 0 on a row where either
 side is constant or fewer than two entries count (no order to agree on).
 """
@@ -343,7 +347,8 @@ class AttributionAudit(Audit):
             out["stability/spearman"], out["stability/topk"] = (rho, weight), (overlap, weight)
         if self.randomisation:
             randomised = self._randomised if self._randomised is not None else self.randomised_models(model)
-            rhos = randomisation_correlation(lambda m, x, y: self.attribute(m, x, y).values, model, randomised, ids, labels, attr)
+            values = lambda m, x, y: self.attribute(m, x, y).values  # noqa: E731
+            rhos = randomisation_correlation(values, model, randomised, ids, labels, attr)
             out |= {f"randomisation/top{n + 1}": rho for n, rho in enumerate(rhos)}
             out["randomisation/spearman"] = rhos[-1]
         # every removal in one forward: the clean batch, each fraction's top tokens removed and
@@ -365,4 +370,4 @@ class AttributionAudit(Audit):
             scores = score(logits[[0, *range(1 + 2 * F, 1 + 2 * F + T)]], labels, self.output)
             effect = (scores[0] - scores[1:]).T  # (B, T): f(x) - f(x without t)
             out["calibration"] = spearman(attr, effect)
-        return {key: (value[0].float(), value[1]) if isinstance(value, tuple) else value.float() for key, value in out.items()}
+        return {k: (v[0].float(), v[1]) if isinstance(v, tuple) else v.float() for k, v in out.items()}
