@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+import typing
 from typing import Any, Optional
 
 import yaml
@@ -139,9 +140,17 @@ def _check_keys(data: Any, schema: type, prefix: str) -> None:
         full = f"{prefix}{key}"
         if key not in fields:
             raise UnknownNameError("config key", full, fields)
-        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
+        sub = _dataclass_of(typing.get_type_hints(schema)[key])
+        if sub is not None:
             _check_keys(value, sub, f"{full}.")
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds (``Section`` or ``Optional[Section]``), else ``None``."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
 
 
 def _merge(schema: type, data: Any, prefix: str = "") -> DictConfig:
@@ -180,8 +189,6 @@ def resolve_model(spec: Any, config_dir: Path | None = None) -> DictConfig:
     arch = spec.get("arch", "transformer")
     if arch not in MODEL_SECTIONS:
         raise UnknownNameError("model arch", arch, MODEL_SECTIONS)
-    if isinstance(spec.get("bottleneck"), dict):
-        _check_keys(spec["bottleneck"], BottleneckSection, "model.bottleneck.")
     model = _merge(MODEL_SECTIONS[arch], spec, "model.")
     if arch == "hf" and (model.family is None) == (model.path is None):
         raise ConfigError("an 'hf' model needs exactly one of 'family' (with 'config') or 'path'")
