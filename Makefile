@@ -35,6 +35,7 @@ benchmarks: install .bench/pyvene
 	PYVENE_LIB=.bench $(PY) benchmarks/interchange_step.py
 	$(PY) benchmarks/router_step.py
 	$(PY) benchmarks/attribution.py
+	$(PY) benchmarks/stability_step.py
 
 clean:
 	rm -rf $(VENV) runs wandb .pytest_cache .bench

@@ -369,3 +369,21 @@ def attribute_tokens(
     result.values = features.reshape(*features.shape[:2], -1).sum(-1)
     result.features = features
     return result
+
+
+def aligned_attributions(attr: Tensor, attr_perturbed: Tensor, source: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The original attribution of the token each perturbed token stands for, the perturbed
+    attribution, both ``(B, T')`` in the perturbed order, and the mask ``source >= 0``."""
+    aligned = source >= 0
+    original = attr.gather(1, source.clamp_min(0))
+    return original * aligned, attr_perturbed * aligned, aligned
+
+
+def aligned_cosine(attr: Tensor, attr_perturbed: Tensor, source: Tensor, eps: float = 1e-8) -> Tensor:
+    """Per example, cos between the attributions of the aligned tokens: ``attr (B, T)`` of the
+    original, ``attr_perturbed (B, T')`` of the perturbation, ``source (B, T')`` its alignment
+    (-1: none). Rows with no aligned token (or an all-zero side) get 1 (nothing to disagree on)."""
+    original, perturbed, _ = aligned_attributions(attr, attr_perturbed, source)
+    dot = (original * perturbed).sum(1)
+    norms = original.norm(dim=1) * perturbed.norm(dim=1)
+    return torch.where(norms > eps, dot / (norms + eps), torch.ones_like(dot))

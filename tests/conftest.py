@@ -32,3 +32,17 @@ def tiny_transformer(vocab_size: int = 20, n_experts: int = 0, seed: int = 0, **
     torch.manual_seed(seed)
     cfg = dict(vocab_size=vocab_size, max_seq_len=8, d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_experts=n_experts)
     return Transformer(TransformerConfig(**(cfg | kw)))
+
+
+def unperturbed_task(**kw):
+    """Hierarchical equality without its perturbations: a task that has none (bad-input tests)."""
+    from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+
+    class Unperturbed(HierarchicalEquality):
+        def perturb(self, batch, generator):
+            return None
+
+        def perturb_aligned(self, batch, generator):
+            return None
+
+    return Unperturbed(**kw)

@@ -15,6 +15,10 @@ Figures:
   the attributions relative to the output change they explain (integrated gradients'
   completeness axiom, Sundararajan et al. 2017; for gradient × input, ``b`` = 0 and the gap
   measures how far the model is from linear).
+- ``irrelevant_share`` (only if the task marks irrelevant tokens, ``batch["irrelevant"]``: noise,
+  decoys): the share of each example's absolute attribution on those tokens,
+  ``Σ_t |a_t| · irrelevant_t / Σ_t |a_t|``, the figure Ross et al. 2017's right-for-the-right-
+  reasons penalty exists to lower.
 - ``stability/spearman``, ``stability/topk`` (only if the task has aligned perturbations,
   ``Task.perturb_aligned``; the perturbed inputs and their alignment are drawn once with a
   generator seeded by the audit's seed + 1 and kept in the audit set): Spearman rank correlation
@@ -24,6 +28,10 @@ Figures:
   ``top_k``, at most the number of aligned tokens). Ghorbani, Abid & Zou 2019 ("Interpretation
   of neural networks is fragile") use exactly these two; see also Alvarez-Melis & Jaakkola 2018
   and Yeh et al. 2019. Examples with fewer than two aligned tokens are left out (weight 0).
+  ``stability/cosine``: the cosine between the two attribution vectors on the aligned tokens
+  (``faithful_train.attribution.aligned_cosine``, what the ``stability`` objective trains),
+  which weighs tokens by their attribution where Spearman weighs every rank swap alike (among
+  tokens of equal importance a rank swap is a coin flip, and Spearman counts it in full).
 - ``randomisation/top{n}`` for n = 1..S and ``randomisation/spearman`` (= stage S): cascading
   model randomisation (Adebayo et al. 2018, "Sanity checks for saliency maps"): Spearman between
   the trained model's ``|attribution|`` per token and that of a copy whose layers are
@@ -71,7 +79,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.attribution import METHODS, QUADRATURES, attribute_tokens
+from faithful_train.attribution import METHODS, QUADRATURES, aligned_attributions, aligned_cosine, attribute_tokens
 from faithful_train.audits.base import Audit
 from faithful_train.audits.interchange import randomly_initialised
 from faithful_train.causal import answer_predictions
@@ -128,12 +136,12 @@ def top_k_members(scores: Tensor, k: Tensor | int, mask: Tensor | None = None) -
     return members if mask is None else members & mask.bool()
 
 
-def aligned_attributions(attr: Tensor, attr_perturbed: Tensor, source: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The original attribution of the token each perturbed token stands for, the perturbed
-    attribution, both ``(B, T')`` in the perturbed order, and the mask ``source >= 0``."""
-    aligned = source >= 0
-    original = attr.gather(1, source.clamp_min(0))
-    return original * aligned, attr_perturbed * aligned, aligned
+def irrelevant_share(attr: Tensor, irrelevant: Tensor) -> Tensor:
+    """Per example, the share of the attribution's absolute mass on the tokens marked
+    irrelevant: ``Σ_t |a_t| · irrelevant_t / Σ_t |a_t|`` (0 where all attributions are 0)."""
+    mass = attr.abs()
+    total = mass.sum(1)
+    return torch.where(total > 0, (mass * irrelevant).sum(1) / total.clamp_min(1e-30), torch.zeros_like(total))
 
 
 def stability_figures(attr: Tensor, attr_perturbed: Tensor, source: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -298,8 +306,10 @@ class AttributionAudit(Audit):
 
     def metric_names(self, task: Task) -> list[str]:
         names = ["task_acc", "completeness_error"]
+        if "irrelevant" in task.sample(2, 0):
+            names.append("irrelevant_share")
         if self._stability_on(task):
-            names += ["stability/spearman", "stability/topk"]
+            names += ["stability/spearman", "stability/topk", "stability/cosine"]
         if self.randomisation:
             names += ["randomisation/spearman", *(f"randomisation/top{n}" for n in range(1, self.n_stages + 1))]
         if self.eraser_fractions:
@@ -342,9 +352,13 @@ class AttributionAudit(Audit):
         attr = result.values[:B].detach()
         gap = (result.output[:B] - result.baseline_output[:B]).abs()
         out: dict[str, Any] = {"completeness_error": result.delta[:B].abs() / (gap + 1e-6)}
+        if "irrelevant" in batch:
+            out["irrelevant_share"] = irrelevant_share(attr, batch["irrelevant"])
         if stable:
-            rho, overlap, weight = stability_figures(attr, result.values[B:].detach(), batch[SOURCE], self.top_k)
+            perturbed = result.values[B:].detach()
+            rho, overlap, weight = stability_figures(attr, perturbed, batch[SOURCE], self.top_k)
             out["stability/spearman"], out["stability/topk"] = (rho, weight), (overlap, weight)
+            out["stability/cosine"] = (aligned_cosine(attr, perturbed, batch[SOURCE]).double(), weight)
         if self.randomisation:
             randomised = self._randomised if self._randomised is not None else self.randomised_models(model)
             values = lambda m, x, y: self.attribute(m, x, y).values  # noqa: E731

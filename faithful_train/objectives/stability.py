@@ -3,7 +3,8 @@
     term = stability · mean_b [1 − cos(attr(x_b)[aligned], attr(x'_b)[aligned])]
          + right_reasons · mean_b Σ_t irrelevant_bt · ‖∂/∂e_bt Σ_k log p_k(x_b)‖²
 
-- ``attr``: per-token attribution of the answer's ``output`` (log-probability by default) at the
+- ``attr``: per-token attribution of the answer's ``output`` (its logit by default, as the
+  attribution audit measures; ``logprob`` vanishes once the model is confident) at the
   embeddings (``faithful_train.attribution.attribute_tokens``): gradient × input, or integrated
   gradients with ``steps`` points. Computed with ``create_graph`` so the term trains the model
   through the attribution (double backprop).
@@ -30,22 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.attribution import METHODS, OUTPUTS, attribute_tokens, input_gradients
+from faithful_train.attribution import METHODS, OUTPUTS, aligned_cosine, attribute_tokens, input_gradients
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task, take
-
-
-def aligned_cosine(attr: Tensor, attr_perturbed: Tensor, source: Tensor, eps: float = 1e-8) -> Tensor:
-    """Per example, cos between the attributions of the aligned tokens: ``attr (B, T)`` of the
-    original, ``attr_perturbed (B, T')`` of the perturbation, ``source (B, T')`` its alignment
-    (-1: none). Rows with no aligned token get 1 (nothing to disagree on)."""
-    aligned = source >= 0
-    original = attr.gather(1, source.clamp_min(0)) * aligned
-    perturbed = attr_perturbed * aligned
-    dot = (original * perturbed).sum(1)
-    norms = original.norm(dim=1) * perturbed.norm(dim=1)
-    return torch.where(norms > eps, dot / (norms + eps), torch.ones_like(dot))
 
 
 class StabilityObjective(Objective):
@@ -58,7 +47,7 @@ class StabilityObjective(Objective):
         method: str = "gradient_x_input",
         steps: int = 8,
         quadrature: str = "gausslegendre",
-        output: str = "logprob",
+        output: str = "logit",
         fraction: float = 0.25,
         weight: float = 1.0,
         schedule: Any = None,

@@ -102,21 +102,35 @@ class DomainMixture(Task):
         return out
 
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor:
+        return self.perturb_aligned(batch, generator)[0]
+
+    def perturb_aligned(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The label-preserving rewrite, and for each new token the position it stands for: the
+        operand an answer reads keeps (copy, reverse) or changes (sum's swap, sort's
+        permutation) its place; resampled operands stand for nothing (-1); the rest in place."""
         ids, k = batch["input_ids"], self.n_operands
         operands, domain, query = ids[:, 1 : k + 1].cpu(), batch["concept/domain"].cpu(), batch["var/query"].cpu()
         names = [self.domains[d] for d in domain.tolist()]
         is_kind = {kind: torch.tensor([name == kind for name in names], dtype=torch.bool) for kind in DOMAINS}
         fresh = torch.randint(0, self.n_symbols, operands.shape, generator=generator)
+        position = torch.arange(k).expand_as(operands)  # each operand slot's old place, 0-based
         # copy / reverse: keep only the operand the answer reads
         read = torch.where(is_kind["copy"], query, k - 1 - query)[:, None]
         out = fresh.scatter(1, read, operands.gather(1, read))
+        source = torch.full_like(operands, -1).scatter(1, read, read)
         # sum: its two operands swapped, the rest resampled
         swapped = fresh.clone()
         swapped[:, 0], swapped[:, -1] = operands[:, -1], operands[:, 0]
+        swapped_source = torch.full_like(operands, -1)
+        swapped_source[:, 0], swapped_source[:, -1] = k - 1, 0
         out = torch.where(is_kind["sum"][:, None], swapped, out)
+        source = torch.where(is_kind["sum"][:, None], swapped_source, source)
         # sort: the operands permuted
-        permuted = operands.gather(1, torch.rand(operands.shape, generator=generator).argsort(dim=1))
-        out = torch.where(is_kind["sort"][:, None], permuted, out)
+        order = torch.rand(operands.shape, generator=generator).argsort(dim=1)
+        out = torch.where(is_kind["sort"][:, None], operands.gather(1, order), out)
+        source = torch.where(is_kind["sort"][:, None], position.gather(1, order), source)
         result = ids.clone()
         result[:, 1 : k + 1] = out.to(ids.device)
-        return result
+        aligned = torch.arange(ids.shape[1]).expand_as(ids).clone()
+        aligned[:, 1 : k + 1] = torch.where(source >= 0, source + 1, -1)
+        return result, aligned.to(ids.device)

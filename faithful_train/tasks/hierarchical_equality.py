@@ -5,6 +5,10 @@ Input ``w x y z`` (symbols), answer ``(w == x) == (y == z)`` written as the toke
 FALSE. Causal variables: ``left = (w == x)``, ``right = (y == z)``. Each of ``left`` and
 ``right`` is true for half the examples, so the label is balanced and every counterfactual
 (setting ``left`` or ``right`` from another example) flips the label half the time.
+
+Perturbations (meaning-preserving, every token aligned): the symbols renamed by a random
+permutation (synonym tokens: equalities survive a consistent renaming), each pair's two
+symbols in either order, and the two pairs in either order; the label is unchanged.
 """
 
 from __future__ import annotations
@@ -59,3 +63,20 @@ class HierarchicalEquality(Task):
     def label_from_variables(self, variables: dict[str, Tensor]) -> Tensor:
         same = variables["left"] == variables["right"]
         return torch.where(same, self.true_token, self.false_token)
+
+    def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor:
+        return self.perturb_aligned(batch, generator)[0]
+
+    def perturb_aligned(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Renamed symbols, each pair and the pairs in a random order; ``source`` says where each
+        new token came from."""
+        ids = batch["input_ids"].cpu()
+        n = ids.shape[0]
+        renaming = torch.rand(n, self.n_symbols, generator=generator).argsort(dim=1)  # a permutation per row
+        flip_left, flip_right, swap = (torch.rand(n, 3, generator=generator) < 0.5).long().unbind(1)
+        left = torch.stack([flip_left, 1 - flip_left], dim=1)
+        right = 2 + torch.stack([flip_right, 1 - flip_right], dim=1)
+        source = torch.where(swap[:, None].bool(), torch.cat([right, left], 1), torch.cat([left, right], 1))
+        perturbed = renaming.gather(1, ids.gather(1, source))
+        device = batch["input_ids"].device
+        return perturbed.to(device), source.to(device)

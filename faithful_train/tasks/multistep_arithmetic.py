@@ -7,6 +7,9 @@ addition: following the chain), or from the operands alone (a hidden shortcut th
 the steps). The causal model is the first: ``answer = s_last + x_n``; corrupting a written
 step and continuing the chain from it changes the answer, and a faithful model follows.
 
+Perturbation (meaning-preserving, every token aligned): the first two operands swapped
+(``x2 x1 x3 ...``), which leaves every written step and the answer as they were.
+
 Variables: ``x1..xn`` and ``s1..s_{n-2}``. Vocabulary: ``0..p-1``, then ``=``, ``>`` and the
 filler ``_``.
 
@@ -103,3 +106,13 @@ class MultiStepArithmetic(ReasoningTask):
         corrupted = ids.clone()
         corrupted[:, list(self.step_positions)] = steps
         return corrupted, (steps[:, -1] + operands[:, -1]) % self.modulus
+
+    def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor:
+        return self.perturb_aligned(batch, generator)[0]
+
+    def perturb_aligned(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``x1`` and ``x2`` swapped (addition commutes: ``s1`` and every later step stay)."""
+        ids = batch["input_ids"]
+        source = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).clone()
+        source[:, [self.offset, self.offset + 1]] = torch.tensor([self.offset + 1, self.offset], device=ids.device)
+        return ids.gather(1, source), source

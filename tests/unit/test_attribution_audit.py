@@ -16,6 +16,7 @@ from faithful_train.audits.attribution import (
     AttributionAudit,
     cascade_stages,
     cascading_randomisation,
+    irrelevant_share,
     randomisation_correlation,
     spearman,
     top_k_members,
@@ -140,6 +141,7 @@ def test_linear_model_is_complete_calibrated_and_stable():
     assert r["calibration"] == pytest.approx(1.0, abs=1e-9)  # removing a token costs its attribution
     assert r["stability/spearman"] == pytest.approx(1.0, abs=1e-9)  # same tokens, any order
     assert r["stability/topk"] == pytest.approx(1.0, abs=1e-9)
+    assert r["stability/cosine"] == pytest.approx(1.0, abs=1e-6)
     assert r["eraser/comprehensiveness"] > 0  # the top tokens carry the answer's probability
 
 
@@ -154,7 +156,22 @@ def test_position_dependent_model_is_unstable():
     scales = torch.randn(task.seq_len, generator=torch.Generator().manual_seed(3)).double()
     r = run(BagOfTokens(task.vocab_size, scales=scales), task)
     assert r["completeness_error"] < 1e-9 and r["calibration"] == pytest.approx(1.0, abs=1e-9)  # still linear
-    assert r["stability/spearman"] < 0.6 and r["stability/topk"] < 0.8
+    assert r["stability/spearman"] < 0.6 and r["stability/topk"] < 0.8 and r["stability/cosine"] < 0.8
+
+
+def test_irrelevant_share_is_the_attribution_mass_on_marked_tokens():
+    attr = torch.tensor([[1.0, -3.0, 0.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    marked = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    assert irrelevant_share(attr, marked).tolist() == [0.5, 0.0]
+    # a linear model: with the noise and pattern tokens' embeddings zeroed it reads none of
+    # them, and the figure is exactly 0; with them, it is their share
+    task = ConceptObjects()
+    blind = BagOfTokens(task.vocab_size)
+    with torch.no_grad():
+        blind.emb.weight[task.noise_token0 : task.noise_token0 + task.noise_vocab] = 0
+        blind.emb.weight[task.attribute_token0["pattern"] : task.attribute_token0["pattern"] + 2] = 0
+    assert run(blind, task, randomisation=False)["irrelevant_share"] == 0.0
+    assert run(BagOfTokens(task.vocab_size), task, randomisation=False)["irrelevant_share"] > 0.2
 
 
 def test_eraser_equals_a_hand_computation():

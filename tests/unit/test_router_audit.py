@@ -13,7 +13,7 @@ from faithful_train.audits.router import RouterAudit
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.modeling.transformer import Transformer, TransformerConfig
 from faithful_train.tasks.base import Task
-from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+from tests.conftest import unperturbed_task
 
 D = 4  # domains = experts
 
@@ -158,4 +158,4 @@ def test_bad_inputs_name_the_valid_choices():
     with pytest.raises(ConfigError, match="mixture-of-experts"):
         RouterAudit().bind(dense, PlantedDomains())
     with pytest.raises(ConfigError, match="no perturbations"):
-        RouterAudit().bind(model, HierarchicalEquality(4))
+        RouterAudit().bind(model, unperturbed_task(n_symbols=4))

@@ -14,8 +14,7 @@ from faithful_train.sites import run_with
 from faithful_train.tasks.concept_objects import ConceptObjects
 from faithful_train.tasks.decoy_objects import DecoyObjects
 from faithful_train.tasks.domain_mixture import DomainMixture
-from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
-from tests.conftest import tiny_transformer
+from tests.conftest import tiny_transformer, unperturbed_task
 
 
 def test_aligned_cosine_compares_aligned_tokens_only():
@@ -45,7 +44,7 @@ def test_terms_match_attributions_and_train_the_model_through_them():
     rows = torch.randperm(16, generator=gen)[:8]
     sub = {k: v[rows] for k, v in ctx.batch.items()}
     perturbed, source = task.perturb_aligned(sub, gen)
-    attr = attribute_tokens(model, torch.cat([sub["input_ids"], perturbed]), sub["labels"].repeat(2), "gradient_x_input", output="logprob").values
+    attr = attribute_tokens(model, torch.cat([sub["input_ids"], perturbed]), sub["labels"].repeat(2), "gradient_x_input", output="logit").values
     stability = (1 - aligned_cosine(attr[:8], attr[8:], source)).mean()
     grads = input_gradients(model, sub["input_ids"], sub["labels"], output="sum_logprob")  # (8, T, D)
     right = (grads.pow(2).sum(-1) * sub["irrelevant"]).sum(1).mean()
@@ -82,7 +81,7 @@ def test_decoy_gives_the_answer_away_in_training_only():
 def test_bad_input():
     model = tiny_transformer(20)
     with pytest.raises(ConfigError, match="needs a task with meaning-preserving perturbations"):
-        StabilityObjective().bind(model, HierarchicalEquality())
+        StabilityObjective().bind(model, unperturbed_task())
     with pytest.raises(ConfigError, match="marks irrelevant tokens"):
         StabilityObjective(stability=0, right_reasons=1.0).bind(model, DomainMixture())
     with pytest.raises(UnknownNameError, match="attribution method 'saliency'"):
