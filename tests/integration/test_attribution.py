@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from faithful_train.cli import main
-from tests.integration.test_cli import TINY
+from faithful_train.rundir import read_jsonl
+from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
 CONFIGS = ["configs/stability.yaml", "configs/stability-baseline.yaml", "configs/right-reasons-decoy.yaml", "configs/right-reasons-decoy-baseline.yaml"]
 
@@ -70,3 +72,40 @@ def test_stability_objective_makes_attributions_stable_under_perturbation(tmp_pa
     # (the label is their sum), so their order is partly a coin flip (3000 steps: 0.95 vs 0.80)
     assert figure(stable, "spearman") >= figure(plain, "spearman") + 0.03, (stable, plain)
     assert stable["val/task_acc"] >= plain["val/task_acc"] - 0.01, (stable, plain)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
+def test_both_terms_train_a_hugging_face_model(tmp_path, preset):
+    """Double backprop through a Hugging Face model (generic hooked path): both terms are
+    logged, finite, and the audit measures the fine-tuned model."""
+    overrides = [*TINY, "trainer.max_steps=10", f"model={preset}", "objectives.0.stability=1.0", "objectives.0.fraction=0.25"]
+    assert main(["fit", "-c", "configs/right-reasons-decoy.yaml", "--run-dir", str(tmp_path), *overrides]) == 0
+    metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
+    for term in ("stability", "right_reasons"):
+        assert 0 <= metrics[f"train/objective/stability/{term}"] < float("inf"), term
+    assert 0 <= metrics["audit/attribution/irrelevant_share"] <= 1
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path):
+    """Both terms draw their rows and perturbations from the step's seeded generator, so a run
+    stopped at step 20 and resumed ends with the weights of an uninterrupted one."""
+    overrides = [*TINY, "trainer.max_steps=40", "trainer.checkpoint_every=20", "objectives.0.stability=1.0"]
+    whole, split = fit_whole_and_resumed("configs/right-reasons-decoy.yaml", overrides, tmp_path)
+    w1 = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    w2 = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], msg=key)
+    assert read_jsonl(split / "audits.jsonl") == read_jsonl(whole / "audits.jsonl")
+
+
+@pytest.mark.parametrize(
+    "overrides, message, valid",
+    [
+        (["objectives.0.method=saliency"], "unknown attribution method 'saliency'", "integrated_gradients"),
+        (["audits.0.quadrature=simpson"], "unknown quadrature 'simpson'", "gausslegendre"),
+        (["objectives.0.fraction=0"], "0 < fraction <= 1", "fraction"),
+        (["task.name=hierarchical_equality"], "right_reasons needs a task that marks irrelevant tokens", "hierarchical_equality"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, overrides, message, valid):
+    assert_fit_fails_in_one_line("configs/right-reasons-decoy.yaml", tmp_path, capsys, overrides, message, valid)
