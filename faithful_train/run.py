@@ -170,16 +170,29 @@ def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) ->
         atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.cfg))
         if resume_step is not None:
             truncate_jsonl(run.run_dir / "audits.jsonl", resume_step)
-    trainer.fit(run.module, run.datamodule, ckpt_path=resume)
-    if trainer.interrupted:
-        return None
-    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    val_metrics = trainer.validate(run.module, run.datamodule, verbose=False)[0]
-    if not trainer.is_global_zero:
-        return None
-    summary = build_summary({**train_metrics, **val_metrics}, run.audits, trainer.global_step)
-    atomic_write_json(run.run_dir / "summary.json", summary)
-    return summary
+    try:
+        trainer.fit(run.module, run.datamodule, ckpt_path=resume)
+        if trainer.interrupted:
+            return None
+        train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        val_metrics = trainer.validate(run.module, run.datamodule, verbose=False)[0]
+        if not trainer.is_global_zero:
+            return None
+        summary = build_summary({**train_metrics, **val_metrics}, run.audits, trainer.global_step)
+        atomic_write_json(run.run_dir / "summary.json", summary)
+        return summary
+    finally:
+        _finish_wandb(trainer)
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close this run's wandb run: wandb keeps one run per process, and a later ``fit`` in the
+    same process (a recipe training several models) would otherwise log into this one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish()
 
 
 def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def test_shipped_configs_run(tmp_path, config):
 
 def _fit_short(tmp_path: Path, config: str, *overrides: str) -> dict:
     run_dir = tmp_path / Path(config).stem
-    assert main(["fit", "-c", config, "--run-dir", str(run_dir), "trainer.progress_bar=false", "optim.decay=none", "data.batch_size=64", *overrides]) == 0
+    assert main(["fit", "-c", config, "--run-dir", str(run_dir), "trainer.progress_bar=false", "logger.wandb.mode=disabled", "optim.decay=none", "data.batch_size=64", *overrides]) == 0
     return json.loads((run_dir / "summary.json").read_text())["metrics"]
 
 

@@ -185,10 +185,13 @@ def test_audits_do_not_change_training(tmp_path):
 
 
 def test_wandb_offline_by_default_does_not_hang(tmp_path):
+    """Offline by default; and two runs in one process (a recipe) get a wandb run each: wandb
+    keeps one run per process, so each fit closes its own (the second once logged into the first)."""
     overrides = [o for o in TINY if not o.startswith("logger.wandb")] + ["trainer.max_steps=5", "audits.0.every_n_steps=5"]
-    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), *overrides]) == 0
-    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert offline_runs, list(tmp_path.iterdir())
+    for name in ("first", "second"):
+        assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / name), *overrides]) == 0
+        offline_runs = list((tmp_path / name / "wandb").glob("offline-run-*"))
+        assert len(offline_runs) == 1, (name, list((tmp_path / name).iterdir()))
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "mixtral-tiny"])
