@@ -226,9 +226,16 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Load, override, resolve the model preset and validate a config file."""
     path = Path(path)
-    raw = _load_yaml(path)
-    apply_overrides(raw, list(overrides))
-    return compose(raw, path.parent)
+    try:
+        raw = _load_yaml(path)
+        apply_overrides(raw, list(overrides))
+        cfg = compose(raw, path.parent)
+        OmegaConf.resolve(cfg)  # every interpolation now, so a bad one is a config error, not a crash mid-run
+        return cfg
+    except OmegaConfBaseException as e:  # e.g. an interpolation that names no key, or names itself
+        lines = str(e).splitlines()
+        key = next((line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("full_key:")), None)
+        raise ConfigError(f"config {path}: {lines[0] if lines else type(e).__name__}" + (f" (at '{key}')" if key else "")) from None
 
 
 def compose(raw: DictConfig | dict, config_dir: Path | None = None) -> DictConfig:

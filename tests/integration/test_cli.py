@@ -66,6 +66,7 @@ def test_fit_writes_the_run_directory(tmp_path, capsys):
 
 BAD_INPUTS = [
     (["trainer.max_step=3"], "unknown config key 'trainer.max_step'", "max_steps"),
+    (["seed=${nope}"], "Interpolation key 'nope' not found", "'seed'"),
     (["trainer.max_steps=abc"], "trainer.max_steps", "abc"),
     (["objectives.0.name=interchnage"], "unknown objective 'interchnage'", "interchange"),
     (["audits.0.name=nope"], "unknown audit 'nope'", "interchange"),

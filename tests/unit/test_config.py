@@ -67,6 +67,14 @@ def test_config_file_errors(tmp_path):
         load_config(tmp_path / "none.yaml")
 
 
+def test_interpolations_resolve_when_loaded(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    cfg = load_config("configs/quickstart.yaml", ["trainer.max_steps=40", "trainer.val_every=${trainer.max_steps}"])
+    assert cfg.trainer.val_every == 40
+    with pytest.raises(ConfigError, match=r"RecursionError.*at 'audits'"):  # resolved now, not mid-run
+        load_config("configs/quickstart.yaml", ["audits=[${audits.0}]"])
+
+
 def test_lr_schedule():
     from faithful_train.module import FaithfulModule
     from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
