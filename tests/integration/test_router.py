@@ -122,8 +122,8 @@ def test_alignment_makes_experts_specialise_by_domain_and_ablation_shows_it(tmp_
     """The alignment term brings expert-domain NMI high where the usual recipe leaves it low; on
     the aligned model, ablating the expert a domain routes to hurts that domain far more than
     the others (the audit's own_drop vs other_drop, and per expert)."""
-    short = ["trainer.max_steps=800", "trainer.val_every=400", "trainer.progress_bar=false", "optim.decay=none",
-             "audits.0.every_n_steps=400", "audits.0.n_examples=512", "data.val_size=256", "logger.wandb.mode=disabled"]  # fmt: skip
+    short = ["trainer.max_steps=800", "trainer.val_every=800", "trainer.progress_bar=false", "optim.decay=none",
+             "audits.0.every_n_steps=800", "audits.0.n_examples=512", "data.val_size=256", "logger.wandb.mode=disabled"]  # fmt: skip
     assert main(["fit", "-c", BASELINE, "--run-dir", str(tmp_path / "base"), *short]) == 0
     assert main(["fit", "-c", ROUTER, "--run-dir", str(tmp_path / "aligned"), *short]) == 0
     base, aligned = _metrics(tmp_path / "base"), _metrics(tmp_path / "aligned")
