@@ -90,6 +90,12 @@ class Objective(Callback, ABC):
         # named components of the last term, logged as train/objective/<label>/<part>
         self.parts: dict[str, Tensor] = {}
 
+    def require_non_negative(self, **values: float) -> None:
+        """Raise a config error naming the first of ``values`` (coefficients, rates) below 0."""
+        for key, value in values.items():
+            if value < 0:
+                raise ConfigError(f"objective {self.label!r}: {key} must be >= 0, got {value}")
+
     @property
     def state_key(self) -> str:
         return f"objective/{self.label}"

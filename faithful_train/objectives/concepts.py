@@ -47,9 +47,7 @@ class ConceptsObjective(Objective):
         label: str | None = None,
     ):
         super().__init__(weight, schedule, label)
-        for key, value in dict(concept=concept, leakage=leakage, sparsity=sparsity, intervention=intervention).items():
-            if value < 0:
-                raise ConfigError(f"objective {self.label!r}: {key} must be >= 0, got {value}")
+        self.require_non_negative(concept=concept, leakage=leakage, sparsity=sparsity, intervention=intervention)
         if not 0.0 <= intervention_prob <= 1.0:
             raise ConfigError(f"objective {self.label!r}: intervention_prob must be in [0, 1], got {intervention_prob}")
         self.concept, self.leakage, self.sparsity = concept, leakage, sparsity

@@ -101,11 +101,7 @@ class RouterObjective(Objective):
         if isinstance(mapping, str) and mapping != "learned":
             raise ConfigError(f"objective {self.label!r}: mapping must be 'learned' or {{value: expert}}, got {mapping!r}")
         self.coefficients = {"load_balance": load_balance, "z_loss": z_loss, "entropy": entropy, "alignment": alignment}
-        for term, c in self.coefficients.items():
-            if c < 0:
-                raise ConfigError(f"objective {self.label!r}: {term} must be >= 0, got {c}")
-        if bias_rate < 0:
-            raise ConfigError(f"objective {self.label!r}: bias_rate must be >= 0, got {bias_rate}")
+        self.require_non_negative(**self.coefficients, bias_rate=bias_rate)
         self.pooling, self.concept, self.mapping, self.bias_rate = pooling, concept, mapping, bias_rate
         self.requested_layers = None if layers is None else [int(i) for i in layers]
         self.layers: dict[int, tuple[int, int]] = {}

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.attribution import METHODS, OUTPUTS, aligned_cosine, attribute_tokens, input_gradients
+from faithful_train.attribution import METHODS, OUTPUTS, QUADRATURES, aligned_cosine, attribute_tokens, input_gradients
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task, take
@@ -58,11 +58,11 @@ class StabilityObjective(Objective):
             raise UnknownNameError("attribution method", method, METHODS)
         if output not in OUTPUTS:
             raise UnknownNameError("attribution output", output, OUTPUTS)
-        if stability < 0 or right_reasons < 0 or not 0 < fraction <= 1 or steps < 1:
-            raise ConfigError(
-                f"objective {self.label!r}: stability, right_reasons >= 0, 0 < fraction <= 1, steps >= 1 required, "
-                f"got {stability}, {right_reasons}, {fraction}, {steps}"
-            )
+        if quadrature not in QUADRATURES:
+            raise UnknownNameError("quadrature", quadrature, QUADRATURES)
+        self.require_non_negative(stability=stability, right_reasons=right_reasons)
+        if not 0 < fraction <= 1 or steps < 1:
+            raise ConfigError(f"objective {self.label!r}: 0 < fraction <= 1 and steps >= 1 required, got {fraction}, {steps}")
         if not stability and not right_reasons:
             raise ConfigError(f"objective {self.label!r}: set stability or right_reasons (both are 0)")
         self.stability, self.right_reasons = stability, right_reasons

@@ -105,6 +105,8 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
     [
         (["objectives.0.method=saliency"], "unknown attribution method 'saliency'", "integrated_gradients"),
         (["audits.0.quadrature=simpson"], "unknown quadrature 'simpson'", "gausslegendre"),
+        (["objectives.0.quadrature=simpson"], "unknown quadrature 'simpson'", "gausslegendre"),
+        (["objectives.0.right_reasons=-1"], "right_reasons must be >= 0", "-1"),
         (["objectives.0.fraction=0"], "0 < fraction <= 1", "fraction"),
         (["task.name=hierarchical_equality"], "right_reasons needs a task that marks irrelevant tokens", "hierarchical_equality"),
     ],
