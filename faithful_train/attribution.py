@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from faithful_train.errors import UnknownNameError
+from faithful_train.partial import narrows_last_block
 from faithful_train.sites import hooked, resolve_site, run_with
 
 ScalarFn = Callable[[Tensor], Tensor]
@@ -250,14 +251,14 @@ def _activation(
     if layer is None:
         _, cache = run_with(model, input_ids, record=[site], attention_mask=attention_mask)
         return cache[site]
-    resid = model.embed(input_ids)
+    resid = model.embed(input_ids, attention_mask)
     for block in model.blocks[:layer]:
-        resid = block(resid)
+        resid = block(resid, attention_mask)
     return resid
 
 
 def _select(logits: Tensor, target: Tensor, output: str) -> Tensor:
-    """``(N, V)`` last-position logits -> ``(N,)``: the logit or log-probability of
+    """``(N, V)`` answer-position logits -> ``(N,)``: the logit or log-probability of
     ``target[r % B]``, or (``sum_logprob``) the sum of every class's log-probability, Ross et
     al. 2017's choice for "right for the right reasons": unlike the target's log-probability, its
     gradient does not vanish once the model is confident."""
@@ -277,9 +278,11 @@ def site_function(
     attention_mask: Tensor | None = None,
     output: str = "logit",
     fast: bool = True,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, ScalarFn]:
     """The activation at ``site`` on ``input_ids`` (B, T), and ``fn(z) -> (N,)``: the model's
-    ``output`` (raw ``logit``, or ``logprob``) of ``target[r % B]`` at the last position, with
+    ``output`` (raw ``logit``, or ``logprob``) of ``target[r % B]`` at the answer position
+    (``positions`` (B,), default the last; padding in ``attention_mask``), with
     the site's activation replaced by row ``r`` of ``z`` (N a multiple of B, the layout of
     ``integrated_gradients``). The activation is not detached (objectives need its graph).
 
@@ -295,29 +298,44 @@ def site_function(
     target = torch.as_tensor(target, dtype=torch.long, device=input_ids.device).expand(batch)
     layer = _fast_layer(model, site) if fast else None
     activation = _activation(model, input_ids, site, attention_mask, layer)
+    if positions is None:
+        positions = torch.full((batch,), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+
+    def tiled(z: Tensor) -> tuple[Tensor | None, Tensor]:
+        repeats = z.shape[0] // batch
+        mask = None if attention_mask is None else attention_mask.repeat(repeats, 1)
+        return mask, positions.repeat(repeats)[:, None]
 
     if layer is not None:
 
         def fn(z: Tensor) -> Tensor:
-            return _select(model.forward_from(layer, z, last_only=True)[:, -1], target, output)
+            mask, read = tiled(z)
+            return _select(model.forward_from(layer, z, mask, read)[:, 0], target, output)
 
         return activation, fn
 
     def fn(z: Tensor) -> Tensor:
-        repeats = z.shape[0] // batch
-        ids = input_ids.repeat(repeats, 1)
-        mask = None if attention_mask is None else attention_mask.repeat(repeats, 1)
+        mask, read = tiled(z)
+        ids = input_ids.repeat(z.shape[0] // batch, 1)
         with hooked(model, edits={site: lambda _value: z}):
-            logits = model(ids, attention_mask=mask)
-        return _select(logits[:, -1], target, output)
+            logits = model(ids, attention_mask=mask, positions=read, narrow=narrows_last_block(model, [site]))
+        return _select(logits[:, 0], target, output)
 
     return activation, fn
 
 
-def input_gradients(model: nn.Module, input_ids: Tensor, target: Tensor | int, site: str = "embed", output: str = "logit") -> Tensor:
+def input_gradients(
+    model: nn.Module,
+    input_ids: Tensor,
+    target: Tensor | int,
+    site: str = "embed",
+    output: str = "logit",
+    attention_mask: Tensor | None = None,
+    positions: Tensor | None = None,
+) -> Tensor:
     """``∂ output / ∂ activation`` at ``site`` ``(B, T, ...)``, with the graph kept (a training
     penalty on it back-propagates into the weights; Ross et al. 2017's input gradients)."""
-    activation, fn = site_function(model, input_ids, site, target, output=output)
+    activation, fn = site_function(model, input_ids, site, target, attention_mask, output, positions=positions)
     z = activation if activation.requires_grad else activation.detach().requires_grad_()
     with _double_backward_safe(True):
         out = fn(z)
@@ -337,9 +355,10 @@ def attribute_tokens(
     attention_mask: Tensor | None = None,
     output: str = "logit",
     internal_batch_size: int | None = None,
+    positions: Tensor | None = None,
 ) -> Attribution:
-    """Per-token attribution of the last-position ``output`` of ``target`` to the activation at
-    ``site`` (default: the embeddings).
+    """Per-token attribution of the answer-position ``output`` of ``target`` to the activation at
+    ``site`` (default: the embeddings); ``positions`` (B,): the answer position (default: last).
 
     ``values`` (B, T) is the attribution summed over each position's features (all dims after
     the position: completeness then holds per example over the tokens); ``features`` keeps the
@@ -351,7 +370,7 @@ def attribute_tokens(
     """
     if method not in METHODS:
         raise UnknownNameError("attribution method", method, METHODS)
-    activation, fn = site_function(model, input_ids, site, target, attention_mask, output)
+    activation, fn = site_function(model, input_ids, site, target, attention_mask, output, positions=positions)
     if method == "gradient_x_input":
         result = gradient_x_input(fn, activation, create_graph)
     else:

@@ -19,14 +19,22 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faithful_train.errors import ConfigError
+from faithful_train.batches import (
+    answer_loss,
+    answer_mask,
+    answer_positions,
+    exact_match,
+    first_answer_logits,
+    gather_positions,
+    tile,
+)
+from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.interventions import interchange
-from faithful_train.partial import ResumePlan, run_patched
-from faithful_train.sites import Edit, SiteRef, validate_sites
-from faithful_train.tasks.base import Batch, Task
+from faithful_train.partial import ResumePlan, narrows_last_block, run_patched
+from faithful_train.sites import Edit, SiteRef, hooked, resolve_positions, validate_sites
+from faithful_train.tasks.base import Batch, Pairs, Task
 
 Alignment = dict[str, SiteRef]
 
@@ -38,31 +46,72 @@ def parse_alignment(spec: Mapping[str, Any], model: nn.Module | None = None, tas
     alignment = {str(var): SiteRef.parse(ref) for var, ref in spec.items()}
     if task is not None:
         task.check_variables(list(alignment))
+        for ref in alignment.values():
+            check_positions(ref, task)
     if model is not None:
         validate_sites(model, (ref.name for ref in alignment.values()))
     return alignment
 
 
-def parse_sites(specs: Sequence[Any] | None, model: nn.Module | None = None) -> list[SiteRef]:
+def check_positions(ref: SiteRef, task: Task) -> None:
+    """Int positions within the task's sequence length; spans the task provides."""
+    spec = ref.positions
+    if spec is None:
+        return
+    if ref.per_example:
+        if spec.span is not None and spec.span not in task.spans:
+            raise UnknownNameError(f"span of task {task.name!r} (positions of site {ref.name})", spec.span, task.spans)
+        return
+    for k in spec:
+        if not -task.seq_len <= k < task.seq_len:
+            raise ConfigError(f"site {ref.name}: position {k} is outside the task's sequence length {task.seq_len}")
+
+
+def parse_sites(specs: Sequence[Any] | None, model: nn.Module | None = None, task: Task | None = None) -> list[SiteRef]:
     """A list of site specs (names or mappings) -> refs, checked against ``model``."""
     refs = [SiteRef.parse(spec) for spec in specs or ()]
     if model is not None:
         validate_sites(model, (ref.name for ref in refs))
+    if task is not None:
+        for ref in refs:
+            check_positions(ref, task)
     return refs
 
 
 @dataclass(frozen=True)
 class Swap:
     """One interchange: ``ref``'s part of the base activation takes the source's, optionally only
-    along the columns of ``basis`` (then ``ref.dims`` name basis columns, already applied)."""
+    along the columns of ``basis`` (then ``ref.dims`` name basis columns, already applied).
+
+    ``positions`` / ``source_positions`` ``(B, P)``: where ``ref`` lies in each base row and in
+    its source row (they differ when positions are per example or rows are padded); ``None``:
+    the same fixed positions in every row (``ref.mask``)."""
 
     ref: SiteRef
     source: Tensor  # the source's whole activation at ref.name, row-aligned with the base batch
     basis: Tensor | None = None
+    positions: Tensor | None = None
+    source_positions: Tensor | None = None
 
     def apply(self, base: Tensor) -> Tensor:
         ref = self.ref if self.basis is None else replace(self.ref, dims=None)
-        return interchange(base, self.source, cached_mask(ref, base.shape, base.device), self.basis)
+        if self.positions is None:
+            return interchange(base, self.source, cached_mask(ref, base.shape, base.device), self.basis)
+        picked = gather_positions(base, self.positions)  # (B, P, ...)
+        taken = gather_positions(self.source, self.source_positions)
+        mixed = interchange(picked, taken, cached_mask(replace(ref, positions=None), picked.shape, base.device), self.basis)
+        index = self.positions.view(*self.positions.shape, *([1] * (base.dim() - 2))).expand_as(mixed)
+        return base.scatter(1, index, mixed)
+
+
+def swap_positions(ref: SiteRef, base: Batch, source: Batch) -> tuple[Tensor | None, Tensor | None]:
+    """``(base positions, source positions)`` of ``ref`` for ``Swap``; ``(None, None)`` when they
+    are the same fixed positions in every row (int positions, no padding) or every position."""
+    if ref.positions is None:
+        return None, None
+    if not ref.per_example and "attention_mask" not in base and "attention_mask" not in source:
+        return None, None
+    return resolve_positions(ref, base), resolve_positions(ref, source)
 
 
 _MASKS: dict[tuple, Tensor] = {}
@@ -80,13 +129,16 @@ def cached_mask(ref: SiteRef, shape: Sequence[int], device: torch.device) -> Ten
 
 def swap_forward(
     model: nn.Module,
-    base_ids: Tensor,
+    batch: Batch,
     groups: Sequence[Sequence[Swap]],
     base_cache: Mapping[str, Tensor] | None = None,
     plan: ResumePlan | None = None,
+    input_ids: Tensor | None = None,
 ) -> Tensor:
-    """Answer logits ``(len(groups) * B, vocab)`` (last position): block ``k`` is the base with
-    group ``k``'s swaps. Each site gets one edit that rebuilds its activation once."""
+    """Answer logits ``(len(groups) * B, A, vocab)``: block ``k`` is the base batch with group
+    ``k``'s swaps. Each site gets one edit that rebuilds its activation once. ``input_ids``
+    ``(K * B, T)``: per-variant inputs (counterfactual answers teacher-forced), run in full."""
+    base_ids = batch["input_ids"]
     B, K = base_ids.shape[0], len(groups)
     by_site: dict[str, dict[int, list[Swap]]] = defaultdict(lambda: defaultdict(list))
     for k, group in enumerate(groups):
@@ -106,33 +158,63 @@ def swap_forward(
         return apply
 
     edits = {name: [site_edit(blocks)] for name, blocks in by_site.items()}
-    return run_patched(model, base_ids, K, edits, base_cache, plan, last_only=True)[:, -1]
+    positions, mask = answer_positions(batch), batch.get("attention_mask")
+    if input_ids is not None:
+        with hooked(model, edits=edits):
+            tiled = tile(batch, K)
+            narrow = narrows_last_block(model, edits)
+            return model(input_ids, attention_mask=tiled.get("attention_mask"), positions=positions.repeat(K, 1), narrow=narrow)
+    return run_patched(model, base_ids, K, edits, base_cache, plan, positions, mask)
 
 
 def variable_swaps(
     alignment: Alignment,
     variables: Sequence[str],
-    source_activations: Mapping[str, Tensor],
+    base: Batch,
+    sources: Mapping[str, Batch],
+    activations: Mapping[str, Mapping[str, Tensor]],
     bases: Mapping[str, Tensor] | None = None,
 ) -> list[list[Swap]]:
-    """One group per variable: its aligned site from the source (in its basis, if any)."""
+    """One group per variable: its aligned site from that variable's source rows (``sources[v]``,
+    whose activations are ``activations[v]``), in the variable's basis if any."""
     bases = bases or {}
-    return [[Swap(alignment[v], source_activations[alignment[v].name], bases.get(v))] for v in variables]
+    groups = []
+    for v in variables:
+        ref = alignment[v]
+        positions, source_positions = swap_positions(ref, base, sources[v])
+        groups.append([Swap(ref, activations[v][ref.name], bases.get(v), positions, source_positions)])
+    return groups
 
 
-def counterfactual_targets(task: Task, base: Batch, source: Batch, variables: Sequence[str]) -> Tensor:
-    """``(V * B,)`` causal-model labels, in the block order of ``variable_swaps``."""
-    return torch.cat([task.counterfactual_labels(base, source, [v]) for v in variables])
+def counterfactual_targets(pairs: Pairs, variables: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """``(V * B, A)`` counterfactual answer ids and masks, in the block order of ``variable_swaps``."""
+    return torch.cat([pairs.answers[v][0] for v in variables]), torch.cat([pairs.answers[v][1] for v in variables])
 
 
-def interchange_loss(answer_logits: Tensor, counterfactual_labels: Tensor) -> Tensor:
-    """IIT loss (Geiger et al. 2022): ``CE(M(base | site <- site(source)), C(base | var <- var(source)))``.
+def teacher_forced(batch: Batch, answers: Tensor) -> Tensor:
+    """``input_ids`` with answer tokens ``answers`` ``(B, A)`` written where teacher forcing reads
+    them (token ``j - 1`` at the position predicting token ``j``): inputs for a multi-token
+    counterfactual answer."""
+    ids = batch["input_ids"].clone()
+    if answers.shape[1] < 2:
+        return ids
+    positions = answer_positions(batch)[:, 1:]
+    keep = answer_mask(batch)[:, 1:]
+    written = torch.where(keep, answers[:, :-1], ids.gather(1, positions))
+    return ids.scatter(1, positions, written)
 
-    With ``counterfactual_labels`` the base labels and the swapped sites the ones *not* aligned
-    to any variable, this is the strict term of SIIT (Gupta et al. 2024, InterpBench): those
-    sites must not matter.
+
+def interchange_loss(answer_logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """IIT loss (Geiger et al. 2022): ``CE(M(base | site <- site(source)), C(base | var <- var(source)))``,
+    the mean over the answer's tokens (``(N, A, V)`` logits, ``(N, A)`` targets and mask).
+
+    With ``targets`` the base answers and the swapped sites the ones *not* aligned to any
+    variable, this is the strict term of SIIT (Gupta et al. 2024, InterpBench): those sites
+    must not matter.
     """
-    return F.cross_entropy(answer_logits.float(), counterfactual_labels)
+    if answer_logits.dim() == 2:  # one answer token: (N, V) and (N,)
+        answer_logits, targets = answer_logits[:, None], targets[:, None]
+    return answer_loss(answer_logits, targets, torch.ones_like(targets, dtype=torch.bool) if mask is None else mask)
 
 
 def answer_predictions(answer_logits: Tensor, task: Task) -> Tensor:
@@ -145,7 +227,17 @@ def answer_predictions(answer_logits: Tensor, task: Task) -> Tensor:
     return tokens[answer_logits[..., tokens].argmax(dim=-1)]
 
 
-def interchange_hits(answer_logits: Tensor, counterfactual_labels: Tensor, task: Task | None = None) -> Tensor:
-    """Per-pair IIA indicator: 1 where the intervened model's answer is the causal model's."""
-    predictions = answer_logits.argmax(dim=-1) if task is None else answer_predictions(answer_logits, task)
-    return (predictions == counterfactual_labels).float()
+def interchange_hits(answer_logits: Tensor, targets: Tensor, mask: Tensor | None = None, task: Task | None = None) -> Tensor:
+    """Per-pair IIA indicator: 1 where the intervened model's answer is the causal model's. A
+    one-token answer is the argmax over the task's answer tokens; a longer one counts only
+    when every token is the argmax (over the vocabulary). ``(N, A, V)`` logits, ``(N, A)``
+    targets and mask (or ``(N, V)`` and ``(N,)`` for one token)."""
+    if answer_logits.dim() == 2:
+        answer_logits, targets = answer_logits[:, None], targets[:, None]
+    if mask is None:
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    if answer_logits.shape[1] > 1:
+        return exact_match(answer_logits, targets, mask)
+    first = first_answer_logits(answer_logits)
+    predictions = first.argmax(dim=-1) if task is None else answer_predictions(first, task)
+    return (predictions == targets[:, 0]).float()

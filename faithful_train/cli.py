@@ -1,7 +1,11 @@
-"""``faithful-train``: train a config, or re-run its audits on a checkpoint.
+"""``faithful-train``: train a config, re-run its audits on a checkpoint, make and inspect data,
+export a trained model.
 
     faithful-train fit   -c CONFIG [--run-dir DIR] [--resume | --resume-from CKPT] [key=value ...]
     faithful-train audit -c CONFIG --ckpt PATH [--run-dir DIR] [key=value ...]
+    faithful-train data ioi --out DIR [--seed N]
+    faithful-train data show -c CONFIG [-n N] [key=value ...]
+    faithful-train export RUN_DIR --out DIR [--ckpt CKPT]
 
 A user error (unknown key, site, objective, audit, task, variable; wrong type) prints one
 line naming the bad value and the valid ones, and exits with status 2.
@@ -29,6 +33,21 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="resume from <run dir>/checkpoints/last.ckpt")
     fit.add_argument("--resume-from", metavar="CKPT", help="resume from this checkpoint")
     audit.add_argument("--ckpt", required=True, help="Lightning checkpoint to audit")
+    data = sub.add_parser("data", help="make a testbed data set, or show a config's examples")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    ioi = data_sub.add_parser("ioi", help="write the IOI text testbed (train/val/audit.jsonl, text.txt, tokenizer/)")
+    ioi.add_argument("--out", required=True, help="directory to write")
+    ioi.add_argument("--seed", type=int, default=0)
+    ioi.add_argument("--train", type=int, default=20000, help="training rows")
+    show = data_sub.add_parser("show", help="print a config's first examples as tokens, with spans and positions marked")
+    show.add_argument("-c", "--config", required=True)
+    show.add_argument("-n", type=int, default=3, help="examples to show")
+    show.add_argument("--split", choices=("train", "val", "audit"), default="train")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    export = sub.add_parser("export", help="write a run's model (and tokenizer) with save_pretrained")
+    export.add_argument("run_dir", help="a run directory (config.yaml, checkpoints/last.ckpt)")
+    export.add_argument("--out", required=True, help="directory to write")
+    export.add_argument("--ckpt", help="checkpoint (default: <run dir>/checkpoints/last.ckpt)")
     return parser
 
 
@@ -57,7 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         from faithful_train.rundir import format_summary
 
         runs.quiet_lightning()
+        if args.command == "data" and args.data_command == "ioi":
+            from faithful_train.data_ioi import write_ioi
+
+            written = write_ioi(args.out, seed=args.seed, n_train=args.train)
+            print("\n".join(f"{name}: {path}" for name, path in written.items()))
+            return 0
+        if args.command == "export":
+            from faithful_train.export import export_run
+
+            print(f"exported to {export_run(args.run_dir, args.out, args.ckpt)}")
+            return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command == "data":
+            from faithful_train.show import show_examples
+
+            print(show_examples(cfg, Path(args.config).parent, args.n, args.split))
+            return 0
         run_dir = _run_dir(args, cfg.run_dir)
         if args.command == "fit":
             resume = _resume_path(args, run_dir)

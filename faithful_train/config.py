@@ -75,6 +75,15 @@ class LoggerSection:
 
 
 @dataclass
+class LossSection:
+    """The task loss: ``answer`` weighs the mean cross-entropy of the answer tokens, ``lm`` a
+    language-model loss on every token of the input (prompt included)."""
+
+    answer: float = 1.0
+    lm: float = 0.0
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = 0
     run_dir: Optional[str] = None
@@ -85,6 +94,7 @@ class ExperimentConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
     logger: LoggerSection = field(default_factory=LoggerSection)
 
 
@@ -257,6 +267,11 @@ def compose(raw: DictConfig | dict, config_dir: Path | None = None) -> DictConfi
         raise UnknownNameError("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     if cfg.optim.decay not in LR_DECAYS:
         raise UnknownNameError("optim.decay", cfg.optim.decay, LR_DECAYS)
+    for key in ("answer", "lm"):
+        if cfg.loss[key] < 0:
+            raise ConfigError(f"config key 'loss.{key}' must be >= 0, got {cfg.loss[key]}")
+    if cfg.loss.answer == 0 and cfg.loss.lm == 0:
+        raise ConfigError("config keys 'loss.answer' and 'loss.lm' are both 0: nothing to train")
     for key in ("max_steps", "val_every", "log_every"):
         if cfg.trainer[key] < 1:
             raise ConfigError(f"config key 'trainer.{key}' must be >= 1, got {cfg.trainer[key]}")

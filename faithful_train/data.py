@@ -1,7 +1,8 @@
 """Seeded data streams from a task.
 
-Training batch ``k`` of rank ``r`` is generated from its own seed ``(seed, k * world + r)``,
-so the stream is a pure function of the step: a resumed run starts at ``trainer.global_step``
+Training batch ``k`` of rank ``r`` is ``task.train_batch(k * world + r, ...)``: generated from its
+own seed (generated tasks) or cut from a seeded permutation of the file (text), so the stream is
+a pure function of the step: a resumed run starts at ``trainer.global_step``
 and sees exactly the batches the uninterrupted run would have seen, and ranks never overlap.
 """
 
@@ -14,6 +15,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from faithful_train.batches import trim_padding
 from faithful_train.tasks.base import Batch, Task, take
 
 
@@ -30,16 +32,16 @@ class TaskStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         for k in itertools.count(self.start):
-            generator = torch.Generator().manual_seed(batch_seed(self.seed, k * self.world_size + self.rank))
-            yield self.task.generate(self.batch_size, generator)
+            yield self.task.train_batch(k * self.world_size + self.rank, self.batch_size, self.seed)
 
 
 class FixedBatches(Dataset):
-    """A fixed set split into whole batches (validation)."""
+    """A fixed set split into whole batches (validation); padding columns that a chunk does not
+    need are cut, so a chunk costs what its longest row costs."""
 
     def __init__(self, data: Batch, batch_size: int):
         n = data["input_ids"].shape[0]
-        self.chunks = [take(data, slice(i, i + batch_size)) for i in range(0, n, batch_size)]
+        self.chunks = [trim_padding(take(data, slice(i, i + batch_size))) for i in range(0, n, batch_size)]
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -61,7 +63,9 @@ class TaskDataModule(LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return DataLoader(TaskStream(self.task, self.batch_size, self.seed, start, rank, world), batch_size=None)
 
-    def val_dataloader(self) -> DataLoader:
-        data = self.task.sample(self.val_size, self.seed + 7_000_001)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        data = self.task.validation_set(self.val_size, self.seed + 7_000_001)
         # Lightning's DistributedSampler shards this map-style dataset across ranks
-        return DataLoader(FixedBatches(data, self.val_batch_size), batch_size=None)
+        loader = DataLoader(FixedBatches(data, self.val_batch_size), batch_size=None)
+        text = self.task.perplexity_batches(self.val_batch_size)
+        return loader if text is None else [loader, DataLoader(text, batch_size=None)]

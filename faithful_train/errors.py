@@ -13,6 +13,10 @@ class ConfigError(FaithfulError):
     """A config key, value or type that is not allowed."""
 
 
+class DataError(FaithfulError):
+    """A data file, row or column that cannot be used (the message names file, row and column)."""
+
+
 class UnknownNameError(FaithfulError, KeyError):
     """A name (site, objective, audit, task, variable...) that is not one of the valid ones."""
 

@@ -16,20 +16,32 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric, SumMetric
 
+from faithful_train.batches import (
+    answer_forward,
+    answer_loss,
+    answer_mask,
+    answer_positions,
+    answer_targets,
+    attention_mask,
+    exact_match,
+    gather_positions,
+    language_model_loss,
+    token_kl,
+)
 from faithful_train.data import batch_seed
 from faithful_train.objectives.base import Objective, StepContext
+from faithful_train.partial import narrows_last_block
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task
 
 
-def task_loss(answer_logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy of the answer token, predicted at the last position."""
-    return F.cross_entropy(answer_logits.float(), labels)
+def task_loss(answer_logits: Tensor, batch: Batch) -> Tensor:
+    """Mean cross-entropy over the answer's tokens (teacher forcing); one token for generated tasks."""
+    return answer_loss(answer_logits, answer_targets(batch), answer_mask(batch))
 
 
 class FaithfulModule(LightningModule):
@@ -46,6 +58,9 @@ class FaithfulModule(LightningModule):
         total_steps: int = 0,
         min_lr_ratio: float = 0.1,
         objective_modules: dict[str, nn.Module] | None = None,
+        answer_weight: float = 1.0,
+        lm_weight: float = 0.0,
+        reference: nn.Module | None = None,
     ):
         super().__init__()
         self.model, self.task = model, task
@@ -54,8 +69,12 @@ class FaithfulModule(LightningModule):
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.seed = seed
         self.decay, self.total_steps, self.min_lr_ratio = decay, total_steps, min_lr_ratio
-        self.train_acc = MulticlassAccuracy(task.vocab_size, average="micro")
-        self.val_acc = MulticlassAccuracy(task.vocab_size, average="micro")
+        self.answer_weight, self.lm_weight = answer_weight, lm_weight
+        # the frozen starting model (capability preservation): not a submodule, so neither the
+        # optimizer, nor checkpoints, nor DDP see it
+        self.__dict__["reference"] = reference
+        self.train_acc, self.val_acc = MeanMetric(), MeanMetric()
+        self.val_nll, self.val_tokens = SumMetric(), SumMetric()
 
     @property
     def objectives(self) -> list[Objective]:
@@ -63,24 +82,44 @@ class FaithfulModule(LightningModule):
             return []
         return [cb for cb in self.trainer.callbacks if isinstance(cb, Objective)]
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.model(input_ids, attention_mask=attention_mask)
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    on_validation_start = on_fit_start
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         step = self.global_step
         weights = [obj.weight_at(step) for obj in self.objectives]
         active = [(obj, w) for obj, w in zip(self.objectives, weights) if w > 0]
         sites = sorted({site for obj, _ in active for site in obj.sites()})
-        logits, cache = run_with(self.model, batch["input_ids"], record=sites)
-        answer = logits[:, -1]
-        loss = task_loss(answer, batch["labels"])
-        self.train_acc(answer, batch["labels"])
+        mask = attention_mask(batch)
+        # every position's logits only when a term reads them (the LM loss, KL to the start)
+        full = self.lm_weight > 0 or any(obj.needs_reference for obj, _ in active)
+        positions = None if full else answer_positions(batch)
+        narrow = narrows_last_block(self.model, sites)  # recorded last-block sites need every position
+        logits, cache = run_with(
+            self.model, batch["input_ids"], record=sites, attention_mask=mask, positions=positions, narrow=narrow
+        )
+        answers = gather_positions(logits, answer_positions(batch)) if full else logits
+        loss = task_loss(answers, batch)
+        self.train_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
         size = batch["labels"].shape[0]
         self.log("train/task_loss", loss, prog_bar=True, batch_size=size)
         self.log("train/task_acc", self.train_acc, batch_size=size)
+        loss = self.answer_weight * loss
+        if self.lm_weight > 0:
+            lm = language_model_loss(logits, batch["input_ids"], mask)
+            self.log("train/lm_loss", lm, batch_size=size)
+            loss = loss + self.lm_weight * lm
         if active:
             seed = batch_seed(self.seed + 12_345, step * self.trainer.world_size + self.global_rank)
-            ctx = StepContext(batch, logits, cache, self.model, self.task, step, torch.Generator().manual_seed(seed))
+            ctx = StepContext(
+                batch, logits, cache, self.model, self.task, step, torch.Generator().manual_seed(seed), reference=self.reference
+            )
             for objective, weight in active:
                 term = objective.term(ctx)
                 self.log(f"train/objective/{objective.label}", term, prog_bar=True, batch_size=size)
@@ -93,12 +132,33 @@ class FaithfulModule(LightningModule):
         self.log("train/loss", loss, batch_size=size)
         return loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        answer = self.model(batch["input_ids"])[:, -1]
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        mask = attention_mask(batch)
+        if dataloader_idx == 1:  # held-out plain text: perplexity
+            logits = self.model(batch["input_ids"], attention_mask=mask)
+            keep = (mask[:, 1:] * mask[:, :-1]) if mask is not None else torch.ones_like(batch["input_ids"][:, 1:])
+            self.val_nll.update(language_model_loss(logits, batch["input_ids"], mask) * keep.sum())
+            self.val_tokens.update(keep.sum())
+            return
         size = batch["labels"].shape[0]
-        self.val_acc(answer, batch["labels"])
-        self.log("val/task_loss", task_loss(answer, batch["labels"]), sync_dist=True, batch_size=size)
-        self.log("val/task_acc", self.val_acc, prog_bar=True, batch_size=size)
+        if self.reference is not None:
+            logits = self.model(batch["input_ids"], attention_mask=mask)
+            reference = self.reference(batch["input_ids"], attention_mask=mask)
+            kl = token_kl(logits, reference, mask)
+            self.log("val/kl_to_start", kl, sync_dist=True, batch_size=size, add_dataloader_idx=False)
+            answers = gather_positions(logits, answer_positions(batch))
+        else:
+            answers = answer_forward(self.model, batch)
+        self.val_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
+        self.log("val/task_loss", task_loss(answers, batch), sync_dist=True, batch_size=size, add_dataloader_idx=False)
+        self.log("val/task_acc", self.val_acc, prog_bar=True, batch_size=size, add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_tokens.update_count:
+            nll, tokens = self.val_nll.compute(), self.val_tokens.compute()
+            self.log("val/ppl", torch.exp(nll / tokens.clamp_min(1)), add_dataloader_idx=False)
+            self.val_nll.reset()
+            self.val_tokens.reset()
 
     def configure_optimizers(self) -> Any:
         # weight decay on the model's matrices only: not on biases, norms or objectives' parameters

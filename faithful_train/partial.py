@@ -67,6 +67,16 @@ def plan_resume(model: nn.Module, site_names: Iterable[str]) -> ResumePlan | Non
     return ResumePlan(layer, aliases, last_only)
 
 
+def narrows_last_block(model: nn.Module, site_names: Iterable[str]) -> bool:
+    """Whether a forward that edits ``site_names`` may run its last block at the read positions
+    only: no edit past that block's ``resid_pre`` (those sites would have fewer positions)."""
+    n_layers = getattr(model, "n_layers", None)
+    if n_layers is None:
+        return False
+    last = f"blocks.{n_layers - 1}."
+    return all(name != "final" and (not name.startswith(last) or name == f"{last}resid_pre") for name in site_names)
+
+
 def run_patched(
     model: nn.Module,
     base_ids: Tensor,
@@ -74,27 +84,30 @@ def run_patched(
     edits: Mapping[str, Sequence[Edit]],
     base_cache: Mapping[str, Tensor] | None = None,
     plan: ResumePlan | None = None,
-    last_only: bool = False,
+    positions: Tensor | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
-    """Logits ``(repeats * B, T, vocab)`` of ``base_ids`` tiled ``repeats`` times, with ``edits``.
+    """Logits ``(repeats * B, P, vocab)`` at ``positions`` ``(B, P)`` (default: every position,
+    ``(repeats * B, T, vocab)``) of ``base_ids`` tiled ``repeats`` times (padding
+    ``attention_mask`` tiled too), with ``edits``.
 
     With a ``plan`` and the clean ``plan.site`` in ``base_cache``, only blocks ``plan.layer..``
-    run; gradients still reach the layers below through the cached activation. ``last_only``
-    (the caller reads only ``[:, -1]``): where the plan allows, the last block computes only the
-    last position, and the logits are ``(repeats * B, 1, vocab)``.
+    run; gradients still reach the layers below through the cached activation. Where no edit
+    lies past the last block's ``resid_pre``, that block computes only the read positions.
     """
+    positions = None if positions is None else positions.repeat(repeats, 1)
+    mask = None if attention_mask is None else attention_mask.repeat(repeats, 1)
     if plan is None or base_cache is None or plan.site not in base_cache:
         with hooked(model, edits=edits):
-            return model(base_ids.repeat(repeats, 1))
+            narrow = narrows_last_block(model, edits)
+            return model(base_ids.repeat(repeats, 1), attention_mask=mask, positions=positions, narrow=narrow)
     moved: dict[str, list[Edit]] = defaultdict(list)
     for name, fns in edits.items():
         moved[plan.aliases.get(name, name)].extend(fns)
     resid = base_cache[plan.site]
     with hooked(model, edits=moved):
         tiled = resid.repeat(repeats, *([1] * (resid.dim() - 1)))
-        if last_only and plan.last_only:
-            return model.forward_from(plan.layer, tiled, last_only=True)
-        return model.forward_from(plan.layer, tiled)
+        return model.forward_from(plan.layer, tiled, mask, positions, narrow=plan.last_only)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ TASKS = {
     "domain_mixture": "faithful_train.tasks.domain_mixture:DomainMixture",
     "concept_objects": "faithful_train.tasks.concept_objects:ConceptObjects",
     "decoy_objects": "faithful_train.tasks.decoy_objects:DecoyObjects",
+    "text": "faithful_train.tasks.text:TextTask",
 }
 OBJECTIVES = {
     "interchange": "faithful_train.objectives.interchange:InterchangeObjective",
@@ -31,6 +32,7 @@ OBJECTIVES = {
     "router": "faithful_train.objectives.router:RouterObjective",
     "concepts": "faithful_train.objectives.concepts:ConceptsObjective",
     "stability": "faithful_train.objectives.stability:StabilityObjective",
+    "preserve": "faithful_train.objectives.preserve:PreserveObjective",
 }
 AUDITS = {
     "interchange": "faithful_train.audits.interchange:InterchangeAudit",
@@ -42,12 +44,24 @@ AUDITS = {
 
 
 def _load_file(path: Path, attr: str, kind: str, name: str) -> Any:
+    """``attr`` of the Python file ``path`` (its folder on the import path while it loads, so it
+    can import modules beside it). Loading a file runs its code: only name files you trust."""
     module_name = f"faithful_train_user.{path.stem}_{abs(hash(path.resolve())) % 10**8}"
     if module_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        sys.path.insert(0, str(path.resolve().parent))
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as e:
+            del sys.modules[module_name]
+            raise ConfigError(f"{kind} {name!r}: {path} line {e.lineno}: {e.msg}") from None
+        except Exception as e:
+            del sys.modules[module_name]
+            raise ConfigError(f"{kind} {name!r}: {path} fails to load: {type(e).__name__}: {e}") from None
+        finally:
+            sys.path.remove(str(path.resolve().parent))
     module = sys.modules[module_name]
     if not hasattr(module, attr):
         raise UnknownNameError(f"{kind} class in {path}", attr, [n for n in dir(module) if not n.startswith("_")])
@@ -113,3 +127,26 @@ def instantiate(kind: str, spec: Mapping[str, Any], builtins: Mapping[str, str],
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{kind} {name!r}: {e}") from None
+
+
+def load_callable(spec: str, kind: str, roots: list[Path]) -> Any:
+    """A function named ``file.py:name`` (relative to one of ``roots``) or ``module:name``."""
+    if ":" not in spec:
+        raise ConfigError(f"{kind} {spec!r} must look like file.py:function or module:function")
+    where, attr = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = next((root / where for root in [Path("."), *roots] if (root / where).is_file()), None)
+        if path is None:
+            raise ConfigError(f"{kind} {spec!r}: file {where!r} not found")
+        fn = _load_file(path, attr, kind, spec)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ConfigError(f"{kind} {spec!r}: cannot import {where!r} ({e})") from None
+        if not hasattr(module, attr):
+            raise UnknownNameError(f"{kind} in {where}", attr, [n for n in dir(module) if not n.startswith("_")])
+        fn = getattr(module, attr)
+    if not callable(fn):
+        raise ConfigError(f"{kind} {spec!r} is not a function")
+    return fn

@@ -20,7 +20,7 @@ from faithful_train.audits.base import Audit
 from faithful_train.config import to_plain
 from faithful_train.data import TaskDataModule
 from faithful_train.errors import ConfigError
-from faithful_train.modeling import build_model
+from faithful_train.modeling import build_model, frozen_copy, model_context
 from faithful_train.module import FaithfulModule
 from faithful_train.objectives.base import Objective
 from faithful_train.registry import AUDITS, OBJECTIVES, TASKS, instantiate
@@ -59,8 +59,12 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = instantiate("task", to_plain(cfg.task), TASKS, Task, config_dir)
     model = build_model(cfg.model, task.vocab_size, task.seq_len, seed=cfg.seed, concepts=task.concepts)
+    context = model_context(model)
+    if context is not None:
+        task.check_context(context)
+    probe = task.validation_set(1, 0)
     with torch.no_grad():  # in eval mode: no training-time noise drawn
-        vocab = model.eval()(task.sample(1, 0)["input_ids"]).shape[-1]
+        vocab = model.eval()(probe["input_ids"], attention_mask=probe.get("attention_mask")).shape[-1]
     model.train()
     if vocab < task.vocab_size:
         raise ConfigError(f"model vocabulary ({vocab}) is smaller than task {task.name!r}'s ({task.vocab_size})")
@@ -75,10 +79,15 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
         if "." in label:
             raise ConfigError(f"objective label {label!r} must not contain '.'")
     optim = cfg.optim
+    # the frozen start: for objectives that keep capability, and val/kl_to_start when fine-tuning
+    # (a concept bottleneck answers only at its read position: no per-token distribution to compare)
+    fine_tuning = bool(cfg.model.get("path")) and cfg.model.get("bottleneck") is None
+    wants_reference = any(o.needs_reference for o in objectives) or fine_tuning
     module = FaithfulModule(
         model, task, optim.lr, optim.weight_decay, tuple(optim.betas), optim.warmup_steps, cfg.seed,
         decay=optim.decay, total_steps=cfg.trainer.max_steps, min_lr_ratio=optim.min_lr_ratio,
-        objective_modules=owned,
+        objective_modules=owned, answer_weight=cfg.loss.answer, lm_weight=cfg.loss.lm,
+        reference=frozen_copy(model) if wants_reference else None,
     )  # fmt: skip
     for audit in audits:
         audit.attach(module)  # e.g. the interchange audit takes a learned rotation from its objective

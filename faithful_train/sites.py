@@ -17,6 +17,7 @@ applies edits in the forward pass, and removes exactly the hooks it added.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +25,52 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from faithful_train.batches import answer_position
 from faithful_train.errors import ConfigError, UnknownNameError
 
 Edit = Callable[[Tensor], Tensor]
+
+
+TOKEN_CHOICES = ("all", "first", "last")
+_ANSWER_OFFSET = re.compile(r"^(last|answer)\s*(?:([+-])\s*(\d+))?$")
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """Positions that differ from example to example, resolved on each batch (``resolve_positions``).
+
+    ``span``: the tokens of the named span (``span/<name>`` in the batch), all of them or its
+    ``first`` or ``last`` token. Without a span: the answer position (the prompt's last token,
+    whose logits predict the first answer token) plus ``offset`` (``answer-1``: the token before).
+    """
+
+    span: str | None = None
+    token: str = "all"
+    offset: int = 0
+
+    @classmethod
+    def parse(cls, spec: Any) -> PositionSpec:
+        if isinstance(spec, str):
+            match = _ANSWER_OFFSET.match(spec.strip())
+            if match is None:
+                raise ConfigError(f"positions {spec!r}: use a list of ints, 'last', 'answer', 'answer-<k>' or {{span: <name>, token: first|last|all}}")
+            offset = int(match[3] or 0) * (-1 if match[2] == "-" else 1)
+            return cls(offset=offset)
+        allowed = {"span", "token"}
+        unknown = set(spec) - allowed
+        if unknown:
+            raise UnknownNameError("positions key", sorted(unknown)[0], allowed)
+        if "span" not in spec:
+            raise ConfigError(f"positions {dict(spec)!r} needs a 'span'")
+        token = str(spec.get("token", "all"))
+        if token not in TOKEN_CHOICES:
+            raise UnknownNameError("span token choice", token, TOKEN_CHOICES)
+        return cls(span=str(spec["span"]), token=token)
+
+    def to_spec(self) -> Any:
+        if self.span is not None:
+            return {"span": self.span, "token": self.token}
+        return "answer" if not self.offset else f"answer{self.offset:+d}"
 
 
 @dataclass(frozen=True)
@@ -34,10 +78,13 @@ class SiteRef:
     """A site narrowed to positions (dim 1), heads (dim 2 of head sites) and dims (last dim).
 
     ``None`` means "all". ``dims`` is a half-open ``(start, stop)`` slice of the last dimension.
+    ``positions`` are ints (counted from an example's first real token; negative ones from the
+    end of its prompt) or a ``PositionSpec`` (a named span, or the answer position and an
+    offset), resolved per example by ``resolve_positions``.
     """
 
     name: str
-    positions: tuple[int, ...] | None = None
+    positions: tuple[int, ...] | PositionSpec | None = None
     heads: tuple[int, ...] | None = None
     dims: tuple[int, int] | None = None
 
@@ -66,20 +113,36 @@ class SiteRef:
             value = spec.get(key)
             if value is None:
                 return None
-            return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+            try:
+                return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"site {spec['site']!r}: {key} must be ints, got {value!r}") from None
 
-        return cls(str(spec["site"]), ints("positions"), ints("heads"), dims)
+        positions = spec.get("positions")
+        if isinstance(positions, (str, Mapping)):
+            positions = PositionSpec.parse(positions)
+        else:
+            positions = ints("positions")
+        return cls(str(spec["site"]), positions, ints("heads"), dims)
+
+    @property
+    def per_example(self) -> bool:
+        """Whether the positions are resolved per example (a span or the answer position)."""
+        return isinstance(self.positions, PositionSpec)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"site": self.name}
         for key in ("positions", "heads", "dims"):
-            if getattr(self, key) is not None:
-                out[key] = list(getattr(self, key))
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value.to_spec() if isinstance(value, PositionSpec) else list(value)
         return out
 
     def mask(self, shape: Sequence[int], device: torch.device | str | None = None) -> Tensor:
         """Boolean mask of shape ``(1, *shape[1:])``: True where this ref selects."""
         mask = torch.ones((1, *shape[1:]), dtype=torch.bool, device=device)
+        if self.per_example:
+            raise ValueError(f"site {self.name}: per-example positions need resolve_positions")
         if self.positions is not None:
             keep = torch.zeros(shape[1], dtype=torch.bool, device=device)
             keep[list(self.positions)] = True
@@ -100,6 +163,8 @@ class SiteRef:
 
     def select(self, value: Tensor) -> Tensor:
         """The narrowed part of an activation, flattened to ``(batch, features)``."""
+        if self.per_example:
+            raise ValueError(f"site {self.name}: per-example positions need resolve_positions")
         if self.positions is not None:
             value = value[:, list(self.positions)]
         if self.heads is not None:
@@ -107,6 +172,40 @@ class SiteRef:
         if self.dims is not None:
             value = value[..., self.dims[0] : self.dims[1]]
         return value.reshape(value.shape[0], -1)
+
+
+def resolve_positions(ref: SiteRef, batch: Mapping[str, Tensor]) -> Tensor | None:
+    """``(B, P)`` the positions ``ref`` names in each row of ``batch``, or ``None`` (every position).
+
+    Ints count from each row's first real token (so padding does not move them); negative ints
+    count back from the end of the prompt (``-1``: its last token, the answer position). A span
+    with ``token: all`` needs the same number of tokens in every row.
+    """
+    spec = ref.positions
+    if spec is None:
+        return None
+    ids = batch["input_ids"]
+    B, T = ids.shape
+    if isinstance(spec, PositionSpec):
+        if spec.span is None:
+            return (answer_position(batch) + spec.offset)[:, None]
+        key = f"span/{spec.span}"
+        if key not in batch:
+            raise ConfigError(f"site {ref.name}: the batch has no span {spec.span!r} (a 'spans.{spec.span}' column)")
+        start, stop = batch[key].unbind(1)
+        if spec.token == "first":
+            return start[:, None]
+        if spec.token == "last":
+            return (stop - 1)[:, None]
+        lengths = stop - start
+        if (lengths != lengths[0]).any():
+            raise ConfigError(f"span {spec.span!r} has different token lengths across examples; use token: first or last")
+        return start[:, None] + torch.arange(int(lengths[0]), device=ids.device)[None]
+    offsets = torch.tensor(spec, dtype=torch.long, device=ids.device)[None]
+    mask = batch.get("attention_mask")
+    first = torch.zeros(B, 1, dtype=torch.long, device=ids.device) if mask is None else mask.long().argmax(1, keepdim=True)
+    end = answer_position(batch)[:, None] + 1 if "answer_pos" in batch else torch.full((B, 1), T, device=ids.device)
+    return torch.where(offsets >= 0, first + offsets, end + offsets)
 
 
 def _identity(raw: Any) -> Tensor:

@@ -82,9 +82,11 @@ from torch import Tensor, nn
 from faithful_train.attribution import METHODS, QUADRATURES, aligned_attributions, aligned_cosine, attribute_tokens
 from faithful_train.audits.base import Audit
 from faithful_train.audits.interchange import randomly_initialised
+from faithful_train.batches import answer_forward, answer_position, as_variant, first_answer_logits, pad_columns, prefixed, stack_rows, unprefixed
 from faithful_train.causal import answer_predictions
 from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.sites import resolve_site, run_with
+from faithful_train.partial import narrows_last_block
+from faithful_train.sites import hooked, resolve_site
 from faithful_train.tasks.base import Batch, Task
 
 OUTPUTS: tuple[str, ...] = ("logit", "logprob")
@@ -231,8 +233,8 @@ def cascading_randomisation(model: nn.Module, seed: int) -> list[nn.Module]:
     return copies
 
 
-def removal_logits(model: nn.Module, input_ids: Tensor, keep: Tensor) -> Tensor:
-    """Last-position logits ``(V, B, vocab)`` of ``V`` variants of the batch, variant ``v``
+def removal_logits(model: nn.Module, batch: Batch, keep: Tensor) -> Tensor:
+    """Answer-position logits ``(V, B, vocab)`` of ``V`` variants of the batch, variant ``v``
     with the ``embed`` activation of the positions where ``keep[v]`` ``(B, T)`` is False set to
     zero (the baseline), in one forward over the ``V * B`` stacked rows."""
     V, B, T = keep.shape
@@ -242,8 +244,9 @@ def removal_logits(model: nn.Module, input_ids: Tensor, keep: Tensor) -> Tensor:
         k = flat.view(V * B, T, *([1] * (x.dim() - 2)))
         return torch.where(k, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    logits, _ = run_with(model, input_ids.repeat(V, 1), edits={SITE: erase})
-    return logits[:, -1].reshape(V, B, -1)
+    with hooked(model, edits={SITE: erase}):
+        logits = first_answer_logits(answer_forward(model, batch, batch["input_ids"].repeat(V, 1), narrows_last_block(model, [SITE])))
+    return logits.reshape(V, B, -1)
 
 
 def score(logits: Tensor, target: Tensor, output: str) -> Tensor:
@@ -323,14 +326,16 @@ class AttributionAudit(Audit):
         if self.stability:
             perturbed = task.perturb_aligned(data, torch.Generator().manual_seed(seed + 1))
             if perturbed is not None:
-                data[PERTURBED], data[SOURCE] = perturbed
+                variant, data[SOURCE] = perturbed
+                data |= {PERTURBED: variant} if isinstance(variant, Tensor) else prefixed(variant, PERTURBED)
         return data
 
-    def attribute(self, model: nn.Module, input_ids: Tensor, target: Tensor):
-        """Per-token attribution of ``model`` on ``input_ids`` (the audit's method and output)."""
+    def attribute(self, model: nn.Module, rows: Batch, target: Tensor):
+        """Per-token attribution of ``model`` on a batch's rows (the audit's method and output)."""
         return attribute_tokens(
-            model, input_ids, target, self.method, SITE, "zeros", self.steps, self.quadrature, output=self.output
-        )
+            model, rows["input_ids"], target, self.method, SITE, "zeros", self.steps, self.quadrature,
+            attention_mask=rows.get("attention_mask"), output=self.output, positions=answer_position(rows),
+        )  # fmt: skip
 
     def randomised_models(self, model: nn.Module) -> list[nn.Module]:
         """The cascade's copies of ``model`` (seeded by the audit's seed + 2)."""
@@ -344,36 +349,45 @@ class AttributionAudit(Audit):
             self._randomised = None
 
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
-        ids, labels = batch["input_ids"], batch["labels"]
-        B, T = ids.shape
-        stable = self.stability and PERTURBED in batch
-        inputs = torch.cat([ids, batch[PERTURBED]]) if stable else ids
-        result = self.attribute(model, inputs, labels.repeat(inputs.shape[0] // B))
+        labels = batch["labels"]
+        B = labels.shape[0]
+        stable = self.stability and (PERTURBED in batch or any(k.startswith(PERTURBED + "/") for k in batch))
+        parts = [batch]
+        if stable:
+            parts.append(as_variant(batch, batch[PERTURBED] if PERTURBED in batch else unprefixed(batch, PERTURBED)))
+        rows = stack_rows(parts)
+        T = rows["input_ids"].shape[1]
+        clean = {k: v[:B] for k, v in rows.items()}
+        real = clean.get("attention_mask", torch.ones_like(clean["input_ids"])).bool()
+        result = self.attribute(model, rows, labels.repeat(len(parts)))
         attr = result.values[:B].detach()
         gap = (result.output[:B] - result.baseline_output[:B]).abs()
         out: dict[str, Any] = {"completeness_error": result.delta[:B].abs() / (gap + 1e-6)}
         if "irrelevant" in batch:
-            out["irrelevant_share"] = irrelevant_share(attr, batch["irrelevant"])
+            out["irrelevant_share"] = irrelevant_share(attr, pad_columns(batch["irrelevant"], T, False))
         if stable:
             perturbed = result.values[B:].detach()
-            rho, overlap, weight = stability_figures(attr, perturbed, batch[SOURCE], self.top_k)
+            source = pad_columns(batch[SOURCE], T, -1)
+            rho, overlap, weight = stability_figures(attr, perturbed, source, self.top_k)
             out["stability/spearman"], out["stability/topk"] = (rho, weight), (overlap, weight)
-            out["stability/cosine"] = (aligned_cosine(attr, perturbed, batch[SOURCE]).double(), weight)
+            out["stability/cosine"] = (aligned_cosine(attr, perturbed, source).double(), weight)
         if self.randomisation:
             randomised = self._randomised if self._randomised is not None else self.randomised_models(model)
             values = lambda m, x, y: self.attribute(m, x, y).values  # noqa: E731
-            rhos = randomisation_correlation(values, model, randomised, ids, labels, attr)
+            rhos = randomisation_correlation(values, model, randomised, clean, labels, attr)
             out |= {f"randomisation/top{n + 1}": rho for n, rho in enumerate(rhos)}
             out["randomisation/spearman"] = rhos[-1]
         # every removal in one forward: the clean batch, each fraction's top tokens removed and
-        # kept, each single token removed
-        keep = [torch.ones(1, B, T, dtype=torch.bool, device=ids.device)]
+        # kept, each single token removed (real tokens only: padding is never a candidate)
+        n_real = real.sum(1)
+        keep = [torch.ones(1, B, T, dtype=torch.bool, device=labels.device)]
         for fraction in self.eraser_fractions:
-            top = top_k_members(attr, top_count(fraction, T))
-            keep += [~top[None], top[None]]
+            counts = torch.clamp(torch.ceil(fraction * n_real - 1e-9), min=1).minimum(n_real).long()
+            top = top_k_members(attr, counts, real)
+            keep += [~top[None], (top | ~real)[None]]
         if self.calibration:
-            keep.append(~torch.eye(T, dtype=torch.bool, device=ids.device)[:, None, :].expand(T, B, T))
-        logits = removal_logits(model, ids, torch.cat(keep))
+            keep.append(~torch.eye(T, dtype=torch.bool, device=labels.device)[:, None, :].expand(T, B, T))
+        logits = removal_logits(model, clean, torch.cat(keep))
         out["task_acc"] = (answer_predictions(logits[0], task) == labels).float()
         F = len(self.eraser_fractions)
         if F:
@@ -383,5 +397,6 @@ class AttributionAudit(Audit):
         if self.calibration:
             scores = score(logits[[0, *range(1 + 2 * F, 1 + 2 * F + T)]], labels, self.output)
             effect = (scores[0] - scores[1:]).T  # (B, T): f(x) - f(x without t)
-            out["calibration"] = spearman(attr, effect)
+            out["calibration"] = spearman(attr, effect, real)
         return {k: (v[0].float(), v[1]) if isinstance(v, tuple) else v.float() for k, v in out.items()}
+

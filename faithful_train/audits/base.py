@@ -25,6 +25,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
+from faithful_train.batches import trim_padding
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.rundir import append_jsonl
 from faithful_train.tasks.base import Batch, Task, take
@@ -123,6 +124,7 @@ class Audit(Callback, ABC):
         for metric in self.thresholds:
             if metric not in valid:
                 raise UnknownNameError(f"metric of audit {self.label!r}", metric, valid)
+        task.check_sample_size(self.n_examples, f"audit {self.label!r}")
         if self.seed is None:
             self.seed = run_seed + 1_000_003
         self._data = None
@@ -148,7 +150,7 @@ class Audit(Callback, ABC):
         try:
             with torch.no_grad():
                 for chunk in indices.split(self.batch_size):
-                    batch = {k: v.to(device) for k, v in take(data, chunk).items()}
+                    batch = {k: v.to(device) for k, v in trim_padding(take(data, chunk)).items()}
                     for key, values in self.measure(model, task, batch).items():
                         if isinstance(values, Total):
                             sums.setdefault(key, TensorSum(tuple(values.value.shape), sync_on_compute=world_size > 1).to(device))

@@ -34,12 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
+from faithful_train.batches import answer_forward, first_answer_logits
 from faithful_train.causal import answer_predictions
 from faithful_train.concepts import first_k_mask, intervene, intervention_area, permute_within_groups, probe_accuracy
 from faithful_train.errors import UnknownNameError
 from faithful_train.modeling.bottleneck import BottleneckModel, bottleneck_of
 from faithful_train.rundir import atomic_write_text
-from faithful_train.sites import run_with
+from faithful_train.sites import hooked
 from faithful_train.tasks.base import Batch, Task
 
 ORDERS = ("random", "uncertainty")
@@ -78,9 +79,10 @@ class ConceptsAudit(Audit):
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
         model: BottleneckModel = model
         layout = model.layout
-        logits, cache = run_with(model, batch["input_ids"], record=model.bottleneck.site_points())
-        labels, concepts = model.concept_labels(batch), cache["bottleneck.concepts"][:, -1]
-        out: dict[str, Any] = {"task_acc": (answer_predictions(logits[:, -1], task) == batch["labels"]).float()}
+        with hooked(model, record=model.bottleneck.site_points()) as cache:
+            logits = first_answer_logits(answer_forward(model, batch))
+        labels, concepts = model.concept_labels(batch), cache["bottleneck.concepts"][:, 0]  # the position it reads
+        out: dict[str, Any] = {"task_acc": (answer_predictions(logits, task) == batch["labels"]).float()}
         right = layout.predict(concepts) == labels  # (B, K)
         out["concept_acc"] = right.float().mean(1)
         out |= {f"concept_acc/{name}": right[:, k].float() for k, name in enumerate(layout.names)}
@@ -91,7 +93,7 @@ class ConceptsAudit(Audit):
         # features for the leakage probes, as rows of the whole audit set (summed over chunks and ranks)
         features = {"true": layout.exact(labels), "head_input": self._probe_input(model, concepts, cache), "label": batch["labels"][:, None].float()}
         if self.hybrid:
-            features["side"] = cache["bottleneck.side"][:, -1]
+            features["side"] = cache["bottleneck.side"][:, 0]
         for key, value in features.items():
             rows = torch.zeros(self.n_examples, value.shape[1], device=value.device, dtype=torch.float64)
             out[f"rows/{key}"] = Total(rows.index_copy(0, batch["index"], value.double()))
@@ -104,10 +106,10 @@ class ConceptsAudit(Audit):
         so) and the side channel, or the mixed value embeddings."""
         bottleneck = model.bottleneck
         if bottleneck.mode == "embedding":
-            return bottleneck.head_input(concepts[:, None], embeddings=cache["bottleneck.embeddings"])[:, -1]
+            return bottleneck.head_input(concepts[:, None], embeddings=cache["bottleneck.embeddings"])[:, 0]
         units = model.layout.discretize(concepts) if bottleneck.discrete else concepts
         logits = torch.logit(units.float(), eps=1e-6)
-        return torch.cat([logits, cache["bottleneck.side"][:, -1]], 1) if bottleneck.mode == "hybrid" else logits
+        return torch.cat([logits, cache["bottleneck.side"][:, 0]], 1) if bottleneck.mode == "hybrid" else logits
 
     def summarise(self, totals: dict[str, Tensor], task: Task) -> dict[str, float]:
         rows = {key.split("/", 1)[1]: value for key, value in totals.items() if key.startswith("rows/")}

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
+from faithful_train.batches import answer_forward, first_answer_logits
 from faithful_train.causal import answer_predictions
 from faithful_train.cot import area_over_curve, corrupted_steps
 from faithful_train.objectives.counterfactual_cot import require_reasoning_task
@@ -56,7 +57,7 @@ class CotAudit(Audit):
         ids, B, K = batch["input_ids"], batch["input_ids"].shape[0], task.n_steps
         # one batched forward: clean, corrupted, and the chain cut after k = 0..K-1 steps
         inputs = torch.cat([ids, batch[CORRUPTED], *(task.hide_steps(ids, k) for k in range(K))])
-        answers = answer_predictions(model(inputs)[:, -1], task).view(K + 2, B)
+        answers = answer_predictions(first_answer_logits(answer_forward(model, batch, inputs)), task).view(K + 2, B)
         clean, corrupted, early = answers[0], answers[1], answers[2:]
         matches = (early == clean).float()  # (K, B)
         values: dict[str, Any] = {

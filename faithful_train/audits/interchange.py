@@ -34,6 +34,14 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
+from faithful_train.batches import (
+    answer_positions,
+    answer_targets,
+    first_answer_logits,
+    gather_positions,
+    pad_and_stack,
+    tile,
+)
 from faithful_train.causal import (
     Alignment,
     Swap,
@@ -43,6 +51,8 @@ from faithful_train.causal import (
     parse_alignment,
     parse_sites,
     swap_forward,
+    swap_positions,
+    teacher_forced,
     variable_swaps,
 )
 from faithful_train.das import random_basis, rotated_sites, variable_bases
@@ -116,7 +126,7 @@ class InterchangeAudit(Audit):
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         parse_alignment({v: ref.to_dict() for v, ref in self.alignment.items()}, model, task)
-        parse_sites([ref.to_dict() for ref in self.strict], model)
+        parse_sites([ref.to_dict() for ref in self.strict], model, task)
         super().bind(model, task, run_seed)
         self._random_model, self._random_bases = None, None
 
@@ -164,15 +174,17 @@ class InterchangeAudit(Audit):
 
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Tensor]:
         base = {k: v for k, v in batch.items() if not k.startswith((SOURCE, RESAMPLE))}
-        source = {k.removeprefix(SOURCE): v for k, v in batch.items() if k.startswith(SOURCE)}
         variables = list(self.alignment)
+        pairs = task.explicit_pairs(base, variables)
+        if pairs is None:
+            pairs = task.pairs_from(base, {k.removeprefix(SOURCE): v for k, v in batch.items() if k.startswith(SOURCE)}, variables)
         V, B = len(variables), base["input_ids"].shape[0]
-        targets = counterfactual_targets(task, base, source, variables)
-        changed = (targets != base["labels"].repeat(V)).view(V, -1).float()
+        targets, masks = counterfactual_targets(pairs, variables)
+        changed = (targets != answer_targets(base).repeat(V, 1)).any(1).view(V, -1).float()
         values: dict[str, Tensor] = {}
 
         def record(prefix: str, answers: Tensor) -> None:
-            hits = interchange_hits(answers, targets, task).view(V, -1)
+            hits = interchange_hits(answers, targets, masks, task).view(V, -1)
             values[f"{prefix}iia"] = hits.mean(dim=0)
             for k, var in enumerate(variables):
                 values[f"{prefix}iia/{var}"] = hits[k]
@@ -180,36 +192,51 @@ class InterchangeAudit(Audit):
                     values[f"iia_changed/{var}"] = (hits[k], changed[k])
 
         swapped = {ref.name for ref in self.alignment.values()} | {ref.name for ref in self.strict}
+        # every distinct source set (one for generated tasks, one per variable for explicit pairs)
+        source_sets: list[Batch] = []
+        for v in variables:
+            if not any(pairs.sources[v] is s for s in source_sets):
+                source_sets.append(pairs.sources[v])
+        index = {v: next(i for i, s in enumerate(source_sets) if s is pairs.sources[v]) for v in variables}
+        resample = {k.removeprefix(RESAMPLE): v for k, v in batch.items() if k.startswith(RESAMPLE)}
+        padded, stacked = pad_and_stack([base, *source_sets, *([resample] if self.strict else [])])
+        base, sources = padded[0], {v: padded[1 + index[v]] for v in variables}
         models = [("", model)]
         if "random_model" in self.controls:
             if self._random_model is None:
                 self._random_model = randomly_initialised(model, int(self.seed or 0) + 11)
             models.append(("control/random_model/", self._random_model.to(base["input_ids"].device)))
+        multi_token = targets.shape[1] > 1
         for prefix, net in models:
-            plan = plan_resume(net, swapped)
+            plan = None if multi_token else plan_resume(net, swapped)
             record_sites = swapped | ({plan.site} if plan else set())
-            ids = torch.cat([base["input_ids"], source["input_ids"]])
-            extra = batch.get(RESAMPLE + "input_ids")
-            if prefix == "" and extra is not None:
-                ids = torch.cat([ids, extra])
-            logits, cache = run_with(net, ids, record=record_sites)
+            logits, cache = run_with(net, stacked["input_ids"], record=record_sites, attention_mask=stacked.get("attention_mask"))
             base_cache = {k: v[:B] for k, v in cache.items()}
-            source_cache = {k: v[B : 2 * B] for k, v in cache.items()}
-            groups = variable_swaps(self.alignment, variables, source_cache, self._bases())
+            activations = {v: {k: a[B * (1 + index[v]) : B * (2 + index[v])] for k, a in cache.items()} for v in variables}
+            groups = variable_swaps(self.alignment, variables, base, sources, activations, self._bases())
+            group_targets = [targets]
             if prefix == "":
                 if "random_subspace" in self.controls:
                     widths = {name: act.shape[-1] for name, act in cache.items()}
-                    refs, bases = self._control_bases(widths, ids.device)
-                    groups += variable_swaps(refs, variables, source_cache, bases)
+                    refs, bases = self._control_bases(widths, stacked["input_ids"].device)
+                    groups += variable_swaps(refs, variables, base, sources, activations, bases)
+                    group_targets.append(targets)
                 if self.strict:
-                    groups.append([Swap(ref, cache[ref.name][2 * B :]) for ref in self.strict])
-            answers = swap_forward(net, base["input_ids"], groups, base_cache, plan)
+                    start = B * (1 + len(source_sets))
+                    groups.append([Swap(ref, cache[ref.name][start:], None, *swap_positions(ref, base, padded[-1])) for ref in self.strict])
+                    group_targets.append(answer_targets(base))
+            variant_ids = None
+            if multi_token:
+                tiled = tile(base, len(groups), ("input_ids", "answer_pos", "answer_mask"))
+                variant_ids = teacher_forced(tiled, torch.cat(group_targets))
+            answers = swap_forward(net, base, groups, base_cache, plan, variant_ids)
             record(prefix, answers[: V * B])
             if prefix == "" and "random_subspace" in self.controls:
                 record("control/random_subspace/", answers[V * B : 2 * V * B])
             if prefix == "" and self.strict:
-                clean = answer_predictions(logits[:B, -1], task)
-                strict = answer_predictions(answers[-B:], task)
+                clean = answer_predictions(first_answer_logits(gather_positions(logits[:B], answer_positions(base))), task)
+                strict = answer_predictions(first_answer_logits(answers[-B:]), task)
                 values["strict_iia"] = (strict == base["labels"]).float()
                 values["strict_changed"] = (strict != clean).float()
         return values
+

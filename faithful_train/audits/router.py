@@ -35,12 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
+from faithful_train.batches import answer_forward, answer_positions, first_answer_logits, gather_positions
 from faithful_train.causal import answer_predictions
 from faithful_train.errors import ConfigError
 from faithful_train.objectives.router import router_layers
+from faithful_train.partial import narrows_last_block
 from faithful_train.routing import entropy_of, load_statistics, normalized_mutual_information, top_k_experts
 from faithful_train.rundir import atomic_write_text
-from faithful_train.sites import run_with
+from faithful_train.sites import hooked, run_with
 from faithful_train.tasks.base import Batch, Task, take
 
 PERTURBED = "router.perturbed"
@@ -106,7 +108,7 @@ class RouterAudit(Audit):
         concept = batch[f"concept/{self.concept}"]
         if concept.dim() == 1:
             return concept[:, None].expand(shape), concept
-        return concept, concept[:, -1]
+        return concept, gather_positions(concept, answer_positions(batch))[:, 0]
 
     def _sites(self) -> list[str]:
         return [f"blocks.{i}.moe.router" for i in self.layers]
@@ -114,9 +116,12 @@ class RouterAudit(Audit):
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
         ids, labels = batch["input_ids"], batch["labels"]
         B, C = ids.shape[0], len(self.values)
+        doubled = {k: torch.cat([v, v]) for k, v in batch.items() if k in ("attention_mask", "answer_pos")}
         inputs = torch.cat([ids, batch[PERTURBED]]) if self.stability else ids
-        logits, cache = run_with(model, inputs, record=self._sites())
-        correct = (answer_predictions(logits[:B, -1], task) == labels).float()
+        with hooked(model, record=self._sites()) as cache:
+            rows = doubled | {"input_ids": inputs} if self.stability else batch
+            logits = answer_forward(model, rows, inputs, narrow=False)  # every layer's routing is read
+        correct = (answer_predictions(first_answer_logits(logits[:B]), task) == labels).float()
         token_concept, example_concept = self._concept_of(batch, ids.shape)
         by_concept = F.one_hot(example_concept, C).float()  # (B, C)
         out: dict[str, Any] = {
@@ -126,19 +131,21 @@ class RouterAudit(Audit):
         }
         entropies, contingencies, loads = [], [], []
         stable, stable_k = [], []
+        real = batch.get("attention_mask", torch.ones_like(ids)).float()  # padding is not routed for real
+        n_real = real.sum(1).clamp_min(1)
         for i, (E, k) in self.layers.items():
             router = cache[f"blocks.{i}.moe.router"].float()
             chosen = top_k_experts(router, k, model.selection_bias(i))  # (2B or B, T, k)
-            entropy = entropy_of(router[:B].softmax(-1)).mean(1)
+            entropy = (entropy_of(router[:B].softmax(-1)) * real).sum(1) / n_real
             out[f"entropy/layer{i}"] = entropy
             entropies.append(entropy)
             top1 = chosen[:B, :, 0]
             pair = token_concept.reshape(-1) * E + top1.reshape(-1)
-            contingencies.append(torch.bincount(pair, minlength=C * E).view(C, E))
-            loads.append(torch.bincount(chosen[:B].reshape(-1), minlength=E))
+            contingencies.append(torch.bincount(pair, weights=real.reshape(-1), minlength=C * E).view(C, E))
+            loads.append(torch.bincount(chosen[:B].reshape(-1), weights=real[:, :, None].expand_as(chosen[:B]).reshape(-1), minlength=E))
             if self.stability:
-                same = (chosen[B:, :, 0] == top1).float().mean(1)
-                kept = (chosen[:B, :, :, None] == chosen[B:, :, None, :]).any(-1).float().mean((1, 2))
+                same = ((chosen[B:, :, 0] == top1).float() * real).sum(1) / n_real
+                kept = ((chosen[:B, :, :, None] == chosen[B:, :, None, :]).any(-1).float().mean(2) * real).sum(1) / n_real
                 out[f"routing_stability/layer{i}"], out[f"routing_stability_topk/layer{i}"] = same, kept
                 stable.append(same)
                 stable_k.append(kept)
@@ -149,12 +156,13 @@ class RouterAudit(Audit):
             out["routing_stability"] = torch.stack(stable).mean(0)
             out["routing_stability_topk"] = torch.stack(stable_k).mean(0)
         if self.ablation:
-            out["ablated_correct"] = Total(self._ablate(model, task, ids, labels) @ by_concept)
+            out["ablated_correct"] = Total(self._ablate(model, task, batch) @ by_concept)
         return out
 
-    def _ablate(self, model: nn.Module, task: Task, ids: Tensor, labels: Tensor) -> Tensor:
+    def _ablate(self, model: nn.Module, task: Task, batch: Batch) -> Tensor:
         """``(L, E_max, B)`` correctness with each expert of each layer masked at the router,
         all in one forward over ``L * E`` copies of the batch."""
+        ids, labels = batch["input_ids"], batch["labels"]
         B = ids.shape[0]
         blocks = [(i, e) for i, (E, _) in self.layers.items() for e in range(E)]
         edits = {}
@@ -164,8 +172,9 @@ class RouterAudit(Audit):
                 mask[r, 0, 0, e] = layer == i
             mask = mask.expand(-1, B, -1, -1).reshape(len(blocks) * B, 1, E)
             edits[f"blocks.{i}.moe.router"] = lambda x, m=mask: x.masked_fill(m, float("-inf"))
-        logits, _ = run_with(model, ids.repeat(len(blocks), 1), edits=edits)
-        correct = (answer_predictions(logits[:, -1], task).view(len(blocks), B) == labels).float()
+        with hooked(model, edits=edits):
+            logits = first_answer_logits(answer_forward(model, batch, ids.repeat(len(blocks), 1), narrows_last_block(model, edits)))
+        correct = (answer_predictions(logits, task).view(len(blocks), B) == labels).float()
         E_max = max(E for E, _ in self.layers.values())
         table = torch.zeros(len(self.layers), E_max, B, device=ids.device)
         index = {layer: n for n, layer in enumerate(self.layers)}
@@ -224,7 +233,8 @@ class RouterAudit(Audit):
         model.eval()
         try:
             with torch.no_grad():
-                _, cache = run_with(model, data["input_ids"].to(device), record=self._sites())
+                mask = data.get("attention_mask")
+                _, cache = run_with(model, data["input_ids"].to(device), record=self._sites(), attention_mask=None if mask is None else mask.to(device))
         finally:
             model.train(was_training)
         token_concept, _ = self._concept_of(data, data["input_ids"].shape)
@@ -234,8 +244,11 @@ class RouterAudit(Audit):
             chosen = top_k_experts(router, k, model.selection_bias(i).cpu())
             routes[i] = (chosen, router.softmax(-1).gather(-1, chosen))
         rows = []
+        real = data.get("attention_mask", torch.ones_like(data["input_ids"])).tolist()
         for j, tokens in enumerate(data["input_ids"].tolist()):
             for t, token in enumerate(tokens):
+                if not real[j][t]:
+                    continue
                 rows.append({
                     "example": j, "position": t, "token": task.token_name(token),
                     "concept": self.values[int(token_concept[j, t])] if self.concept is not None else None,

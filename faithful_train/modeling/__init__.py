@@ -59,3 +59,27 @@ def _build_backbone(spec: dict[str, Any], vocab_size: int, seq_len: int, seed: i
     if spec.get("path"):
         return HFAdapter.from_pretrained(spec["path"])
     return HFAdapter.from_config(spec["family"], dict(spec.get("config") or {}), vocab_size=vocab_size, seed=seed)
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The longest input a model takes (its position table), or ``None`` if it has no limit."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "max_seq_len"):
+        return cfg.max_seq_len
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None:
+        return model_context(backbone)
+    hf = getattr(model, "hf_model", None)
+    if hf is not None:
+        return getattr(hf.config, "n_positions", None) or getattr(hf.config, "max_position_embeddings", None)
+    return None
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` that never trains (eval mode, no gradients): the starting point that
+    capability preservation compares with."""
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from faithful_train.batches import gather_positions, last_real_position
 from faithful_train.concepts import ConceptLayout
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.modeling.transformer import Transformer
@@ -197,16 +198,23 @@ class BottleneckModel(nn.Module):
         """Blocks that run (those above the bottleneck are cut)."""
         return self.layer + 1
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.bottleneck(self.features(input_ids, attention_mask))
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, narrow: bool = True
+    ) -> Tensor:
+        """Answer logits ``(B, P, vocab)`` through the concepts, read at ``positions`` (B, P)
+        (default: each row's last real token). Every block below the bottleneck runs in full."""
+        return self.bottleneck(self.features(input_ids, attention_mask, positions))
 
-    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The bottleneck's input: ``blocks.{layer}.resid_post`` at the last position, ``(B, 1, D)``."""
+    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """The bottleneck's input: ``blocks.{layer}.resid_post`` at ``positions``, ``(B, P, D)``."""
+        if positions is None:
+            B, T = input_ids.shape
+            positions = last_real_position(attention_mask, T, B, input_ids.device)[:, None]
         if isinstance(self.backbone, Transformer):
-            resid = self.backbone.embed(input_ids)
+            resid = self.backbone.embed(input_ids, attention_mask)
             for block in self.backbone.blocks[: self.layer + 1]:
-                resid = block(resid)
-            return resid[:, -1:]
+                resid = block(resid, attention_mask)
+            return gather_positions(resid, positions)
         # other backbones (Hugging Face) run until the site is computed, then stop
         point = resolve_site(self.backbone, f"blocks.{self.layer}.resid_post")
 
@@ -217,7 +225,7 @@ class BottleneckModel(nn.Module):
         try:
             self.backbone(input_ids, attention_mask=attention_mask)
         except _Stop as stopped:
-            return stopped.value[:, -1:]
+            return gather_positions(stopped.value, positions)
         finally:
             handle.remove()
         raise RuntimeError(f"blocks.{self.layer}.resid_post was never computed")
@@ -229,10 +237,19 @@ class BottleneckModel(nn.Module):
         if not isinstance(self.backbone, Transformer):
             raise AttributeError("forward_from")
 
-        def forward_from(layer: int, resid: Tensor, last_only: bool = False) -> Tensor:
+        def forward_from(
+            layer: int,
+            resid: Tensor,
+            attention_mask: Tensor | None = None,
+            positions: Tensor | None = None,
+            narrow: bool = True,
+            last_only: bool = False,
+        ) -> Tensor:
             for block in self.backbone.blocks[layer : self.layer + 1]:
-                resid = block(resid)
-            return self.bottleneck(resid[:, -1:])
+                resid = block(resid, attention_mask)
+            if positions is None:
+                positions = last_real_position(attention_mask, resid.shape[1], resid.shape[0], resid.device)[:, None]
+            return self.bottleneck(gather_positions(resid, positions))
 
         return forward_from
 
@@ -249,7 +266,7 @@ class BottleneckModel(nn.Module):
         """Answer logits ``(B, vocab)`` of the head on concept units ``(B, U)`` with the side
         channel / value embeddings recorded in ``cache`` (a partial forward from the concepts)."""
         side, embeddings = cache.get("bottleneck.side"), cache.get("bottleneck.embeddings")
-        return self.bottleneck.readout(concepts[:, None], side, embeddings)[:, -1]
+        return self.bottleneck.readout(concepts[:, None], side, embeddings)[:, 0]
 
     def moe_layers(self) -> dict[int, tuple[int, int]]:
         moe = self.backbone.moe_layers() if hasattr(self.backbone, "moe_layers") else {}

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from faithful_train.batches import gather_positions, position_ids
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.sites import SitePoint
 
@@ -218,11 +219,24 @@ class HFAdapter(nn.Module):
     def _layers(self) -> nn.ModuleList:
         return self.hf_model.get_submodule(self._spec.layers)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Next-token logits ``(B, T, vocab)``."""
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, narrow: bool = True
+    ) -> Tensor:
+        """Next-token logits ``(B, T, vocab)``, or ``(B, P, vocab)`` at ``positions`` (B, P) (every
+        position runs; ``narrow`` is accepted for interface parity with ours).
+
+        With an ``attention_mask``, position ids count real tokens only (Hugging Face models
+        count from the start of the row otherwise), so left padding does not shift positions.
+        """
         # kept after the forward: gradient checkpointing re-runs layers (and hooks) in backward
         self._tokens_shape = (input_ids.shape[0], input_ids.shape[1])
-        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["position_ids"] = position_ids(attention_mask, input_ids.shape[1], input_ids.device)
+        hidden = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)[0]
+        if positions is not None:
+            hidden = gather_positions(hidden, positions)
+        return self.hf_model.get_output_embeddings()(hidden)
 
     def site_points(self) -> dict[str, SitePoint]:
         spec = self._spec

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from faithful_train.batches import gather_positions, position_ids
 from faithful_train.sites import HookPoint, SitePoint
 
 
@@ -58,16 +59,32 @@ class Attention(nn.Module):
         self.hook_heads = HookPoint()
         self.hook_out = HookPoint()
 
-    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
-        """``last_only``: compute only the last position's output (it attends to every position,
-        so no mask is needed); returns ``(B, 1, D)``."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """``mask`` (B, T): 1 on real tokens (padding is never attended to). ``positions`` (B, P):
+        compute only these query positions (each attends causally to the tokens up to it);
+        returns ``(B, P, D)`` then, else ``(B, T, D)``."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).unbind(dim=2)  # (B, T, H, Dh) each
-        if last_only:
-            q = q[:, -1:]
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=not last_only)
-        z = self.hook_heads(z.transpose(1, 2))  # (B, T or 1, H, Dh)
+        if mask is None and positions is None:
+            z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        else:
+            if positions is not None:
+                q = gather_positions(q, positions)
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed_keys(mask, positions, B, T, x.device)
+            )
+        z = self.hook_heads(z.transpose(1, 2))  # (B, T or P, H, Dh)
         return self.hook_out(self.proj(z.reshape(B, q.shape[1], D)))
+
+
+def allowed_keys(mask: Tensor | None, positions: Tensor | None, B: int, T: int, device: torch.device) -> Tensor:
+    """``(B, 1, P, T)`` boolean: query ``p`` attends to keys at or before it that are real tokens,
+    and always to itself (a padding query then has one key, not none: finite, never read)."""
+    keys = torch.arange(T, device=device)
+    queries = keys[None].expand(B, T) if positions is None else positions
+    causal = keys[None, None, :] <= queries[:, :, None]
+    allowed = causal if mask is None else causal & mask.bool()[:, None, :]
+    return (allowed | (keys[None, None, :] == queries[:, :, None]))[:, None]
 
 
 class MLP(nn.Module):
@@ -127,10 +144,12 @@ class Block(nn.Module):
         self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
-    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """``positions`` (B, P): this block computes only those positions (the last block of a
+        forward whose caller reads only them); its sites past ``resid_pre`` then have P positions."""
         x = self.hook_resid_pre(x)
-        attended = self.attn(self.ln1(x), last_only)
-        x = self.hook_resid_mid((x[:, -1:] if last_only else x) + attended)
+        attended = self.attn(self.ln1(x), mask, positions)
+        x = self.hook_resid_mid((x if positions is None else gather_positions(x, positions)) + attended)
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
 
     def site_points(self) -> dict[str, SitePoint]:
@@ -177,28 +196,45 @@ class Transformer(nn.Module):
     def n_layers(self) -> int:
         return self.cfg.n_layers
 
-    def embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Token + position embeddings; positions count real tokens only, so padding (left or
+        right) does not move an example's positions."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
-        positions = torch.arange(T, device=input_ids.device)
-        return self.hook_embed(self.tok_emb(input_ids) + self.pos_emb(positions))
+        return self.hook_embed(self.tok_emb(input_ids) + self.pos_emb(position_ids(attention_mask, T, input_ids.device)))
 
-    def forward_from(self, layer: int, resid: Tensor, last_only: bool = False) -> Tensor:
+    def forward_from(
+        self,
+        layer: int,
+        resid: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        narrow: bool = True,
+        last_only: bool = False,
+    ) -> Tensor:
         """Resume the forward pass at block ``layer`` from its input residual stream.
 
-        ``last_only``: the caller needs only the last position's logits ``(B, 1, vocab)``, so
-        the last block computes only that position (every site of the last block but
-        ``resid_pre`` then has one position).
+        ``positions`` (B, P): the caller needs only these positions' logits ``(B, P, vocab)``.
+        With ``narrow`` the last block computes only them (every site of the last block but
+        ``resid_pre``, and ``final``, then has P positions); without, every position runs and
+        the logits are taken at ``positions``. ``last_only``: the last position of every row.
         """
+        if last_only and positions is None:
+            positions = torch.full((resid.shape[0], 1), resid.shape[1] - 1, dtype=torch.long, device=resid.device)
+        last = self.cfg.n_layers - 1
         for i in range(layer, self.cfg.n_layers):
-            resid = self.blocks[i](resid, last_only and i == self.cfg.n_layers - 1)
+            resid = self.blocks[i](resid, attention_mask, positions if narrow and i == last else None)
+        if positions is not None and not (narrow and layer <= last):
+            resid = gather_positions(resid, positions)
         return self.unembed(self.hook_final(self.ln_f(resid)))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        # attention_mask is accepted for interface parity with Hugging Face models; our tasks
-        # have no padding, and the causal mask already keeps later tokens out.
-        return self.forward_from(0, self.embed(input_ids))
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, narrow: bool = True
+    ) -> Tensor:
+        """Next-token logits ``(B, T, vocab)``, or ``(B, P, vocab)`` at ``positions`` only.
+        ``attention_mask`` (B, T): 1 on real tokens; an example's logits do not depend on its padding."""
+        return self.forward_from(0, self.embed(input_ids, attention_mask), attention_mask, positions, narrow)
 
     def moe_layers(self) -> dict[int, tuple[int, int]]:
         """``{layer: (n_experts, top_k)}`` of the mixture-of-experts blocks."""

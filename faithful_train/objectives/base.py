@@ -67,19 +67,23 @@ class StepContext:
     """What the step's shared forward produced, handed to every objective."""
 
     batch: Batch
-    logits: Tensor  # (B, T, vocab) of the plain forward
+    logits: Tensor  # the plain forward's: (B, T, vocab), or (B, A, vocab) at the answer positions
+    # unless an objective needs the frozen reference (then every position)
     cache: dict[str, Tensor]  # recorded sites, not detached
     model: nn.Module
     task: Task
     step: int
     generator: torch.Generator  # seeded by (run seed, step, rank): resumable randomness
     extras: dict[str, Any] = field(default_factory=dict)
+    reference: nn.Module | None = None  # the frozen starting model, when an objective needs one
 
 
 class Objective(Callback, ABC):
     """Base class. Subclasses set ``name`` and implement ``sites`` and ``term``."""
 
     name: str = "objective"
+    # whether the term needs a frozen copy of the starting model (``StepContext.reference``)
+    needs_reference: bool = False
 
     def __init__(self, weight: float = 1.0, schedule: Any = None, label: str | None = None):
         if weight < 0:

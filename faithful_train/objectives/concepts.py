@@ -71,8 +71,8 @@ class ConceptsObjective(Objective):
         model = bottleneck_of(ctx.model, f"objective {self.label!r}")
         layout, cache = model.layout, ctx.cache
         labels = model.concept_labels(ctx.batch)
-        concepts = cache["bottleneck.concepts"][:, -1]
-        parts = {"concept": concept_loss(layout, cache["bottleneck.logits"][:, -1], labels)}
+        concepts = cache["bottleneck.concepts"][:, 0]  # the one position the bottleneck reads
+        parts = {"concept": concept_loss(layout, cache["bottleneck.logits"][:, 0], labels)}
         total = self.concept * parts["concept"]
         if "bottleneck.side" in cache:
             parts["leakage"] = gaussian_channel_kl(cache["bottleneck.side"])  # logged even when not penalised

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from faithful_train.batches import answer_forward, first_answer_logits
 from faithful_train.cot import STEP_CHOICES, corrupted_steps, follow_loss
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.objectives.base import Objective, StepContext
@@ -56,4 +57,4 @@ class CounterfactualCotObjective(Objective):
         rows = {k: v[:n] for k, v in ctx.batch.items()}
         step = corrupted_steps(n, task.n_steps, self.steps, ctx.generator).to(ids.device)
         corrupted, follow = task.corrupt(rows, step, ctx.generator)
-        return follow_loss(ctx.model(corrupted)[:, -1], follow)
+        return follow_loss(first_answer_logits(answer_forward(ctx.model, rows, corrupted)), follow)

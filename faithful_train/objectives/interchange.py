@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from faithful_train.batches import answer_mask, answer_targets, tile
 from faithful_train.causal import (
     Swap,
     counterfactual_targets,
@@ -34,6 +35,8 @@ from faithful_train.causal import (
     parse_alignment,
     parse_sites,
     swap_forward,
+    swap_positions,
+    teacher_forced,
     variable_swaps,
 )
 from faithful_train.das import SiteBases, rotated_sites, variable_bases
@@ -41,7 +44,7 @@ from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.partial import ResumePlan, frozen_parameters, plan_resume
 from faithful_train.sites import run_with
-from faithful_train.tasks.base import Task, take
+from faithful_train.tasks.base import Pairs, Task, take
 
 SUBSPACES = ("fixed", "learned")
 
@@ -50,7 +53,8 @@ def site_widths(model: nn.Module, task: Task, names: list[str]) -> dict[str, int
     """The last-dimension width of each site, from one example."""
     with torch.no_grad():
         device = next(model.parameters()).device
-        _, cache = run_with(model, task.sample(1, 0)["input_ids"].to(device), record=names)
+        sample = {k: v.to(device) for k, v in task.sample(1, 0).items()}
+        _, cache = run_with(model, sample["input_ids"], record=names, attention_mask=sample.get("attention_mask"))
     return {name: cache[name].shape[-1] for name in names}
 
 
@@ -91,7 +95,7 @@ class InterchangeObjective(Objective):
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         parse_alignment({v: ref.to_dict() for v, ref in self.alignment.items()}, model, task)
-        parse_sites([ref.to_dict() for ref in self.strict], model)
+        parse_sites([ref.to_dict() for ref in self.strict], model, task)
         patched = sorted({ref.name for ref in self.alignment.values()} | {ref.name for ref in self.strict})
         self.plan = plan_resume(model, patched) if self.resume else None
         if self.subspace == "learned":
@@ -115,24 +119,48 @@ class InterchangeObjective(Objective):
         names = list(self.alignment)
         if self.variables_mode == "sample":
             names = [names[int(torch.randint(len(names), (1,), generator=ctx.generator))]]
-        ids = ctx.batch["input_ids"]
-        B = ids.shape[0]
-        permutation = torch.randperm(B, generator=ctx.generator).to(ids.device)
+        batch = ctx.batch
+        B = batch["input_ids"].shape[0]
+        pairs = ctx.task.interchange_pairs(batch, names, ctx.generator)
         cache = ctx.cache if self.update_model else {k: v.detach() for k, v in ctx.cache.items()}
-        sources = {ref.name: cache[ref.name][permutation] for ref in self.alignment.values()}
+        activations = self._source_activations(ctx, pairs, names, cache)
         if self.detach_source:
-            sources = {name: act.detach() for name, act in sources.items()}
+            activations = {v: {n: a.detach() for n, a in acts.items()} for v, acts in activations.items()}
         bases = variable_bases(self.alignment, self.bases()) if self.bases is not None else None
-        groups = variable_swaps(self.alignment, names, sources, bases)
+        groups = variable_swaps(self.alignment, names, batch, pairs.sources, activations, bases)
         if self.strict:
-            resample = torch.randperm(B, generator=ctx.generator).to(ids.device)
-            groups.append([Swap(ref, cache[ref.name][resample]) for ref in self.strict])
+            resample = torch.randperm(B, generator=ctx.generator).to(batch["input_ids"].device)
+            resampled = take(batch, resample)
+            groups.append([Swap(ref, cache[ref.name][resample], None, *swap_positions(ref, batch, resampled)) for ref in self.strict])
+        targets, masks = counterfactual_targets(pairs, names)
+        if self.strict:
+            targets = torch.cat([targets, answer_targets(batch)])
+            masks = torch.cat([masks, answer_mask(batch)])
+        variant_ids = None
+        if targets.shape[1] > 1:  # multi-token answers: each variant reads its own answer's tokens
+            variant_ids = teacher_forced(tile(batch, len(groups), ("input_ids", "answer_pos", "answer_mask")), targets)
         with nullcontext() if self.update_model else frozen_parameters(ctx.model):
-            answers = swap_forward(ctx.model, ids, groups, cache, self.plan)
-        targets = counterfactual_targets(ctx.task, ctx.batch, take(ctx.batch, permutation), names)
-        iit = interchange_loss(answers[: len(names) * B], targets)
+            answers = swap_forward(ctx.model, batch, groups, cache, self.plan, variant_ids)
+        iit = interchange_loss(answers[: len(names) * B], targets[: len(names) * B], masks[: len(names) * B])
         if not self.strict:
             return iit
-        strict = interchange_loss(answers[len(names) * B :], ctx.batch["labels"])
+        strict = interchange_loss(answers[len(names) * B :], targets[len(names) * B :], masks[len(names) * B :])
         self.parts = {"iit": iit.detach(), "strict": strict.detach()}
         return iit + self.strict_weight * strict
+
+    def _source_activations(
+        self, ctx: StepContext, pairs: Pairs, names: list[str], cache: dict[str, Tensor]
+    ) -> dict[str, dict[str, Tensor]]:
+        """Each variable's source activations at its site: the step's own, reordered, for
+        in-batch sources; one extra forward of the given rows for explicit pairs."""
+        sites = sorted({self.alignment[v].name for v in names})
+        if pairs.permutation is not None:
+            reordered = {name: cache[name][pairs.permutation] for name in sites}
+            return {v: reordered for v in names}
+        out = {}
+        for v in names:
+            source = pairs.sources[v]
+            with nullcontext() if self.update_model else torch.no_grad():
+                _, acts = run_with(ctx.model, source["input_ids"], record=[self.alignment[v].name], attention_mask=source.get("attention_mask"))
+            out[v] = acts
+        return out

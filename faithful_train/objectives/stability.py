@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.attribution import METHODS, OUTPUTS, QUADRATURES, aligned_cosine, attribute_tokens, input_gradients
+from faithful_train.batches import answer_position, as_variant, pad_columns, stack_rows
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task, take
@@ -82,21 +83,28 @@ class StabilityObjective(Objective):
         m = max(1, round(self.fraction * n))
         rows = torch.randperm(n, generator=ctx.generator)[:m].to(batch["labels"].device)
         sub = take(batch, rows)
-        ids, target = sub["input_ids"], sub["labels"]
+        parts_rows = [sub]
         if self.stability:
             perturbed, source = ctx.task.perturb_aligned(sub, ctx.generator)
-            ids, target = torch.cat([ids, perturbed]), torch.cat([target, target])
+            parts_rows.append(as_variant(sub, perturbed))
+        stacked = stack_rows(parts_rows)
+        target = sub["labels"].repeat(len(parts_rows))
         parts: dict[str, Tensor] = {}
         total = ctx.logits.new_zeros(())
         if self.stability:
             attr = attribute_tokens(
-                ctx.model, ids, target, self.method, steps=self.steps, quadrature=self.quadrature,
-                create_graph=True, output=self.output,
+                ctx.model, stacked["input_ids"], target, self.method, steps=self.steps, quadrature=self.quadrature,
+                create_graph=True, output=self.output, attention_mask=stacked.get("attention_mask"),
+                positions=answer_position(stacked),
             ).values  # fmt: skip
+            source = pad_columns(source, attr.shape[1], -1)
             parts["stability"] = (1 - aligned_cosine(attr[:m], attr[m:], source)).mean()
             total = total + self.stability * parts["stability"]
         if self.right_reasons:
-            grads = input_gradients(ctx.model, sub["input_ids"], sub["labels"], output="sum_logprob")
+            grads = input_gradients(
+                ctx.model, sub["input_ids"], sub["labels"], output="sum_logprob",
+                attention_mask=sub.get("attention_mask"), positions=answer_position(sub),
+            )  # fmt: skip
             parts["right_reasons"] = (grads.pow(2).sum(-1) * sub["irrelevant"]).sum(1).mean()
             total = total + self.right_reasons * parts["right_reasons"]
         self.parts = {k: v.detach() for k, v in parts.items()}

@@ -22,12 +22,13 @@ To write your own task, subclass ``Task`` in your own file and name it in a conf
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from faithful_train.errors import UnknownNameError
+from faithful_train.errors import ConfigError, UnknownNameError
 
 Batch = dict[str, Tensor]
 
@@ -58,6 +59,11 @@ class Task(ABC):
     def answer_tokens(self) -> tuple[int, ...] | None:
         """The tokens an answer can be (audits predict among these), or ``None`` for any token."""
         return None
+
+    @property
+    def spans(self) -> tuple[str, ...]:
+        """Named spans in batches (``span/<name>``), which alignments can name as positions."""
+        return ()
 
     @property
     def concepts(self) -> dict[str, tuple[str, ...]]:
@@ -103,9 +109,76 @@ class Task(ABC):
         values = {v: (source if v in variables else base)[f"var/{v}"] for v in self.variables}
         return self.label_from_variables(values)
 
+    def counterfactual_answers(self, base: Batch, source: Batch, variables: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(answer ids (B, A), mask (B, A))`` of each base example after setting ``variables``
+        to the source's values; one token (``counterfactual_labels``) unless a task overrides it."""
+        labels = self.counterfactual_labels(base, source, variables)[:, None]
+        return labels, torch.ones_like(labels, dtype=torch.bool)
+
+    def explicit_pairs(self, batch: Batch, variables: Sequence[str]) -> Pairs | None:
+        """The counterfactual pairs a batch carries for ``variables`` (a file's ``source.<v>`` and
+        ``counterfactual_answer.<v>`` columns), or ``None`` (generated tasks: none)."""
+        return None
+
+    def pairs_from(self, base: Batch, source: Batch, variables: Sequence[str]) -> Pairs:
+        """Pairs with one source set for every variable, answers from the causal model."""
+        answers = {v: self.counterfactual_answers(base, source, [v]) for v in variables}
+        return Pairs({v: source for v in variables}, answers)
+
+    def interchange_pairs(self, batch: Batch, variables: Sequence[str], generator: torch.Generator) -> Pairs:
+        """The source of each base example for an interchange on each variable, and the answer the
+        causal model then predicts. Default: one in-batch permutation for every variable (its
+        activations are the step's own, recorded in its forward). Tasks with explicit
+        counterfactual pairs (a file's ``source.<v>`` columns) return those rows instead."""
+        explicit = self.explicit_pairs(batch, variables)
+        if explicit is not None:
+            return explicit
+        B = batch["input_ids"].shape[0]
+        permutation = torch.randperm(B, generator=generator).to(batch["input_ids"].device)
+        source = take(batch, permutation)
+        answers = {v: self.counterfactual_answers(batch, source, [v]) for v in variables}
+        return Pairs({v: source for v in variables}, answers, permutation)
+
     def sample(self, n: int, seed: int) -> Batch:
-        """A fixed, seeded set (audit and validation sets)."""
+        """A fixed, seeded set (audit sets; validation too, unless ``validation_set`` differs)."""
         return self.generate(n, torch.Generator().manual_seed(seed))
+
+    def validation_set(self, n: int, seed: int) -> Batch:
+        """The fixed validation set."""
+        return self.sample(n, seed)
+
+    def train_batch(self, index: int, batch_size: int, seed: int) -> Batch:
+        """Training batch ``index`` of the stream: a pure function of ``index`` (exact resume)."""
+        from faithful_train.data import batch_seed
+
+        return self.generate(batch_size, torch.Generator().manual_seed(batch_seed(seed, index)))
+
+    def perplexity_batches(self, batch_size: int) -> list[Batch] | None:
+        """Batches of held-out plain text for ``val/ppl`` (``None``: the task has none)."""
+        return None
+
+    def check_context(self, context: int) -> None:
+        """Raise a ``FaithfulError`` if an input is longer than a model's ``context``."""
+        if self.seq_len > context:
+            raise ConfigError(f"task {self.name!r}: sequences of {self.seq_len} tokens exceed the model's context ({context})")
+
+    def check_sample_size(self, n: int, owner: str) -> None:
+        """Raise a ``FaithfulError`` if ``n`` examples cannot be sampled (finite data)."""
+
+    def column_hint(self, feature: str) -> str:
+        """Where a task that reads files would find ``feature`` (an error's hint), or ``""``."""
+        return ""
+
+
+@dataclass
+class Pairs:
+    """Interchange pairs per variable: the source rows (row-aligned with the base batch), the
+    counterfactual answer ``(ids (B, A), mask (B, A))``, and, when every source is the batch's
+    own rows reordered, that ``permutation`` (the sources' activations are then the step's)."""
+
+    sources: dict[str, Batch]
+    answers: dict[str, tuple[Tensor, Tensor]]
+    permutation: Tensor | None = None
 
 
 def take(batch: Batch, index: Tensor | slice) -> Batch:

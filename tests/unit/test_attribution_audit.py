@@ -23,6 +23,7 @@ from faithful_train.audits.attribution import (
 )
 from faithful_train.errors import UnknownNameError
 from faithful_train.registry import AUDITS
+from faithful_train.batches import gather_positions
 from faithful_train.sites import HookPoint, SitePoint
 from faithful_train.tasks.base import Task
 from faithful_train.tasks.concept_objects import ConceptObjects
@@ -49,11 +50,12 @@ class BagOfTokens(nn.Module):
     def site_points(self) -> dict[str, SitePoint]:
         return {"embed": SitePoint(self.hook_embed)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions=None, narrow=True) -> torch.Tensor:
         e = self.hook_embed(self.emb(input_ids))
         if self.scales is not None:
             e = e * self.scales[: input_ids.shape[1], None]
-        return self.readout(e.sum(1))[:, None].expand(-1, input_ids.shape[1], -1)
+        logits = self.readout(e.sum(1))[:, None].expand(-1, input_ids.shape[1], -1)
+        return logits if positions is None else gather_positions(logits, positions)
 
 
 class PickTask(Task):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from faithful_train.batches import gather_positions
 from faithful_train.audits.cot import CotAudit
 from faithful_train.cot import area_over_curve, corrupted_steps, follow_loss
 from faithful_train.errors import ConfigError
@@ -71,7 +72,7 @@ class Planted(nn.Module):
         self.task, self.follow = task, follow
         self.dummy = nn.Parameter(torch.zeros(1))
 
-    def forward(self, ids, attention_mask=None):
+    def forward(self, ids, attention_mask=None, positions=None, narrow=True):
         p, n = self.task.modulus, self.task.n_operands
         if self.follow:
             answer = (ids[:, self.task.step_positions[-1]] + ids[:, n - 1]) % p  # filler -> some wrong value
@@ -79,7 +80,7 @@ class Planted(nn.Module):
             answer = ids[:, :n].sum(1) % p
         logits = torch.zeros(ids.shape[0], ids.shape[1], self.task.vocab_size) + self.dummy
         logits[torch.arange(ids.shape[0]), -1, answer] = 10.0
-        return logits
+        return logits if positions is None else gather_positions(logits, positions)
 
 
 def test_cot_audit_on_planted_models():

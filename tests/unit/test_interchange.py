@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from faithful_train.audits.interchange import InterchangeAudit
+from faithful_train.batches import gather_positions
 from faithful_train.causal import interchange_hits, interchange_loss, parse_alignment
 from faithful_train.errors import UnknownNameError
 from faithful_train.objectives.base import StepContext
@@ -31,7 +32,7 @@ class PlantedEquality(nn.Module):
     def site_points(self):
         return {"h": SitePoint(self.hook_h)}
 
-    def forward(self, ids, attention_mask=None):
+    def forward(self, ids, attention_mask=None, positions=None, narrow=True):
         w, x, y, z = ids.unbind(1)
         left, right = (w == x).float(), (y == z).float()
         units = [left, right, left] + [torch.zeros_like(left)] * (self.width - 3)
@@ -40,7 +41,7 @@ class PlantedEquality(nn.Module):
         logits = torch.zeros(ids.shape[0], 4, self.task.vocab_size) + self.dummy
         logits[:, -1, self.task.true_token] = 10 * same
         logits[:, -1, self.task.false_token] = 10 * (1 - same)
-        return logits
+        return logits if positions is None else gather_positions(logits, positions)
 
 
 def test_pure_loss_and_hits():

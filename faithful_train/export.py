@@ -1,0 +1,72 @@
+"""``faithful-train export RUN_DIR --out DIR``: a run's model (and tokenizer) as a Hugging Face
+directory (``save_pretrained``), loadable with ``AutoModelForCausalLM.from_pretrained(DIR)``.
+
+Hugging Face models are saved as they are; our dense transformer as the GPT-2 it equals
+(``modeling.convert``). The directory is written beside ``DIR`` and renamed into place, so an
+interrupted export leaves nothing half-written. The checkpoint is loaded with
+``weights_only=True``: it cannot run code.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from faithful_train.errors import ConfigError
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint's contents, loaded without running code, or a one-line error."""
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path} is not a checkpoint that loads safely: {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    return state
+
+
+def export_run(run_dir: str | Path, out: str | Path, ckpt: str | Path | None = None) -> Path:
+    from faithful_train import run as runs
+    from faithful_train.config import load_config
+    from faithful_train.modeling.transformer import Transformer
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    state = load_checkpoint(Path(ckpt) if ckpt else run_dir / "checkpoints" / "last.ckpt")
+    cfg = load_config(run_dir / "config.yaml")
+    cfg.objectives, cfg.audits = [], []  # only the model and the task's tokenizer are needed
+    run = runs.build(cfg, run_dir)
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = run.module.model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"the checkpoint does not fit the run's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model = run.module.model
+    if isinstance(model, Transformer):
+        from faithful_train.modeling.convert import to_gpt2
+
+        hf_model = to_gpt2(model)
+    elif hasattr(model, "hf_model"):
+        hf_model = model.hf_model
+    else:
+        raise ConfigError(f"export: a {type(model).__name__} has no Hugging Face form (concept bottlenecks do not export)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        hf_model.save_pretrained(staging)
+        tokenizer = getattr(run.task, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
