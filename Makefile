@@ -36,6 +36,7 @@ benchmarks: install .bench/pyvene
 	$(PY) benchmarks/router_step.py
 	$(PY) benchmarks/attribution.py
 	$(PY) benchmarks/stability_step.py
+	$(PY) benchmarks/text_step.py
 
 clean:
 	rm -rf $(VENV) runs wandb .pytest_cache .bench

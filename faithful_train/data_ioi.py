@@ -14,6 +14,9 @@ word-level tokenizer and character spans are simple.
   held-out names (IO and S both).
 - ``text.txt``: full sentences (``prompt + " " + answer``), one per line, for held-out perplexity;
   each line draws its names either from the val (train-name) pool or from the audit pool.
+- ``corpus.txt``: pretraining text for the language-model loss (``task.lm_text``): IOI sentences and
+  plain sentences over every name, held-out ones too, as a pretrained model has seen every name;
+  the task files (what the objectives fine-tune on) hold the audit's names out.
 - ``tokenizer/``: a ``WordLevel`` tokenizer (``[PAD]``, ``[UNK]``, then every word that can occur,
   sorted) with the ``Whitespace`` pre-tokenizer, saved as a ``PreTrainedTokenizerFast``.
 
@@ -21,6 +24,7 @@ Row schema (nested JSON objects)::
 
     prompt                   the sentence without its answer; its last word is "to"
     answer                   the IO name (one word, one token)
+    foil                     the S name, the competing answer (``val/logit_diff``: IO against S)
     variables.IO / .S        the two names; variables.order is "ABBA" or "BABA"
     spans.IO / .S1 / .S2     [start, end) character spans in prompt of IO and both S mentions
     spans.end                the span of the prompt's last word
@@ -69,8 +73,22 @@ NAMES = [
     "Adam", "Diana", "Frank", "Nora", "George", "Olivia", "Henry", "Rose", "Ivan", "Sophie",
     "Jack", "Lucy", "Oscar", "Ruth", "Victor", "Wendy", "Simon", "Hannah",
 ]  # fmt: skip
+# more names than a small model's width: a copying circuit that works for every train name must
+# then be close to the identity on the name embeddings, which carries it over to held-out names
+NAMES += [a + b for a in ("Ka", "Lo", "Mi", "Ra", "Te", "Vo", "Su", "Ne", "Di", "Bo", "Fa", "Zu") for b in ("ren", "la", "mo", "tis", "van", "del", "ria", "son", "bek")]
 PLACES = ["store", "garden", "restaurant", "school", "hospital", "office", "house", "station", "park", "library"]
 OBJECTS = ["ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack", "book", "bottle"]
+# plain sentences for the language-model corpus: every name (held-out ones too) in contexts that are
+# not IOI, so each name's embedding and unembedding are trained while IOI is learned on train names
+CORPUS_TEMPLATES = [
+    "{N} went to the {PLACE} .",
+    "{N} has a {OBJECT} .",
+    "The {OBJECT} is at the {PLACE} with {N} .",
+    "At the {PLACE} , {N} found a {OBJECT} .",
+    "Then , {N} said to {M} .",
+    "{N} and {M} went to the {PLACE} .",
+    "A {OBJECT} was given to {N} .",
+]
 SPECIALS = ["[PAD]", "[UNK]"]
 TRAIN_NAME_FRACTION = 0.75
 _WORD = re.compile(r"\w+|[^\w\s]+")  # what tokenizers' Whitespace pre-tokenizer splits out
@@ -101,6 +119,7 @@ def make_row(rng: random.Random, io: str, s: str) -> dict[str, Any]:
     return {
         "prompt": prompt,
         "answer": io,
+        "foil": s,
         "variables": {"IO": io, "S": s, "order": order},
         "spans": {"IO": slots[io][0], "S1": s1, "S2": s2, "end": [len(prompt) - len(words[-1]), len(prompt)]},
         "template": template,
@@ -146,7 +165,7 @@ def make_split(rng: random.Random, names: list[str], n: int) -> list[dict[str, A
 
 def vocabulary() -> list[str]:
     """Every word that can occur in a prompt or answer: specials first, then sorted words."""
-    words = {w for t in TEMPLATES for w in t.split(" ") if not w.startswith("{")}
+    words = {w for t in TEMPLATES + CORPUS_TEMPLATES for w in t.split(" ") if not w.startswith("{")}
     words |= set(NAMES) | set(PLACES) | set(OBJECTS)
     assert all(_WORD.fullmatch(w) for w in words), "every word must be a single pre-token"
     return SPECIALS + sorted(words)
@@ -180,8 +199,26 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
+def corpus_line(rng: random.Random, names: list[str]) -> str:
+    """One line of the language-model corpus: half IOI sentences with their answer, half plain
+    sentences, over every name (what pretraining text holds; the task files hold out names)."""
+    if rng.random() < 0.5:
+        row = make_row(rng, *rng.sample(names, 2))
+        return f"{row['prompt']} {row['answer']}"
+    template = rng.choice(CORPUS_TEMPLATES)
+    n, m = rng.sample(names, 2)
+    fill = {"{N}": n, "{M}": m, "{PLACE}": rng.choice(PLACES), "{OBJECT}": rng.choice(OBJECTS)}
+    return " ".join(fill.get(w, w) for w in template.split(" "))
+
+
 def write_ioi(
-    out: str | Path, seed: int = 0, n_train: int = 20000, n_val: int = 1000, n_audit: int = 1000, n_text: int = 2000
+    out: str | Path,
+    seed: int = 0,
+    n_train: int = 20000,
+    n_val: int = 1000,
+    n_audit: int = 1000,
+    n_text: int = 2000,
+    n_corpus: int = 20000,
 ) -> dict[str, Path]:
     """Write the IOI splits, ``text.txt`` and the tokenizer into ``out``; returns name -> path."""
     out = Path(out)
@@ -206,5 +243,8 @@ def write_ioi(
         lines.append(f"{row['prompt']} {row['answer']}\n")
     paths["text"] = out / "text.txt"
     atomic_write_text(paths["text"], "".join(lines))
+    corpus_rng = random.Random(rng.getrandbits(64))  # drawn last: the other parts are as before
+    paths["corpus"] = out / "corpus.txt"
+    atomic_write_text(paths["corpus"], "".join(corpus_line(corpus_rng, NAMES) + "\n" for _ in range(n_corpus)))
     paths["tokenizer"] = _save_tokenizer(out)
     return paths

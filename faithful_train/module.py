@@ -28,6 +28,7 @@ from faithful_train.batches import (
     answer_targets,
     attention_mask,
     exact_match,
+    first_answer_logits,
     gather_positions,
     language_model_loss,
     token_kl,
@@ -114,6 +115,11 @@ class FaithfulModule(LightningModule):
         if self.lm_weight > 0:
             lm = language_model_loss(logits, batch["input_ids"], mask)
             self.log("train/lm_loss", lm, batch_size=size)
+            if "lm_text/input_ids" in batch:  # the task's plain text, beside the examples
+                text_mask = batch["lm_text/attention_mask"]
+                text_lm = language_model_loss(self.model(batch["lm_text/input_ids"], attention_mask=text_mask), batch["lm_text/input_ids"], text_mask)
+                self.log("train/lm_text_loss", text_lm, batch_size=size)
+                lm = (lm + text_lm) / 2
             loss = loss + self.lm_weight * lm
         if active:
             seed = batch_seed(self.seed + 12_345, step * self.trainer.world_size + self.global_rank)
@@ -150,6 +156,10 @@ class FaithfulModule(LightningModule):
         else:
             answers = answer_forward(self.model, batch)
         self.val_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
+        if "foil_ids" in batch:  # two-answer tasks (IOI: IO against S)
+            first = first_answer_logits(answers)
+            diff = first.gather(1, batch["labels"][:, None]) - first.gather(1, batch["foil_ids"][:, None])
+            self.log("val/logit_diff", diff.float().mean(), sync_dist=True, batch_size=size, add_dataloader_idx=False)
         self.log("val/task_loss", task_loss(answers, batch), sync_dist=True, batch_size=size, add_dataloader_idx=False)
         self.log("val/task_acc", self.val_acc, prog_bar=True, batch_size=size, add_dataloader_idx=False)
 

@@ -7,7 +7,8 @@ For each aligned variable ``v`` and each (base, source) pair of a fixed, seeded 
 
 Figures (argmax over the task's answer tokens, so chance is chance and not 0):
 
-- ``iia/<v>`` the mean of ``hit_v``; ``iia`` the mean over variables.
+- ``iia/<v>`` the mean of ``hit_v``; ``iia`` the mean over variables; ``task_acc`` the model's
+  accuracy on the audit's base inputs, unintervened (every answer token right).
 - ``iia_changed/<v>``: only the pairs whose counterfactual label differs from the base label,
   where a model that ignores the site always fails.
 - ``control/random_subspace/...``: the same swaps along a random orthonormal subspace of the
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
 from faithful_train.batches import (
+    answer_mask,
     answer_positions,
     answer_targets,
     first_answer_logits,
@@ -139,11 +141,13 @@ class InterchangeAudit(Audit):
         self.site_bases = owned[self.rotation_from]
 
     def metric_names(self, task: Task) -> list[str]:
-        names = ["iia"]
+        names = ["iia", "task_acc"]
         for var in self.alignment:
             names += [f"iia/{var}", f"iia_changed/{var}"]
         for control in self.controls:
             names += [f"control/{control}/iia", *(f"control/{control}/iia/{var}" for var in self.alignment)]
+        if "random_model" in self.controls:
+            names.append("control/random_model/task_acc")
         if self.strict:
             names += ["strict_iia", "strict_changed"]
         return names
@@ -231,6 +235,8 @@ class InterchangeAudit(Audit):
                 variant_ids = teacher_forced(tiled, torch.cat(group_targets))
             answers = swap_forward(net, base, groups, base_cache, plan, variant_ids)
             record(prefix, answers[: V * B])
+            clean_answers = gather_positions(logits[:B], answer_positions(base))
+            values[f"{prefix}task_acc"] = interchange_hits(clean_answers, answer_targets(base), answer_mask(base), task)
             if prefix == "" and "random_subspace" in self.controls:
                 record("control/random_subspace/", answers[V * B : 2 * V * B])
             if prefix == "" and self.strict:

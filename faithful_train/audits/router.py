@@ -72,7 +72,7 @@ class RouterAudit(Audit):
             self.concept = task.check_concept(self.concept, f"audit {self.label!r}")
             self.values = task.concepts[self.concept]
         if self.stability and task.perturb(task.sample(2, 0), torch.Generator().manual_seed(0)) is None:
-            raise ConfigError(f"audit {self.label!r}: task {task.name!r} has no perturbations; set stability: false")
+            raise ConfigError(f"audit {self.label!r}: task {task.name!r} has no position-aligned perturbations; set stability: false")
         super().bind(model, task, run_seed)
 
     def metric_names(self, task: Task) -> list[str]:

@@ -195,6 +195,12 @@ class HFAdapter(nn.Module):
         """
         _family(family)
         config = {**config, **({"vocab_size": vocab_size} if vocab_size is not None else {})}
+        defaults = AutoConfig.for_model(family)
+        vocab = config.get("vocab_size", defaults.vocab_size)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a family default outside a small vocabulary
+            value = getattr(defaults, key, None)
+            if isinstance(value, int) and value >= vocab and key not in config:
+                config[key] = None
         hf_config = AutoConfig.for_model(family, **config)
         if seed is None:
             return cls(AutoModelForCausalLM.from_config(hf_config, **_LOAD_KWARGS))

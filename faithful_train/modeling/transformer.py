@@ -200,8 +200,10 @@ class Transformer(nn.Module):
         """Token + position embeddings; positions count real tokens only, so padding (left or
         right) does not move an example's positions."""
         T = input_ids.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        if T > self.cfg.max_seq_len:  # padding may run past the position table; real tokens may not
+            longest = T if attention_mask is None else int(attention_mask.sum(1).max())
+            if longest > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {longest} exceeds max_seq_len {self.cfg.max_seq_len}")
         return self.hook_embed(self.tok_emb(input_ids) + self.pos_emb(position_ids(attention_mask, T, input_ids.device)))
 
     def forward_from(

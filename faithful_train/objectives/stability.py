@@ -73,9 +73,9 @@ class StabilityObjective(Objective):
         owner = f"objective {self.label!r}"
         probe = task.sample(2, 0)
         if self.stability and task.perturb_aligned(probe, torch.Generator().manual_seed(0)) is None:
-            raise ConfigError(f"{owner}: stability needs a task with meaning-preserving perturbations; {task.name!r} has none")
+            raise ConfigError(f"{owner}: stability needs a task with meaning-preserving perturbations; {task.name!r} has none{task.column_hint('perturbations')}")
         if self.right_reasons and "irrelevant" not in probe:
-            raise ConfigError(f"{owner}: right_reasons needs a task that marks irrelevant tokens; {task.name!r} does not")
+            raise ConfigError(f"{owner}: right_reasons needs a task that marks irrelevant tokens; {task.name!r} does not{task.column_hint('irrelevant')}")
 
     def term(self, ctx: StepContext) -> Tensor:
         batch = ctx.batch

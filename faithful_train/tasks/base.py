@@ -75,7 +75,7 @@ class Task(ABC):
         if name is None and len(self.concepts) == 1:
             return next(iter(self.concepts))
         if name not in self.concepts:
-            raise UnknownNameError(f"concept of task {self.name!r} for {owner}", str(name), self.concepts)
+            raise UnknownNameError(f"concept of task {self.name!r} for {owner}{self.column_hint('concepts')}", str(name), self.concepts)
         return name
 
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor | None:
@@ -166,7 +166,8 @@ class Task(ABC):
         """Raise a ``FaithfulError`` if ``n`` examples cannot be sampled (finite data)."""
 
     def column_hint(self, feature: str) -> str:
-        """Where a task that reads files would find ``feature`` (an error's hint), or ``""``."""
+        """Where a task that reads files would find ``feature`` (``perturbations``, ``irrelevant``,
+        ``concepts``, ``variables``), as an error's hint: ``" (needs ...)"``, or ``""``."""
         return ""
 
 

@@ -18,6 +18,8 @@ Columns (nested JSON objects are flattened: ``{"spans": {"IO": ...}}`` is ``span
     paraphrase                   a meaning-preserving rewrite of the prompt; its tokens are aligned
                                  to the prompt's by their text (through the tokenizer's offsets)
     irrelevant                   a list of spans (as ``spans.*``) the answer must not depend on
+    foil                         the competing answer of a two-answer task (IOI: S); validation
+                                 then reports ``val/logit_diff``, answer against foil (first tokens)
 
 Counterfactual answers come from explicit pairs, or from ``label_fn: file.py:fn``, a function of
 one row's variables (``{name: value}``) returning the answer (the causal model); sources are then
@@ -27,7 +29,8 @@ other rows of the batch. Each split is tokenized once and cached under ``cache_d
 Training batches are whole, seeded permutations of the train file, epoch after epoch; batch ``k``
 is a pure function of ``k``, so ``--resume`` continues at the exact example. Validation uses the
 ``val`` file, audits the ``audit`` file (default: ``val``), and ``ppl`` (plain text, one document
-per line) gives ``val/ppl``. Bad data is a one-line error naming the file, row and column.
+per line) gives ``val/ppl``. ``lm_text`` (plain text) adds a batch of its lines to every training
+step for the language-model loss (``loss.lm``): text the model learns from besides the examples. Bad data is a one-line error naming the file, row and column.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from faithful_train.tasks.base import Batch, Pairs, Task
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 PADDING_SIDES = ("right", "left")
 SPLITS = ("train", "val", "audit")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when the cached format changes
 
 
 def _hash_file(path: Path) -> str:
@@ -116,6 +119,7 @@ class TextTask(Task):
         audit: str | None = None,
         ppl: str | None = None,
         label_fn: str | None = None,
+        lm_text: str | None = None,
         padding_side: str = "right",
         cache_dir: str | None = None,
     ):
@@ -141,6 +145,7 @@ class TextTask(Task):
         self.label_fn = self._load_label_fn(label_fn) if label_fn else None
         self.ppl_file = Path(ppl) if ppl else None
         self._ppl: list[list[int]] | None = None
+        self.lm_lines = self._read_lines(Path(lm_text), "task.lm_text") if lm_text else None
         self._answer_cache: dict[str, list[int]] = {}
 
     # -- reading and tokenizing ------------------------------------------------------------------
@@ -193,6 +198,7 @@ class TextTask(Task):
             "variables": {v: [] for v in variables}, "values": {}, "concepts": {c: [] for c in concepts}, "concept_values": {},
             "pairs": {v: [] for v in pairs}, "cf_answers": {v: [] for v in pairs}, "irrelevant": [] if "irrelevant" in columns else None,
             "paraphrase": [] if "paraphrase" in columns else None, "paraphrase_source": [] if "paraphrase" in columns else None,
+            "foil": [] if "foil" in columns else None,
         }  # fmt: skip
         for r, row in enumerate(rows):
             where = f"{path} row {r}"
@@ -223,6 +229,8 @@ class TextTask(Task):
                     )
                 out["pairs"][v].append(source)
                 out["cf_answers"][v].append(cf)
+            if out["foil"] is not None:
+                out["foil"].append(self._answer_tokens(str(row.get("foil") or ""), prompt, f"{where} column 'foil'")[0])
             if out["irrelevant"] is not None:
                 marked = [0] * prompt_len
                 for i, span in enumerate(row.get("irrelevant") or []):
@@ -355,7 +363,7 @@ class TextTask(Task):
     def column_hint(self, feature: str) -> str:
         columns = {"perturbations": "paraphrase", "irrelevant": "irrelevant", "concepts": "concepts.<name>",
                    "variables": "variables.<name>", "counterfactuals": "source.<name> + counterfactual_answer.<name>, or label_fn"}  # fmt: skip
-        return f"a {columns[feature]!r} column in {self.files['train']}" if feature in columns else ""
+        return f" (needs a {columns[feature]!r} column in {self.files['train']})" if feature in columns else ""
 
     def check_variables(self, names: Sequence[str]) -> None:
         for name in names:
@@ -384,8 +392,10 @@ class TextTask(Task):
         batch = self._collate(data, index, length)
         for v, src in sources.items():
             batch |= {f"pair.{v}/{k}": t for k, t in self._collate(data, src, length).items()}
-            cf = torch.tensor([data["cf_answers"][v][i] for i in index], dtype=torch.long)
-            batch[f"pair.{v}/cf_answer_ids"] = _pad_right(cf, batch["answer_ids"].shape[1], 0)
+            cf = torch.zeros_like(batch["answer_ids"])
+            for b, i in enumerate(index):
+                cf[b, : len(data["cf_answers"][v][i])] = torch.tensor(data["cf_answers"][v][i])
+            batch[f"pair.{v}/cf_answer_ids"] = cf
         batch["split"] = torch.full((len(index),), SPLITS.index(split), dtype=torch.long)
         return batch
 
@@ -424,6 +434,8 @@ class TextTask(Task):
             values = self.splits["train"]["concept_values"].get(c, [])
             codes = [values.index(labels[i]) if labels[i] in values else 0 for i in index]
             batch[f"concept/{c}"] = torch.tensor(codes, dtype=torch.long)
+        if data["foil"] is not None:
+            batch["foil_ids"] = torch.tensor([data["foil"][i] for i in index], dtype=torch.long)
         if data["irrelevant"] is not None:
             marked = torch.zeros(B, T, dtype=torch.bool)
             for b, i in enumerate(index):
@@ -442,7 +454,15 @@ class TextTask(Task):
         per_epoch = rows // batch_size
         epoch, k = divmod(index, per_epoch)
         order = torch.randperm(rows, generator=torch.Generator().manual_seed((seed % 2**31) * 100_003 + epoch))
-        return self.rows("train", order[k * batch_size : (k + 1) * batch_size].tolist())
+        batch = self.rows("train", order[k * batch_size : (k + 1) * batch_size].tolist())
+        if self.lm_lines is not None:  # plain text for the language-model loss, its own seeded epochs
+            n = len(self.lm_lines)
+            per, (epoch, k) = max(1, n // batch_size), divmod(index, max(1, n // batch_size))
+            lines = torch.randperm(n, generator=torch.Generator().manual_seed((seed % 2**31) * 100_019 + epoch + 1))
+            text = self._pad_lines([self.lm_lines[i] for i in lines[k * batch_size : (k + 1) * batch_size].tolist()])
+            batch |= {f"lm_text/{key}": value for key, value in text.items()}
+            del per
+        return batch
 
     def validation_set(self, n: int, seed: int) -> Batch:
         return self.rows("val", range(min(n, len(self.splits["val"]["tokens"]))))
@@ -456,27 +476,32 @@ class TextTask(Task):
         rows = len(self.splits["train"]["tokens"])
         return self.rows("train", torch.randint(rows, (n,), generator=generator).tolist())
 
+    def _read_lines(self, path: Path, where: str) -> list[list[int]]:
+        """Token ids of each non-empty line of a plain-text file."""
+        if not path.is_file():
+            raise DataError(f"{where}: file not found: {path}")
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise DataError(f"{where}: {path} has no text")
+        return [self.tokenizer(line)["input_ids"] for line in lines]
+
+    def _pad_lines(self, lines: list[list[int]]) -> Batch:
+        T = max(len(x) for x in lines)
+        ids = torch.full((len(lines), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(lines), T, dtype=torch.long)
+        for b, x in enumerate(lines):
+            shift = T - len(x) if self.padding_side == "left" else 0
+            ids[b, shift : shift + len(x)] = torch.tensor(x)
+            mask[b, shift : shift + len(x)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
     def perplexity_batches(self, batch_size: int) -> list[Batch] | None:
         """Batches of the held-out plain text (``ppl``), for ``val/ppl``."""
         if self.ppl_file is None:
             return None
         if self._ppl is None:
-            if not self.ppl_file.is_file():
-                raise DataError(f"task.ppl: file not found: {self.ppl_file}")
-            lines = [line for line in self.ppl_file.read_text().splitlines() if line.strip()]
-            self._ppl = [self.tokenizer(line)["input_ids"] for line in lines]
-        out = []
-        for start in range(0, len(self._ppl), batch_size):
-            chunk = self._ppl[start : start + batch_size]
-            T = max(len(x) for x in chunk)
-            ids = torch.full((len(chunk), T), self.pad_id, dtype=torch.long)
-            mask = torch.zeros(len(chunk), T, dtype=torch.long)
-            for b, x in enumerate(chunk):
-                shift = T - len(x) if self.padding_side == "left" else 0
-                ids[b, shift : shift + len(x)] = torch.tensor(x)
-                mask[b, shift : shift + len(x)] = 1
-            out.append({"input_ids": ids, "attention_mask": mask})
-        return out
+            self._ppl = self._read_lines(self.ppl_file, "task.ppl")
+        return [self._pad_lines(self._ppl[i : i + batch_size]) for i in range(0, len(self._ppl), batch_size)]
 
     # -- the causal model ------------------------------------------------------------------------
 

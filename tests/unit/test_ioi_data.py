@@ -4,8 +4,8 @@ import pytest
 
 from faithful_train.data_ioi import NAMES, TEMPLATES, write_ioi
 
-SIZES = dict(n_train=200, n_val=50, n_audit=51, n_text=20)  # odd audit size: the triple path
-FILES = ["train.jsonl", "val.jsonl", "audit.jsonl", "text.txt"]
+SIZES = dict(n_train=200, n_val=50, n_audit=51, n_text=20, n_corpus=30)  # odd audit size: the triple path
+FILES = ["train.jsonl", "val.jsonl", "audit.jsonl", "text.txt", "corpus.txt"]
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,12 @@ def all_bytes(out):
 
 def test_files_and_determinism(data, tmp_path):
     out, paths = data
-    assert set(paths) == {"train", "val", "audit", "text", "tokenizer"}
+    assert set(paths) == {"train", "val", "audit", "text", "corpus", "tokenizer"}
     assert all(p.exists() for p in paths.values()) and paths["tokenizer"].is_dir()
     assert [len(read(out / f)) for f in FILES[:3]] == [200, 50, 51]
     assert len((out / "text.txt").read_text().splitlines()) == 20
+    corpus = (out / "corpus.txt").read_text().splitlines()
+    assert len(corpus) == 30 and all(any(name in line.split() for name in NAMES) for line in corpus)
     again = write_ioi(tmp_path / "again", seed=0, **SIZES)
     assert all_bytes(out) == all_bytes(again["train"].parent)
     other = write_ioi(tmp_path / "other", seed=1, **SIZES)
