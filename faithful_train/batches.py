@@ -192,28 +192,41 @@ def pad_columns(values: Tensor, length: int, fill: int | float | bool) -> Tensor
     return torch.cat([values, torch.full((values.shape[0], extra), fill, dtype=values.dtype, device=values.device)], 1)
 
 
+TOKEN_KEYS = ("input_ids", "attention_mask", "irrelevant")  # (B, T) per-token tensors
+
+
+def _group(key: str) -> tuple[str, str] | None:
+    """``(prefix, kind)`` of a per-token (``tokens``) or position (``positions``) key: rows that
+    share a prefix (``""``, ``pair.IO/``, ``source.``) share a padding length."""
+    if "span/" in key:
+        return key[: key.index("span/")], "positions"
+    for name in (*TOKEN_KEYS, "answer_pos"):
+        if key.endswith(name):
+            return key[: -len(name)], "tokens" if name in TOKEN_KEYS else "positions"
+    return None
+
+
 def trim_padding(batch: Batch) -> Batch:
     """``batch`` without the columns that are padding in every row (after cutting a longer set
-    into chunks); positions (answer, spans) move with a cut on the left."""
-    masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
-    if not masks:
-        return batch
-    real = torch.stack([m.bool().any(0) for m in masks]).any(0)
-    if not real.any():
-        return batch
-    columns = real.nonzero()[:, 0]
-    start, stop = int(columns[0]), int(columns[-1]) + 1
-    if start == 0 and stop == real.shape[0]:
-        return batch
+    into chunks), for each set of rows it carries (``pair.<v>/...`` sources, perturbations);
+    positions (answers, spans) move with a cut on the left."""
+    cuts: dict[str, tuple[int, int]] = {}
+    for key, value in batch.items():
+        group = _group(key)
+        if group is None or not key.endswith("attention_mask"):
+            continue
+        real = value.bool().any(0)
+        if real.any():
+            columns = real.nonzero()[:, 0]
+            cuts[group[0]] = (int(columns[0]), int(columns[-1]) + 1)
     out = {}
     for key, value in batch.items():
-        name = key.rsplit("/", 1)[-1]
-        if name in ("input_ids", "attention_mask", "irrelevant"):
-            out[key] = value[:, start:stop]
-        elif name == "answer_pos" or "span/" in key:
-            out[key] = value - start
-        else:
+        group = _group(key)
+        if group is None or group[0] not in cuts:
             out[key] = value
+            continue
+        start, stop = cuts[group[0]]
+        out[key] = value[:, start:stop] if group[1] == "tokens" else value - start
     return out
 
 

@@ -254,7 +254,9 @@ class BottleneckModel(nn.Module):
         return forward_from
 
     def check_task(self, task: Any, owner: str) -> None:
-        """Every concept of the bottleneck must be labelled by ``task``."""
+        """Every concept of the bottleneck must be labelled by ``task``, whose answers are one token."""
+        if task.answer_length > 1:
+            raise ConfigError(f"{owner}: a concept bottleneck answers with one token; task {task.name!r} has answers of up to {task.answer_length}")
         for name in self.layout.names:
             task.check_concept(name, owner)
 

@@ -61,6 +61,11 @@ class Task(ABC):
         return None
 
     @property
+    def answer_length(self) -> int:
+        """The most tokens an answer has (generated tasks: one)."""
+        return 1
+
+    @property
     def spans(self) -> tuple[str, ...]:
         """Named spans in batches (``span/<name>``), which alignments can name as positions."""
         return ()

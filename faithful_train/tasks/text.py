@@ -352,6 +352,10 @@ class TextTask(Task):
         return tuple(sorted(firsts))
 
     @property
+    def answer_length(self) -> int:
+        return max(max(s["answer_len"]) for s in self.splits.values())
+
+    @property
     def spans(self) -> tuple[str, ...]:
         return tuple(self.splits["train"]["spans"])
 

@@ -96,6 +96,16 @@ def colors(tmp_path_factory) -> list[str]:
     return ["task.name=text", f"task.train={path}", f"task.tokenizer={tok}"]
 
 
+@pytest.fixture(scope="module")
+def short_colors(tmp_path_factory) -> list[str]:
+    """One-token answers only (a concept bottleneck answers with one token)."""
+    root = tmp_path_factory.mktemp("short")
+    rows = [{k: v for k, v in r.items() if k not in ("source", "counterfactual_answer")} for r in color_rows(48) if " " not in r["answer"]]
+    path = write_jsonl(root / "rows.jsonl", rows)
+    tok = word_tokenizer(root / "tok")
+    return ["task.name=text", f"task.train={path}", f"task.tokenizer={tok}"]
+
+
 def _config(tmp_path: Path, model: object, objectives: list, audits: list) -> str:
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps({"model": model, "task": {"name": "text", "train": "x", "tokenizer": "x"},
@@ -118,10 +128,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_objective_and_audit_runs_on_a_text_task(case, colors, tmp_path):
+def test_every_objective_and_audit_runs_on_a_text_task(case, colors, short_colors, tmp_path):
     model, objectives, audits = CASES[case]
     config = _config(tmp_path, model, objectives, audits)
-    assert main(["fit", "-c", config, "--run-dir", str(tmp_path / "run"), *TINY, *colors]) == 0
+    data = short_colors if case == "concepts" else colors
+    assert main(["fit", "-c", config, "--run-dir", str(tmp_path / "run"), *TINY, *data]) == 0
     metrics = _summary(tmp_path / "run")["metrics"]
     for objective in objectives:
         assert f"train/objective/{objective['name']}" in metrics
@@ -138,10 +149,13 @@ def test_every_objective_and_audit_runs_on_a_text_task(case, colors, tmp_path):
         ([], [{"name": "router", **AUDIT}], "position-aligned perturbations"),
         ([{"name": "interchange", "alignment": {"color": SPAN}}], [], "'variables.color' column"),
         ([{"name": "interchange", "alignment": {"thing": {"site": "embed", "positions": {"span": "nope"}}}}], [], "unknown span"),
+        ([{"name": "concepts"}], [], "a concept bottleneck answers with one token"),
     ],
 )
 def test_what_a_text_task_cannot_give_is_one_line(objectives, audits, message, colors, tmp_path, capsys):
     model = "moe-tiny" if audits and audits[0]["name"] == "router" else "dense-tiny"
+    if objectives and objectives[0]["name"] == "concepts":
+        model = {"preset": "dense-tiny", "bottleneck": {"mode": "hard"}}
     config = _config(tmp_path, model, objectives, audits)
     assert main(["fit", "-c", config, "--run-dir", str(tmp_path / "run"), *TINY, *colors]) == 2
     err = capsys.readouterr().err.strip()
@@ -151,7 +165,7 @@ def test_what_a_text_task_cannot_give_is_one_line(objectives, audits, message, c
 
 def test_bad_data_is_one_line_exit_2_and_writes_nothing(ioi, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    rows = [json.loads(line) for line in (ioi / "train.jsonl").read_text().splitlines()[:8]]
+    rows = [json.loads(line) for line in (ioi / "train.jsonl").read_text().splitlines()]
     rows[3]["spans"]["IO"] = "Nobody"
     write_jsonl(bad, rows)
     cases = [
