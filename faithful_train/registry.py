@@ -68,25 +68,29 @@ def _load_file(path: Path, attr: str, kind: str, name: str) -> Any:
     return getattr(module, attr)
 
 
+def load_target(target: str, kind: str, name: str, roots: list[Path]) -> Any:
+    """The attribute named by ``file.py:attr`` (the file relative to the working directory or one
+    of ``roots``) or ``module:attr``."""
+    where, attr = target.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = next((root / where for root in [Path("."), *roots] if (root / where).is_file()), None)
+        if path is None:
+            raise ConfigError(f"{kind} {name!r}: file {where!r} not found")
+        return _load_file(path, attr, kind, name)
+    try:
+        module = importlib.import_module(where)
+    except ImportError as e:
+        raise ConfigError(f"{kind} {name!r}: cannot import {where!r} ({e})") from None
+    if not hasattr(module, attr):
+        raise UnknownNameError(f"{kind} class in {where}", attr, [n for n in dir(module) if not n.startswith("_")])
+    return getattr(module, attr)
+
+
 def resolve_class(kind: str, name: str, builtins: Mapping[str, str], base: type, config_dir: Path | None = None) -> type:
     target = builtins.get(name, name)
     if ":" not in target:
         raise UnknownNameError(kind, name, [*builtins, "<file.py>:<Class>", "<module>:<Class>"])
-    where, attr = target.rsplit(":", 1)
-    if where.endswith(".py"):
-        candidates = [Path(where)] + ([config_dir / where] if config_dir else [])
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise ConfigError(f"{kind} {name!r}: file {where!r} not found")
-        cls = _load_file(path, attr, kind, name)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise ConfigError(f"{kind} {name!r}: cannot import {where!r} ({e})") from None
-        if not hasattr(module, attr):
-            raise UnknownNameError(f"{kind} class in {where}", attr, [n for n in dir(module) if not n.startswith("_")])
-        cls = getattr(module, attr)
+    cls = load_target(target, kind, name, [config_dir] if config_dir else [])
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"{kind} {name!r} must be a subclass of {base.__module__}.{base.__name__}")
     return cls
@@ -133,20 +137,7 @@ def load_callable(spec: str, kind: str, roots: list[Path]) -> Any:
     """A function named ``file.py:name`` (relative to one of ``roots``) or ``module:name``."""
     if ":" not in spec:
         raise ConfigError(f"{kind} {spec!r} must look like file.py:function or module:function")
-    where, attr = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        path = next((root / where for root in [Path("."), *roots] if (root / where).is_file()), None)
-        if path is None:
-            raise ConfigError(f"{kind} {spec!r}: file {where!r} not found")
-        fn = _load_file(path, attr, kind, spec)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise ConfigError(f"{kind} {spec!r}: cannot import {where!r} ({e})") from None
-        if not hasattr(module, attr):
-            raise UnknownNameError(f"{kind} in {where}", attr, [n for n in dir(module) if not n.startswith("_")])
-        fn = getattr(module, attr)
+    fn = load_target(spec, kind, spec, roots)
     if not callable(fn):
         raise ConfigError(f"{kind} {spec!r} is not a function")
     return fn

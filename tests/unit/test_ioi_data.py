@@ -42,12 +42,13 @@ def test_files_and_determinism(data, tmp_path):
 def test_rows(data, split):
     _, paths = data
     rows = read(paths[split])
-    keys = {"prompt", "answer", "variables", "spans", "template", "source", "counterfactual_answer"}
+    keys = {"prompt", "answer", "foil", "variables", "spans", "template", "source", "counterfactual_answer"}
     orders = set()
     for i, row in enumerate(rows):
         assert set(row) == keys
         p, v, sp = row["prompt"], row["variables"], row["spans"]
         io, s = v["IO"], v["S"]
+        assert row["foil"] == s
         assert row["answer"] == io and io != s and io in NAMES and s in NAMES
         assert 0 <= row["template"] < len(TEMPLATES)
         assert p.split(" ")[-1] == "to" and p[slice(*sp["end"])] == "to" and sp["end"][1] == len(p)

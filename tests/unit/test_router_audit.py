@@ -157,5 +157,5 @@ def test_bad_inputs_name_the_valid_choices():
     dense = Transformer(TransformerConfig(vocab_size=8, max_seq_len=2, d_model=16, n_heads=2))
     with pytest.raises(ConfigError, match="mixture-of-experts"):
         RouterAudit().bind(dense, PlantedDomains())
-    with pytest.raises(ConfigError, match="no perturbations"):
+    with pytest.raises(ConfigError, match="no position-aligned perturbations"):
         RouterAudit().bind(model, unperturbed_task(n_symbols=4))
