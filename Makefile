@@ -21,11 +21,12 @@ quickstart: install
 baseline: install
 	$(VENV)/bin/faithful-train fit -c configs/quickstart-baseline.yaml
 
+# both cores: two pytest workers; the 2-process DDP tests share one worker (never side by side)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not distributed"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not distributed"
 
 # pyvene is a benchmark peer only: installed beside the venv (--no-deps keeps our torch)
 .bench/pyvene: | install

@@ -12,6 +12,14 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    # under pytest-xdist (`make test`: -n 2 --dist loadgroup) the DDP tests, which start two
+    # processes each, all run on one worker, one after another
+    for item in items:
+        if item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.xdist_group("ddp"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     # tiny models: one thread is faster than two fighting over the CI's two cores
