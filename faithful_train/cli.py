@@ -51,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order (``fit -c X a=1 --run-dir D b=2``)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    loose = [item for item in extra if "=" in item and not item.startswith("-")]
+    if len(loose) != len(extra):
+        parser.error(f"unrecognized arguments: {' '.join(item for item in extra if item not in loose)}")
+    if loose:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(loose)}")
+        args.overrides = [*args.overrides, *loose]
+    return args
+
+
 def _run_dir(args: argparse.Namespace, cfg_run_dir: str | None) -> Path:
     if args.run_dir:
         return Path(args.run_dir)
@@ -62,6 +76,8 @@ def _run_dir(args: argparse.Namespace, cfg_run_dir: str | None) -> Path:
 def _resume_path(args: argparse.Namespace, run_dir: Path) -> str | None:
     if not (args.resume or args.resume_from):
         return None
+    if args.resume and args.resume_from:
+        raise FaithfulError("give --resume or --resume-from, not both")
     path = Path(args.resume_from) if args.resume_from else run_dir / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise FaithfulError(f"cannot resume: checkpoint {path} not found")
@@ -69,7 +85,7 @@ def _resume_path(args: argparse.Namespace, run_dir: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         from faithful_train import run as runs
         from faithful_train.config import load_config

@@ -11,6 +11,7 @@ are checked against their classes when the run is built (``registry.py``).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 import typing
@@ -23,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from faithful_train.errors import ConfigError, UnknownNameError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -227,6 +229,8 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 as text; a number in a file or an override is a float
         try:
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         except OmegaConfBaseException as e:
@@ -275,7 +279,44 @@ def compose(raw: DictConfig | dict, config_dir: Path | None = None) -> DictConfi
     for key in ("max_steps", "val_every", "log_every"):
         if cfg.trainer[key] < 1:
             raise ConfigError(f"config key 'trainer.{key}' must be >= 1, got {cfg.trainer[key]}")
+    _check_numbers(cfg)
     return cfg
+
+
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64", "transformer-engine")
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    """Values the schema's types admit but training cannot use: one line naming the key."""
+    for key in ("batch_size", "val_size", "val_batch_size"):
+        if cfg.data[key] < 1:
+            raise ConfigError(f"config key 'data.{key}' must be >= 1, got {cfg.data[key]}")
+    optim = cfg.optim
+    if not optim.lr > 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {optim.lr}")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {list(optim.betas)}")
+    for key in ("weight_decay", "warmup_steps"):
+        if optim[key] < 0:
+            raise ConfigError(f"config key 'optim.{key}' must be >= 0, got {optim[key]}")
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) and devices < 1 or isinstance(devices, str) and devices not in ("auto", "-1") and not devices.isdigit():
+        raise ConfigError(f"config key 'trainer.devices' must be >= 1, 'auto' or a list of device ids, got {devices!r}")
+    if isinstance(devices, str) and devices.isdigit() and int(devices) < 1:
+        raise ConfigError(f"config key 'trainer.devices' must be >= 1, got {devices!r}")
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        raise UnknownNameError("trainer.precision", cfg.trainer.precision, PRECISIONS)
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if cfg.trainer.strategy not in strategies:
+        raise UnknownNameError("trainer.strategy", cfg.trainer.strategy, strategies)
+    accelerator = cfg.trainer.accelerator
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key 'trainer.accelerator' is {accelerator!r}, but this machine has no CUDA device")
 
 
 def to_plain(cfg: DictConfig | ListConfig) -> Any:

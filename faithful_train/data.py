@@ -11,16 +11,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from faithful_train.batches import trim_padding
 from faithful_train.tasks.base import Batch, Task, take
-
-
-def batch_seed(seed: int, index: int) -> int:
-    return (seed % 2**31) * 2**32 + index
 
 
 class TaskStream(IterableDataset):

@@ -13,22 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from faithful_train.errors import ConfigError
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A Lightning checkpoint's contents, loaded without running code, or a one-line error."""
-    if not path.is_file():
-        raise ConfigError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"{path} is not a checkpoint that loads safely: {str(e).splitlines()[0][:160]}") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    return state
+from faithful_train.rundir import load_checkpoint
 
 
 def export_run(run_dir: str | Path, out: str | Path, ckpt: str | Path | None = None) -> Path:

@@ -33,11 +33,10 @@ from faithful_train.batches import (
     language_model_loss,
     token_kl,
 )
-from faithful_train.data import batch_seed
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.partial import narrows_last_block
 from faithful_train.sites import run_with
-from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.base import Batch, Task, batch_seed
 
 
 def task_loss(answer_logits: Tensor, batch: Batch) -> Tensor:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from faithful_train.audits.base import Audit
 from faithful_train.config import to_plain
 from faithful_train.data import TaskDataModule
-from faithful_train.errors import ConfigError
+from faithful_train.errors import ConfigError, FaithfulError
 from faithful_train.modeling import build_model, frozen_copy, model_context
 from faithful_train.module import FaithfulModule
 from faithful_train.objectives.base import Objective
@@ -30,6 +30,7 @@ from faithful_train.rundir import (
     atomic_write_json,
     atomic_write_text,
     build_summary,
+    load_checkpoint,
     truncate_jsonl,
 )
 from faithful_train.tasks.base import Task
@@ -54,6 +55,14 @@ def _unique_labels(items: list[Any], kind: str) -> None:
         seen.add(item.label)
 
 
+def _entry(kind: str, index: int, make: Any) -> Any:
+    """``make()``, with a user error prefixed by the config entry that holds it (``objectives.0``)."""
+    try:
+        return make()
+    except FaithfulError as e:
+        raise ConfigError(f"{kind}.{index}: {e}") from None
+
+
 def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) -> Run:
     """Everything a run needs, with every name checked before any training starts."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -68,12 +77,13 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     model.train()
     if vocab < task.vocab_size:
         raise ConfigError(f"model vocabulary ({vocab}) is smaller than task {task.name!r}'s ({task.vocab_size})")
-    objectives = [instantiate("objective", to_plain(o), OBJECTIVES, Objective, config_dir) for o in cfg.objectives]
-    audits = [instantiate("audit", to_plain(a), AUDITS, Audit, config_dir) for a in cfg.audits]
+    objectives = [_entry("objectives", i, lambda: instantiate("objective", to_plain(o), OBJECTIVES, Objective, config_dir)) for i, o in enumerate(cfg.objectives)]
+    audits = [_entry("audits", i, lambda: instantiate("audit", to_plain(a), AUDITS, Audit, config_dir)) for i, a in enumerate(cfg.audits)]
     _unique_labels(objectives, "objectives")
     _unique_labels(audits, "audits")
-    for item in [*objectives, *audits]:
-        item.bind(model, task, cfg.seed)
+    for kind, items in (("objectives", objectives), ("audits", audits)):
+        for i, item in enumerate(items):
+            _entry(kind, i, lambda: item.bind(model, task, cfg.seed))
     owned = {o.label: o.module() for o in objectives if o.module() is not None}
     for label in owned:
         if "." in label:
@@ -173,7 +183,7 @@ def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) ->
     """Train; then validate once more and write ``summary.json``. Returns the summary on rank zero."""
     resume_step = None
     if resume is not None:
-        resume_step = int(torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        resume_step = int(load_checkpoint(Path(resume)).get("global_step", 0))  # refused if it would run code
     trainer = make_trainer(run, list(extra_callbacks), resume_step)
     if trainer.is_global_zero:
         atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.cfg))
@@ -207,11 +217,7 @@ def _finish_wandb(trainer: L.Trainer) -> None:
 def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:
     """Re-run the config's audits on a checkpoint's weights, without training."""
     path = Path(ckpt)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" not in state:
-        raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    state = load_checkpoint(path)
     missing, unexpected = run.module.load_state_dict(state["state_dict"], strict=False)
     missing = [k for k in missing if k.startswith(("model.", "objective_modules."))]
     if missing or unexpected:

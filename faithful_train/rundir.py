@@ -23,8 +23,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from faithful_train.errors import ConfigError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -151,3 +154,17 @@ class RunCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumableWriter(self.log_dir, self.resume_step)
         return self._experiment
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint's contents, loaded with ``weights_only=True`` (a pickle that would run
+    code is refused, not run), or a one-line error."""
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ConfigError(f"{path} is not a checkpoint that loads safely: {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    return state

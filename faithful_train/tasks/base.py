@@ -33,6 +33,12 @@ from faithful_train.errors import ConfigError, UnknownNameError
 Batch = dict[str, Tensor]
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of training batch ``index`` of a run seeded ``seed`` (and of the step's objective
+    randomness): a pure function of the index, so a resumed run draws what the whole run would."""
+    return (seed % 2**31) * 2**32 + index
+
+
 class Task(ABC):
     """A testbed with a known causal model. Subclasses set the class attributes below."""
 
@@ -154,8 +160,6 @@ class Task(ABC):
 
     def train_batch(self, index: int, batch_size: int, seed: int) -> Batch:
         """Training batch ``index`` of the stream: a pure function of ``index`` (exact resume)."""
-        from faithful_train.data import batch_seed
-
         return self.generate(batch_size, torch.Generator().manual_seed(batch_seed(seed, index)))
 
     def perplexity_batches(self, batch_size: int) -> list[Batch] | None:

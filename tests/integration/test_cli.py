@@ -79,6 +79,15 @@ BAD_INPUTS = [
     (["logger.wandb.mode=sometimes"], "logger.wandb.mode", "offline"),
     (["model.n_experts=-"], "model.n_experts", "-"),
     (["seed"], "key=value", "seed"),
+    (["data.batch_size=0"], "data.batch_size", "0"),
+    (["data.val_size=0"], "data.val_size", "0"),
+    (["optim.lr=-1"], "optim.lr", "-1"),
+    (["optim.betas=[2,3]"], "optim.betas", "[2.0, 3.0]"),
+    (["trainer.devices=0"], "trainer.devices", "0"),
+    (["trainer.precision=bogus"], "unknown trainer.precision 'bogus'", "bf16-mixed"),
+    (["trainer.strategy=bogus"], "unknown trainer.strategy 'bogus'", "ddp"),
+    (["objectives.0.alignment.left.positions=[99]"], "position 99 is outside the task's sequence length 4", "objectives"),
+    (["objectives.0.weight=-1e-3"], "weight must be >= 0, got -0.001", "weight"),
 ]
 
 
@@ -201,3 +210,37 @@ def test_hugging_face_model_from_a_preset(tmp_path, preset):
     assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), *overrides]) == 0
     summary = _summary(tmp_path)
     assert "audit/interchange/iia" in summary["metrics"] and summary["step"] == 6
+
+
+def test_overrides_go_anywhere_and_read_numbers_as_a_yaml_file_does(tmp_path):
+    from faithful_train.cli import _parse
+
+    args = _parse(["fit", "-c", QUICKSTART, "a=1", "--run-dir", str(tmp_path), "b=2"])
+    assert args.overrides == ["a=1", "b=2"] and args.run_dir == str(tmp_path)
+    cfg = load_config(QUICKSTART, ["objectives.0.weight=1e-3", "optim.lr=1e30"])
+    assert cfg.objectives[0].weight == 1e-3 and cfg.optim.lr == 1e30
+
+
+def test_resume_and_resume_from_together_is_one_line(tmp_path, capsys):
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), "--resume", "--resume-from", "x.ckpt", *TINY]) == 2
+    assert "--resume or --resume-from, not both" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_resume_and_audit(tmp_path, capsys):
+    import os
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": {}, "global_step": Payload()}))
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "run"), "--resume-from", str(evil), *TINY]) == 2
+    assert main(["audit", "-c", QUICKSTART, "--ckpt", str(evil), "--run-dir", str(tmp_path / "audit"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("not a checkpoint that loads safely") == 2 and "Traceback" not in err
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
