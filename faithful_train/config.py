@@ -292,8 +292,8 @@ def _check_numbers(cfg: DictConfig) -> None:
         if cfg.data[key] < 1:
             raise ConfigError(f"config key 'data.{key}' must be >= 1, got {cfg.data[key]}")
     optim = cfg.optim
-    if not optim.lr > 0:
-        raise ConfigError(f"config key 'optim.lr' must be > 0, got {optim.lr}")
+    if not optim.lr >= 0:  # 0 is allowed: frozen weights, e.g. only bias balancing moves
+        raise ConfigError(f"config key 'optim.lr' must be >= 0, got {optim.lr}")
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {list(optim.betas)}")
     for key in ("weight_decay", "warmup_steps"):
