@@ -7,8 +7,8 @@ rows fill all ``T`` positions with no attention mask (the generated tasks' case,
 attention); "padded" rows have lengths drawn from ``[T - 6, T]``, right- or left-padded to ``T``,
 with an ``attention_mask`` and per-row answer positions, as the ``text`` task makes them. Every
 step is our training step (``FaithfulModule.training_step`` without Lightning's logging): forward
-computing the last block at the answer positions only, mean answer cross-entropy, backward, AdamW
-step. Models: our ``dense-tiny`` and Hugging Face ``gpt2-tiny``. The issue's target: padded <= 1.1x.
+(every position's logits, which the language-model loss and ``preserve`` read), the answer
+positions gathered, mean answer cross-entropy, backward, AdamW step. Models: our ``dense-tiny`` and Hugging Face ``gpt2-tiny``. The issue's target: padded <= 1.1x.
 Timings: medians over interleaved rounds (``time_steps``).
 """
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.interchange_step import optimizer_for  # noqa: E402
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
-from faithful_train.batches import answer_positions  # noqa: E402
+from faithful_train.batches import answer_positions, gather_positions  # noqa: E402
 from faithful_train.config import find_preset  # noqa: E402
 from faithful_train.modeling import build_model  # noqa: E402
 from faithful_train.module import task_loss  # noqa: E402
@@ -63,7 +63,8 @@ def training_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        answers = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), positions=answer_positions(batch))
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        answers = gather_positions(logits, answer_positions(batch))
         loss = task_loss(answers, batch)
         loss.backward()
         optimizer.step()

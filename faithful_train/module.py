@@ -34,7 +34,6 @@ from faithful_train.batches import (
     token_kl,
 )
 from faithful_train.objectives.base import Objective, StepContext
-from faithful_train.partial import narrows_last_block
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task, batch_seed
 
@@ -97,14 +96,10 @@ class FaithfulModule(LightningModule):
         active = [(obj, w) for obj, w in zip(self.objectives, weights) if w > 0]
         sites = sorted({site for obj, _ in active for site in obj.sites()})
         mask = attention_mask(batch)
-        # every position's logits only when a term reads them (the LM loss, KL to the start)
-        full = self.lm_weight > 0 or any(obj.needs_reference for obj, _ in active)
-        positions = None if full else answer_positions(batch)
-        narrow = narrows_last_block(self.model, sites)  # recorded last-block sites need every position
-        logits, cache = run_with(
-            self.model, batch["input_ids"], record=sites, attention_mask=mask, positions=positions, narrow=narrow
-        )
-        answers = gather_positions(logits, answer_positions(batch)) if full else logits
+        # every position's logits: the LM loss and KL to the start read them, and the plain step
+        # stays bit for bit what it was before answers had positions (earlier runs reproduce)
+        logits, cache = run_with(self.model, batch["input_ids"], record=sites, attention_mask=mask)
+        answers = gather_positions(logits, answer_positions(batch))
         loss = task_loss(answers, batch)
         self.train_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
         size = batch["labels"].shape[0]

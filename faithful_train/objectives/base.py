@@ -67,8 +67,7 @@ class StepContext:
     """What the step's shared forward produced, handed to every objective."""
 
     batch: Batch
-    logits: Tensor  # the plain forward's: (B, T, vocab), or (B, A, vocab) at the answer positions
-    # unless an objective needs the frozen reference (then every position)
+    logits: Tensor  # (B, T, vocab) of the plain forward
     cache: dict[str, Tensor]  # recorded sites, not detached
     model: nn.Module
     task: Task

@@ -14,8 +14,11 @@ LightningModule (``module()``), so the optimizer, checkpoints and DDP see them.
 ``update_model: false`` sends the term's gradient to the basis only: a DAS search on the model
 as it trains, without changing it.
 
-Cost: the sources are other rows of the batch, so their activations come from the step's
-recorded forward; every swap of the step (all variables and the strict resample) shares ONE
+Sources: other rows of the batch (``task.interchange_pairs``), or, for a file with explicit
+counterfactual pairs (``source.<v>`` columns), the rows it names, which cost one extra forward.
+Multi-token answers are teacher-forced: each variant reads its own counterfactual answer.
+
+Cost: in-batch sources' activations come from the step's recorded forward; every swap of the step (all variables and the strict resample) shares ONE
 batched forward, and that forward resumes at the first block it changes (``partial``).
 """
 

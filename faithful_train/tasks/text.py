@@ -461,11 +461,10 @@ class TextTask(Task):
         batch = self.rows("train", order[k * batch_size : (k + 1) * batch_size].tolist())
         if self.lm_lines is not None:  # plain text for the language-model loss, its own seeded epochs
             n = len(self.lm_lines)
-            per, (epoch, k) = max(1, n // batch_size), divmod(index, max(1, n // batch_size))
+            epoch, k = divmod(index, max(1, n // batch_size))
             lines = torch.randperm(n, generator=torch.Generator().manual_seed((seed % 2**31) * 100_019 + epoch + 1))
             text = self._pad_lines([self.lm_lines[i] for i in lines[k * batch_size : (k + 1) * batch_size].tolist()])
             batch |= {f"lm_text/{key}": value for key, value in text.items()}
-            del per
         return batch
 
     def validation_set(self, n: int, seed: int) -> Batch:

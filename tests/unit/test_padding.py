@@ -81,3 +81,23 @@ def test_trim_padding_cuts_shared_padding_and_moves_positions():
     wide = {k: torch.nn.functional.pad(v, (2, 0)) if k in ("input_ids", "attention_mask") else v + 2 for k, v in batch.items()}
     trimmed = trim_padding(wide)
     assert torch.equal(trimmed["input_ids"], batch["input_ids"]) and torch.equal(trimmed["answer_pos"], batch["answer_pos"])
+
+
+def test_teacher_forcing_writes_a_counterfactual_answer_where_the_model_reads_it():
+    from faithful_train.causal import interchange_hits, teacher_forced
+
+    # prompt "5 6" + answer "7 8" (input "5 6 7", pad): the token at position 2 is answer token 0
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 0], [4, 5, 6, 9]]),
+        "answer_pos": torch.tensor([[1, 2], [2, 3]]),
+        "answer_mask": torch.tensor([[True, True], [True, False]]),
+        "labels": torch.tensor([7, 9]),
+    }
+    forced = teacher_forced(batch, torch.tensor([[3, 2], [1, 0]]))
+    assert forced.tolist() == [[5, 6, 3, 0], [4, 5, 6, 9]]  # row 1's answer has one token: nothing to write
+    logits = torch.zeros(2, 2, 10)
+    logits[0, 0, 3] = logits[0, 1, 2] = logits[1, 0, 1] = 1.0
+    hits = interchange_hits(logits, torch.tensor([[3, 2], [1, 0]]), batch["answer_mask"])
+    assert hits.tolist() == [1.0, 1.0]
+    logits[0, 1, 2] = 0.0  # the second token wrong: the whole answer is wrong
+    assert interchange_hits(logits, torch.tensor([[3, 2], [1, 0]]), batch["answer_mask"]).tolist() == [0.0, 1.0]
