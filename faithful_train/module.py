@@ -96,10 +96,13 @@ class FaithfulModule(LightningModule):
         active = [(obj, w) for obj, w in zip(self.objectives, weights) if w > 0]
         sites = sorted({site for obj, _ in active for site in obj.sites()})
         mask = attention_mask(batch)
-        # every position's logits: the LM loss and KL to the start read them, and the plain step
-        # stays bit for bit what it was before answers had positions (earlier runs reproduce)
-        logits, cache = run_with(self.model, batch["input_ids"], record=sites, attention_mask=mask)
-        answers = gather_positions(logits, answer_positions(batch))
+        # every position's logits (the LM loss and KL to the start read them; the plain step stays
+        # bit for bit what it was before answers had positions), except from a model that answers
+        # only where it reads (a concept bottleneck: `per_token_logits = False`)
+        per_token = getattr(self.model, "per_token_logits", True)
+        positions = None if per_token else answer_positions(batch)
+        logits, cache = run_with(self.model, batch["input_ids"], record=sites, attention_mask=mask, positions=positions)
+        answers = gather_positions(logits, answer_positions(batch)) if per_token else logits
         loss = task_loss(answers, batch)
         self.train_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
         size = batch["labels"].shape[0]
@@ -141,7 +144,7 @@ class FaithfulModule(LightningModule):
             self.val_tokens.update(keep.sum())
             return
         size = batch["labels"].shape[0]
-        if self.reference is not None:
+        if self.reference is not None and getattr(self.model, "per_token_logits", True):
             logits = self.model(batch["input_ids"], attention_mask=mask)
             reference = self.reference(batch["input_ids"], attention_mask=mask)
             kl = token_kl(logits, reference, mask)

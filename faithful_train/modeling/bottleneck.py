@@ -179,6 +179,8 @@ class BottleneckModel(nn.Module):
     """A backbone cut after block ``layer`` (default: its last) and answered through a
     ``ConceptBottleneck``; ``forward(ids) -> logits (B, 1, vocab)``, the answer position only."""
 
+    per_token_logits = False  # it answers only where it reads: no next-token logits elsewhere
+
     def __init__(self, backbone: nn.Module, layout: ConceptLayout, vocab_size: int, layer: int | None = None, **bottleneck: Any):
         super().__init__()
         n = backbone.n_layers

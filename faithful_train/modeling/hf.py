@@ -146,6 +146,8 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
 class HFAdapter(nn.Module):
     """A Hugging Face causal LM with our interface: ``forward(ids) -> logits`` and ``site_points``."""
 
+    per_token_logits = True  # next-token logits at every position (a bottleneck's are not)
+
     def __init__(self, hf_model: PreTrainedModel):
         super().__init__()
         self.family = hf_model.config.model_type

@@ -169,6 +169,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only transformer returning next-token logits ``(B, T, vocab)``."""
 
+    per_token_logits = True  # next-token logits at every position (a bottleneck's are not)
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg

@@ -38,6 +38,8 @@ class PreserveObjective(Objective):
         self._pad_id = 0
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        if not getattr(model, "per_token_logits", True):
+            raise ConfigError(f"objective {self.label!r} needs a model with next-token logits at every position (a concept bottleneck has none)")
         if self.text is None:
             return
         tokenizer = getattr(task, "tokenizer", None)

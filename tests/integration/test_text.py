@@ -21,7 +21,7 @@ TINY = ["trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=fals
 @pytest.fixture(scope="module")
 def ioi(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ioi")
-    write_ioi(out, seed=0, n_train=256, n_val=64, n_audit=64, n_text=32)
+    write_ioi(out, seed=0, n_train=256, n_val=64, n_audit=64, n_text=32, n_corpus=64)
     return out
 
 
@@ -33,7 +33,7 @@ def _cache(tmp_path, monkeypatch, repo):
 
 def ioi_files(ioi: Path) -> list[str]:
     return [f"task.train={ioi}/train.jsonl", f"task.val={ioi}/val.jsonl", f"task.audit={ioi}/audit.jsonl",
-            f"task.tokenizer={ioi}/tokenizer", f"task.ppl={ioi}/text.txt"]  # fmt: skip
+            f"task.tokenizer={ioi}/tokenizer", f"task.ppl={ioi}/text.txt", f"task.lm_text={ioi}/corpus.txt"]  # fmt: skip
 
 
 def test_ioi_workflow_pretrain_export_finetune(ioi, tmp_path, capsys):
