@@ -1,0 +1,7 @@
+"""faithful_train: interpretability objectives and audits while training, on PyTorch Lightning.
+
+From Python, ``load_model`` and ``wrap`` give a model with the canonical sites (see the README)."""
+
+from faithful_train.loading import load_model, load_run, wrap
+
+__all__ = ["load_model", "load_run", "wrap"]

@@ -184,7 +184,7 @@ def unprefixed(batch: Batch, prefix: str) -> Batch:
     return {k[len(start) :]: v for k, v in batch.items() if k.startswith(start)}
 
 
-def pad_columns(values: Tensor, length: int, fill: int | float | bool) -> Tensor:
+def pad_columns(values: Tensor, length: int, fill: float | bool) -> Tensor:
     """``(B, T)`` per-token values right-padded to ``length`` columns with ``fill``."""
     extra = length - values.shape[1]
     if extra <= 0:

@@ -1,28 +1,33 @@
 """``faithful-train``: train a config, re-run its audits on a checkpoint, make and inspect data,
 export a trained model.
 
-    faithful-train fit   -c CONFIG [--run-dir DIR] [--resume | --resume-from CKPT] [key=value ...]
-    faithful-train audit -c CONFIG --ckpt PATH [--run-dir DIR] [key=value ...]
+    faithful-train fit   -c CONFIG [--run-dir DIR] [--resume | --resume-from CKPT] [--strict] [key=value ...]
+    faithful-train audit -c CONFIG --ckpt PATH [--run-dir DIR] [--strict] [key=value ...]
     faithful-train data ioi --out DIR [--seed N]
     faithful-train data show -c CONFIG [-n N] [key=value ...]
     faithful-train export RUN_DIR --out DIR [--ckpt CKPT]
 
-A user error (unknown key, site, objective, audit, task, variable; wrong type) prints one
-line naming the bad value and the valid ones, and exits with status 2.
+Exit status: 0 done; 1 a pre-registered threshold failed under ``--strict``; 2 a user error
+(unknown key, site, objective, audit, task, variable; wrong type; bad file), printed as one
+line naming the bad value and the valid ones, with nothing written; 3 training diverged (a
+non-finite loss, term or weight); 130 stopped by Ctrl-C (the message says how to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from faithful_train.errors import FaithfulError
+from faithful_train.errors import FaithfulError, TrainingDiverged
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faithful-train", description="Interpretability objectives and audits while training.")
+    parser = argparse.ArgumentParser(
+        prog="faithful-train", description="Interpretability objectives and audits while training."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train a config (objectives added to the loss, audits logged)")
     audit = sub.add_parser("audit", help="re-run a config's audits on a checkpoint")
@@ -30,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", required=True, help="experiment YAML (see configs/)")
         p.add_argument("--run-dir", help="where to write the run (default: runs/<config>/<time>)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=200")
+        p.add_argument(
+            "--strict",
+            action="store_true",
+            help="exit 1 when a pre-registered audit threshold fails (also: strict: true)",
+        )
     fit.add_argument("--resume", action="store_true", help="resume from <run dir>/checkpoints/last.ckpt")
     fit.add_argument("--resume-from", metavar="CKPT", help="resume from this checkpoint")
     audit.add_argument("--ckpt", required=True, help="Lightning checkpoint to audit")
@@ -39,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     ioi.add_argument("--out", required=True, help="directory to write")
     ioi.add_argument("--seed", type=int, default=0)
     ioi.add_argument("--train", type=int, default=20000, help="training rows")
-    show = data_sub.add_parser("show", help="print a config's first examples as tokens, with spans and positions marked")
+    show = data_sub.add_parser(
+        "show", help="print a config's first examples as tokens, with spans and positions marked"
+    )
     show.add_argument("-c", "--config", required=True)
     show.add_argument("-n", type=int, default=3, help="examples to show")
     show.add_argument("--split", choices=("train", "val", "audit"), default="train")
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from faithful_train import run as runs
         from faithful_train.config import load_config
-        from faithful_train.rundir import format_summary
+        from faithful_train.rundir import check_run_dir, format_summary
 
         runs.quiet_lightning()
         if args.command == "data" and args.data_command == "ioi":
@@ -109,24 +121,50 @@ def main(argv: list[str] | None = None) -> int:
 
             print(show_examples(cfg, Path(args.config).parent, args.n, args.split))
             return 0
-        run_dir = _run_dir(args, cfg.run_dir)
+        run_dir = check_run_dir(_run_dir(args, cfg.run_dir))
         if args.command == "fit":
             resume = _resume_path(args, run_dir)
             run = runs.build(cfg, run_dir, Path(args.config).parent)
             summary = runs.fit(run, resume)
-            if summary is None:
-                return 130 if run.module._trainer and run.module.trainer.interrupted else 0
+            if summary is None:  # not rank zero
+                return 0
         else:
             run = runs.build(cfg, run_dir, Path(args.config).parent)
             summary = runs.audit_checkpoint(run, args.ckpt)
+    except TrainingDiverged as e:
+        print(f"faithful-train: error: {e}", file=sys.stderr)
+        return 3
     except FaithfulError as e:
         print(f"faithful-train: error: {e}", file=sys.stderr)
         return 2
+    except runs.RunInterrupted as e:
+        where = (
+            f"the last checkpoint is {e.checkpoint} (step {e.checkpoint_step})"
+            if e.checkpoint
+            else "no checkpoint was written yet"
+        )
+        print(
+            f"faithful-train: stopped at step {e.step}; {where}; resume with: {_resume_command(args, run_dir)}",
+            file=sys.stderr,
+        )
+        return 130
     print(format_summary(summary))
     print(f"run directory: {run_dir}")
-    if summary["thresholds"] and not summary["passed"]:
-        print("pre-registered audit thresholds: FAIL")
+    failed = {name: v for name, v in summary["thresholds"].items() if not v["pass"]}
+    if failed:
+        detail = "; ".join(f"{name} = {v['value']:.4g}, needs {v['threshold']}" for name, v in failed.items())
+        print(f"pre-registered audit thresholds: FAIL ({detail})")
+        if args.strict or cfg.strict:
+            return 1
+    elif summary["thresholds"]:
+        print("pre-registered audit thresholds: PASS")
     return 0
+
+
+def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that continues this run: the same config and overrides, ``--resume``."""
+    parts = ["faithful-train", "fit", "-c", args.config, "--run-dir", str(run_dir), "--resume", *args.overrides]
+    return shlex.join(parts)
 
 
 def entrypoint() -> None:

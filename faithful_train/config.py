@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-import typing
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.errors import ConfigError, UnknownNameError, first_line
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -38,10 +38,12 @@ class TrainerSection:
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str = "32-true"
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     progress_bar: bool = True
     deterministic: bool = False
+    on_nonfinite: str = "stop"  # a non-finite loss or term: stop (exit 3) | skip the step
+    max_skipped_steps: int = 10  # skip: stop after this many skipped steps in a row
 
 
 @dataclass
@@ -50,8 +52,9 @@ class OptimSection:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 0
-    decay: str = "none"  # none | cosine (to min_lr_ratio * lr at trainer.max_steps)
+    decay: str = "none"  # none | cosine (to min_lr_ratio * lr at schedule_steps)
     min_lr_ratio: float = 0.1
+    schedule_steps: int | None = None  # steps the decay spans (default: trainer.max_steps of the run's first start)
 
 
 @dataclass
@@ -65,8 +68,8 @@ class DataSection:
 class WandbSection:
     mode: str = "offline"  # offline | online | disabled
     project: str = "faithful_train"
-    name: Optional[str] = None
-    entity: Optional[str] = None
+    name: str | None = None
+    entity: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -88,7 +91,8 @@ class LossSection:
 @dataclass
 class ExperimentConfig:
     seed: int = 0
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
+    strict: bool = False  # a failed pre-registered threshold fails the run (exit 1); also --strict
     model: Any = MISSING
     task: Any = MISSING
     objectives: list[Any] = field(default_factory=list)
@@ -105,8 +109,8 @@ class BottleneckSection:
     """A concept bottleneck after block ``layer`` (``faithful_train.modeling.bottleneck``)."""
 
     mode: str = "hard"  # hard | hybrid | embedding
-    layer: Optional[int] = None  # default: the last block
-    concepts: Optional[list[str]] = None  # default: every concept the task labels
+    layer: int | None = None  # default: the last block
+    concepts: list[str] | None = None  # default: every concept the task labels
     side_width: int = 8  # hybrid: width of the side channel
     side_noise: float = 1.0  # hybrid: std of the side channel's training noise
     embedding_dim: int = 16  # embedding: size of each concept value's embedding
@@ -124,23 +128,24 @@ class TransformerModelSection:
     n_experts: int = 0
     top_k: int = 2
     tie_embeddings: bool = False
-    vocab_size: Optional[int] = None  # default: the task's
-    max_seq_len: Optional[int] = None  # default: the task's
-    bottleneck: Optional[BottleneckSection] = None
+    vocab_size: int | None = None  # default: the task's
+    max_seq_len: int | None = None  # default: the task's
+    bottleneck: BottleneckSection | None = None
 
 
 @dataclass
 class HFModelSection:
     arch: str = "hf"
-    family: Optional[str] = None  # gpt2 | llama | mixtral | qwen2_moe (with `config`)
+    family: str | None = None  # gpt2 | llama | mixtral | qwen2_moe (with `config`)
     config: dict[str, Any] = field(default_factory=dict)  # the family's HF config arguments
-    path: Optional[str] = None  # a local directory saved with save_pretrained
-    bottleneck: Optional[BottleneckSection] = None
+    path: str | None = None  # a local directory saved with save_pretrained
+    bottleneck: BottleneckSection | None = None
 
 
 MODEL_SECTIONS = {"transformer": TransformerModelSection, "hf": HFModelSection}
 WANDB_MODES = ("offline", "online", "disabled")
 LR_DECAYS = ("none", "cosine")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def _check_keys(data: Any, schema: type, prefix: str) -> None:
@@ -173,7 +178,7 @@ def _merge(schema: type, data: Any, prefix: str = "") -> DictConfig:
         raise ConfigError(f"bad value under config key {prefix.rstrip('.') or 'config'!r}: {e}") from None
     except OmegaConfBaseException as e:
         key = f"{prefix}{e.full_key}" if getattr(e, "full_key", None) else prefix.rstrip(".") or "config"
-        raise ConfigError(f"bad value for config key {key!r}: {str(e.msg).splitlines()[0]}") from None
+        raise ConfigError(f"bad value for config key {key!r}: {first_line(e.msg)}") from None
 
 
 def find_preset(name: str, config_dir: Path | None = None) -> Path:
@@ -213,7 +218,7 @@ def _load_yaml(path: Path) -> DictConfig:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (yaml.YAMLError, OmegaConfBaseException) as e:
-        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse {path}: {first_line(e)}") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"{path} must hold a mapping at top level")
     return data
@@ -234,7 +239,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
         try:
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot apply override {item!r}: {str(e.msg).splitlines()[0]}") from None
+            raise ConfigError(f"cannot apply override {item!r}: {first_line(e.msg)}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -244,12 +249,36 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = _load_yaml(path)
         apply_overrides(raw, list(overrides))
         cfg = compose(raw, path.parent)
+        from_env = _env_references(OmegaConf.to_container(cfg, resolve=False))
         OmegaConf.resolve(cfg)  # every interpolation now, so a bad one is a config error, not a crash mid-run
+        for key, reference in from_env.items():  # read again when used; written as the reference, never the value
+            OmegaConf.update(cfg, key, reference, merge=False)
         return cfg
     except OmegaConfBaseException as e:  # e.g. an interpolation that names no key, or names itself
         lines = str(e).splitlines()
         key = next((line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("full_key:")), None)
-        raise ConfigError(f"config {path}: {lines[0] if lines else type(e).__name__}" + (f" (at '{key}')" if key else "")) from None
+        raise ConfigError(
+            f"config {path}: {lines[0] if lines else type(e).__name__}" + (f" (at '{key}')" if key else "")
+        ) from None
+
+
+def _env_references(node: Any, prefix: str = "") -> dict[str, str]:
+    """``{dotted key: "${oc.env:VAR}"}`` for each value taken from the environment (a token, a
+    password, a path): ``config.yaml`` and the wandb run keep these references, not the values."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    found: dict[str, str] = {}
+    for key, value in items:
+        if isinstance(value, str) and "oc.env:" in value:
+            found[f"{prefix}{key}"] = value
+        else:
+            found |= _env_references(value, f"{prefix}{key}.")
+    return found
+
+
+def written(cfg: DictConfig) -> dict[str, Any]:
+    """The config as it goes into ``config.yaml`` and the wandb run: resolved, except values read
+    from the environment, which stay ``${oc.env:VAR}``."""
+    return OmegaConf.to_container(cfg, resolve=False)
 
 
 def compose(raw: DictConfig | dict, config_dir: Path | None = None) -> DictConfig:
@@ -269,6 +298,8 @@ def compose(raw: DictConfig | dict, config_dir: Path | None = None) -> DictConfi
                 raise ConfigError(f"config key '{kind}.{i}' must be a mapping with a 'name'")
     if cfg.logger.wandb.mode not in WANDB_MODES:
         raise UnknownNameError("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    if cfg.trainer.on_nonfinite not in NONFINITE_POLICIES:
+        raise UnknownNameError("trainer.on_nonfinite", cfg.trainer.on_nonfinite, NONFINITE_POLICIES)
     if cfg.optim.decay not in LR_DECAYS:
         raise UnknownNameError("optim.decay", cfg.optim.decay, LR_DECAYS)
     for key in ("answer", "lm"):
@@ -276,7 +307,9 @@ def compose(raw: DictConfig | dict, config_dir: Path | None = None) -> DictConfi
             raise ConfigError(f"config key 'loss.{key}' must be >= 0, got {cfg.loss[key]}")
     if cfg.loss.answer == 0 and cfg.loss.lm == 0:
         raise ConfigError("config keys 'loss.answer' and 'loss.lm' are both 0: nothing to train")
-    for key in ("max_steps", "val_every", "log_every"):
+    if cfg.optim.schedule_steps is not None and cfg.optim.schedule_steps < 1:
+        raise ConfigError(f"config key 'optim.schedule_steps' must be >= 1, got {cfg.optim.schedule_steps}")
+    for key in ("max_steps", "val_every", "log_every", "max_skipped_steps"):
         if cfg.trainer[key] < 1:
             raise ConfigError(f"config key 'trainer.{key}' must be >= 1, got {cfg.trainer[key]}")
     _check_numbers(cfg)
@@ -300,7 +333,13 @@ def _check_numbers(cfg: DictConfig) -> None:
         if optim[key] < 0:
             raise ConfigError(f"config key 'optim.{key}' must be >= 0, got {optim[key]}")
     devices = cfg.trainer.devices
-    if isinstance(devices, int) and devices < 1 or isinstance(devices, str) and devices not in ("auto", "-1") and not devices.isdigit():
+    if (
+        isinstance(devices, int)
+        and devices < 1
+        or isinstance(devices, str)
+        and devices not in ("auto", "-1")
+        and not devices.isdigit()
+    ):
         raise ConfigError(f"config key 'trainer.devices' must be >= 1, 'auto' or a list of device ids, got {devices!r}")
     if isinstance(devices, str) and devices.isdigit() and int(devices) < 1:
         raise ConfigError(f"config key 'trainer.devices' must be >= 1, got {devices!r}")
@@ -316,7 +355,9 @@ def _check_numbers(cfg: DictConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"config key 'trainer.accelerator' is {accelerator!r}, but this machine has no CUDA device")
+            raise ConfigError(
+                f"config key 'trainer.accelerator' is {accelerator!r}, but this machine has no CUDA device"
+            )
 
 
 def to_plain(cfg: DictConfig | ListConfig) -> Any:

@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first line of an exception's message (a library's multi-line error folded into ours)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class FaithfulError(Exception):
     """An error the user can fix from the config or command line (never a bug)."""
 
@@ -26,3 +31,17 @@ class UnknownNameError(FaithfulError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return self.args[0]
+
+
+class TrainingDiverged(FaithfulError):
+    """A non-finite loss, objective term or weight: the run stops (the CLI exits 3) and no
+    non-finite checkpoint is written."""
+
+
+def note(message: str) -> None:
+    """One line for the user on stderr (``faithful-train: note: ...``), from rank zero only."""
+    import os
+    import sys
+
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print(f"faithful-train: note: {message}", file=sys.stderr)

@@ -9,31 +9,21 @@ interrupted export leaves nothing half-written. The checkpoint is loaded with
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from faithful_train.errors import ConfigError
-from faithful_train.rundir import load_checkpoint
+from faithful_train.rundir import umask_mode
 
 
 def export_run(run_dir: str | Path, out: str | Path, ckpt: str | Path | None = None) -> Path:
-    from faithful_train import run as runs
-    from faithful_train.config import load_config
+    from faithful_train.loading import load_run
     from faithful_train.modeling.transformer import Transformer
 
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    state = load_checkpoint(Path(ckpt) if ckpt else run_dir / "checkpoints" / "last.ckpt")
-    cfg = load_config(run_dir / "config.yaml")
-    cfg.objectives, cfg.audits = [], []  # only the model and the task's tokenizer are needed
-    run = runs.build(cfg, run_dir)
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = run.module.model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"the checkpoint does not fit the run's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model = run.module.model
+    model, task = load_run(run_dir, ckpt)
     if isinstance(model, Transformer):
         from faithful_train.modeling.convert import to_gpt2
 
@@ -44,9 +34,10 @@ def export_run(run_dir: str | Path, out: str | Path, ckpt: str | Path | None = N
         raise ConfigError(f"export: a {type(model).__name__} has no Hugging Face form (concept bottlenecks do not export)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    os.chmod(staging, umask_mode(0o777))  # mkdtemp makes 0700
     try:
         hf_model.save_pretrained(staging)
-        tokenizer = getattr(run.task, "tokenizer", None)
+        tokenizer = getattr(task, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if out.exists():

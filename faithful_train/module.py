@@ -33,6 +33,7 @@ from faithful_train.batches import (
     language_model_loss,
     token_kl,
 )
+from faithful_train.errors import TrainingDiverged, note
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task, batch_seed
@@ -60,6 +61,9 @@ class FaithfulModule(LightningModule):
         answer_weight: float = 1.0,
         lm_weight: float = 0.0,
         reference: nn.Module | None = None,
+        on_nonfinite: str = "stop",
+        max_skipped_steps: int = 10,
+        keep_schedule: bool = False,
     ):
         super().__init__()
         self.model, self.task = model, task
@@ -72,6 +76,10 @@ class FaithfulModule(LightningModule):
         # the frozen starting model (capability preservation): not a submodule, so neither the
         # optimizer, nor checkpoints, nor DDP see it
         self.__dict__["reference"] = reference
+        self.on_nonfinite, self.max_skipped_steps = on_nonfinite, max_skipped_steps
+        self.skipped_in_row = self.skipped_steps = 0
+        # on resume, keep the decay schedule the run started with (trainer.max_steps may have grown)
+        self.keep_schedule = keep_schedule
         self.train_acc, self.val_acc = MeanMetric(), MeanMetric()
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()
 
@@ -104,6 +112,7 @@ class FaithfulModule(LightningModule):
         logits, cache = run_with(self.model, batch["input_ids"], record=sites, attention_mask=mask, positions=positions)
         answers = gather_positions(logits, answer_positions(batch)) if per_token else logits
         loss = task_loss(answers, batch)
+        terms = {"train/task_loss": loss}
         self.train_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
         size = batch["labels"].shape[0]
         self.log("train/task_loss", loss, prog_bar=True, batch_size=size)
@@ -112,20 +121,34 @@ class FaithfulModule(LightningModule):
         if self.lm_weight > 0:
             lm = language_model_loss(logits, batch["input_ids"], mask)
             self.log("train/lm_loss", lm, batch_size=size)
+            terms["train/lm_loss"] = lm
             if "lm_text/input_ids" in batch:  # the task's plain text, beside the examples
                 text_mask = batch["lm_text/attention_mask"]
-                text_lm = language_model_loss(self.model(batch["lm_text/input_ids"], attention_mask=text_mask), batch["lm_text/input_ids"], text_mask)
+                text_lm = language_model_loss(
+                    self.model(batch["lm_text/input_ids"], attention_mask=text_mask),
+                    batch["lm_text/input_ids"],
+                    text_mask,
+                )
                 self.log("train/lm_text_loss", text_lm, batch_size=size)
+                terms["train/lm_text_loss"] = text_lm
                 lm = (lm + text_lm) / 2
             loss = loss + self.lm_weight * lm
         if active:
             seed = batch_seed(self.seed + 12_345, step * self.trainer.world_size + self.global_rank)
             ctx = StepContext(
-                batch, logits, cache, self.model, self.task, step, torch.Generator().manual_seed(seed), reference=self.reference
+                batch,
+                logits,
+                cache,
+                self.model,
+                self.task,
+                step,
+                torch.Generator().manual_seed(seed),
+                reference=self.reference,
             )
             for objective, weight in active:
                 term = objective.term(ctx)
                 self.log(f"train/objective/{objective.label}", term, prog_bar=True, batch_size=size)
+                terms[f"train/objective/{objective.label}"] = term
                 for part, value in objective.parts.items():
                     self.log(f"train/objective/{objective.label}/{part}", value, batch_size=size)
                 loss = loss + weight * term
@@ -133,7 +156,52 @@ class FaithfulModule(LightningModule):
         if idle:  # DDP expects every parameter to get a gradient each step: give idle ones a zero
             loss = loss + 0.0 * sum(p.sum() for label in idle for p in self.objective_modules[label].parameters())
         self.log("train/loss", loss, batch_size=size)
-        return loss
+        terms["train/loss"] = loss
+        return loss if self._finite(terms, step) else None  # None: Lightning skips backward and the update
+
+    def _finite(self, terms: dict[str, Tensor], step: int) -> bool:
+        """Whether every term of this step is finite (on every process). A non-finite one stops the
+        run with ``TrainingDiverged`` naming the term and step, or, with ``on_nonfinite="skip"``,
+        skips this step's update (up to ``max_skipped_steps`` in a row)."""
+        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
+        finite = bool(values.isfinite().all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = not self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if finite:
+            self.skipped_in_row = 0
+            return True
+        bad = [(name, float(v)) for name, v in zip(terms, values.tolist()) if not math.isfinite(v)]
+        name, value = bad[0] if bad else ("a term on another process", math.nan)
+        self.skipped_in_row += 1
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        if self.on_nonfinite == "stop":
+            raise TrainingDiverged(f"{name} is {value} at step {step}")
+        if self.skipped_in_row > self.max_skipped_steps:
+            raise TrainingDiverged(
+                f"{name} is {value} at step {step}, the {self.skipped_in_row}th non-finite step in a row (trainer.max_skipped_steps={self.max_skipped_steps})"
+            )
+        return False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["faithful_train"] = {
+            "schedule_steps": self.total_steps,
+            "skipped_steps": self.skipped_steps,
+            "skipped_in_row": self.skipped_in_row,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("faithful_train", {})
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
+        self.skipped_in_row = int(saved.get("skipped_in_row", 0))
+        started = int(saved.get("schedule_steps", self.total_steps))
+        if self.keep_schedule and started != self.total_steps:
+            if self.decay != "none":
+                note(
+                    f"trainer.max_steps is {self.total_steps}, the run started with {started}: the {self.decay} schedule keeps "
+                    f"its {started} steps (the lr stays at its floor after them); set optim.schedule_steps to stretch it"
+                )
+            self.total_steps = started
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         mask = attention_mask(batch)
@@ -171,7 +239,9 @@ class FaithfulModule(LightningModule):
         # weight decay on the model's matrices only: not on biases, norms or objectives' parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2] + [p for p in self.objective_modules.parameters() if p.requires_grad]
+        no_decay = [p for p in params if p.dim() < 2] + [
+            p for p in self.objective_modules.parameters() if p.requires_grad
+        ]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         if not self.warmup_steps and self.decay == "none":

@@ -4,7 +4,8 @@ Trainer, loggers, run directory), then fit it or audit a checkpoint."""
 from __future__ import annotations
 
 import logging
-import os
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,25 +13,26 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from faithful_train.audits.base import Audit
 from faithful_train.config import to_plain
 from faithful_train.data import TaskDataModule
-from faithful_train.errors import ConfigError, FaithfulError
+from faithful_train.errors import ConfigError, FaithfulError, TrainingDiverged
+from faithful_train.loggers import check_wandb, finish_wandb, make_loggers
 from faithful_train.modeling import build_model, frozen_copy, model_context
 from faithful_train.module import FaithfulModule
 from faithful_train.objectives.base import Objective
 from faithful_train.registry import AUDITS, OBJECTIVES, TASKS, instantiate
 from faithful_train.rundir import (
-    RunCSVLogger,
+    SoundCheckpoint,
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
     build_summary,
+    first_nonfinite,
     load_checkpoint,
+    preregister,
     truncate_jsonl,
 )
 from faithful_train.tasks.base import Task
@@ -65,6 +67,7 @@ def _entry(kind: str, index: int, make: Any) -> Any:
 
 def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) -> Run:
     """Everything a run needs, with every name checked before any training starts."""
+    check_wandb(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = instantiate("task", to_plain(cfg.task), TASKS, Task, config_dir)
     model = build_model(cfg.model, task.vocab_size, task.seq_len, seed=cfg.seed, concepts=task.concepts)
@@ -77,8 +80,14 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     model.train()
     if vocab < task.vocab_size:
         raise ConfigError(f"model vocabulary ({vocab}) is smaller than task {task.name!r}'s ({task.vocab_size})")
-    objectives = [_entry("objectives", i, lambda: instantiate("objective", to_plain(o), OBJECTIVES, Objective, config_dir)) for i, o in enumerate(cfg.objectives)]
-    audits = [_entry("audits", i, lambda: instantiate("audit", to_plain(a), AUDITS, Audit, config_dir)) for i, a in enumerate(cfg.audits)]
+    objectives = [
+        _entry("objectives", i, lambda: instantiate("objective", to_plain(o), OBJECTIVES, Objective, config_dir))
+        for i, o in enumerate(cfg.objectives)
+    ]
+    audits = [
+        _entry("audits", i, lambda: instantiate("audit", to_plain(a), AUDITS, Audit, config_dir))
+        for i, a in enumerate(cfg.audits)
+    ]
     _unique_labels(objectives, "objectives")
     _unique_labels(audits, "audits")
     for kind, items in (("objectives", objectives), ("audits", audits)):
@@ -95,9 +104,11 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     wants_reference = any(o.needs_reference for o in objectives) or fine_tuning
     module = FaithfulModule(
         model, task, optim.lr, optim.weight_decay, tuple(optim.betas), optim.warmup_steps, cfg.seed,
-        decay=optim.decay, total_steps=cfg.trainer.max_steps, min_lr_ratio=optim.min_lr_ratio,
+        decay=optim.decay, total_steps=optim.schedule_steps or cfg.trainer.max_steps, min_lr_ratio=optim.min_lr_ratio,
         objective_modules=owned, answer_weight=cfg.loss.answer, lm_weight=cfg.loss.lm,
         reference=frozen_copy(model) if wants_reference else None,
+        on_nonfinite=cfg.trainer.on_nonfinite, max_skipped_steps=cfg.trainer.max_skipped_steps,
+        keep_schedule=optim.schedule_steps is None,
     )  # fmt: skip
     for audit in audits:
         audit.attach(module)  # e.g. the interchange audit takes a learned rotation from its objective
@@ -105,40 +116,11 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     return Run(cfg, Path(run_dir), task, module, data, objectives, audits)
 
 
-def _loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> list[Logger]:
-    loggers: list[Logger] = []
-    if cfg.logger.csv:
-        loggers.append(RunCSVLogger(run_dir, resume_step))
-    wandb_cfg = cfg.logger.wandb
-    if wandb_cfg.mode != "disabled":
-        from lightning.pytorch.loggers import WandbLogger
-
-        os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(
-            WandbLogger(
-                save_dir=str(run_dir),
-                project=wandb_cfg.project,
-                name=wandb_cfg.name or run_dir.name,
-                entity=wandb_cfg.entity,
-                tags=list(wandb_cfg.tags),
-                mode=wandb_cfg.mode,  # offline unless the user turns it online
-                config=to_plain(cfg),
-                resume="allow" if resume_step is not None else None,
-                id=_wandb_id(run_dir) if resume_step is not None else None,
-            )
-        )
-    return loggers
-
-
-def _wandb_id(run_dir: Path) -> str | None:
-    """The id of the wandb run already in this run directory, so a resumed run continues it."""
-    runs = sorted((run_dir / "wandb").glob("*run-*"))
-    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
-
-
-def make_trainer(run: Run, extra_callbacks: list[Any] = (), resume_step: int | None = None) -> L.Trainer:
+def make_trainer(
+    run: Run, extra_callbacks: list[Any] = (), resume_step: int | None = None, csv_rows: int | None = None
+) -> L.Trainer:
     t = run.cfg.trainer
-    checkpoint = ModelCheckpoint(
+    checkpoint = SoundCheckpoint(
         dirpath=run.run_dir / "checkpoints",
         filename="step{step}",
         auto_insert_metric_name=False,
@@ -164,9 +146,27 @@ def make_trainer(run: Run, extra_callbacks: list[Any] = (), resume_step: int | N
         deterministic=t.deterministic,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        logger=_loggers(run.cfg, run.run_dir, resume_step),
-        callbacks=[*run.objectives, *run.audits, checkpoint, *extra_callbacks],
+        logger=make_loggers(run.cfg, run.run_dir, resume_step, csv_rows),
+        callbacks=[*run.objectives, *run.audits, checkpoint, *_progress_bars(run.cfg), *extra_callbacks],
     )
+
+
+def _progress_bars(cfg: DictConfig) -> list[Any]:
+    """Lightning's rich bar, labelled "train" (its "Epoch 0/-2" counts epochs of an endless stream;
+    a run is ``trainer.max_steps`` long, which is the bar's total)."""
+    if not cfg.trainer.progress_bar:
+        return []
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+        from rich import progress  # noqa: F401  (Lightning falls back to tqdm without rich)
+    except ImportError:
+        return []
+
+    class StepProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            return f"{'train':{len(self.validation_description)}}"
+
+    return [StepProgressBar()]
 
 
 def quiet_lightning() -> None:
@@ -177,22 +177,47 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
+    warnings.filterwarnings("ignore", message=".*training_step. returned .None.*")  # on purpose: trainer.on_nonfinite=skip
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C stopped training (Lightning shut it down cleanly); the CLI says how to resume."""
+
+    def __init__(self, step: int, checkpoint: Path | None, checkpoint_step: int | None):
+        self.step, self.checkpoint, self.checkpoint_step = step, checkpoint, checkpoint_step
+        super().__init__(f"stopped at step {step}")
+
+
+def last_checkpoint(run_dir: Path) -> tuple[Path | None, int | None]:
+    """``<run dir>/checkpoints/last.ckpt`` and its step, if there is one that loads."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        return path, int(load_checkpoint(path).get("global_step", 0))
+    except FaithfulError:
+        return None, None
 
 
 def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) -> dict[str, Any] | None:
-    """Train; then validate once more and write ``summary.json``. Returns the summary on rank zero."""
-    resume_step = None
+    """Train; then validate once more and write ``summary.json``. Returns the summary on rank zero.
+
+    Raises ``RunInterrupted`` on Ctrl-C, and ``TrainingDiverged`` (naming the term, the step and
+    the last sound checkpoint) when a loss, a term or the weights stop being finite."""
+    resume_step = csv_rows = None
     if resume is not None:
-        resume_step = int(load_checkpoint(Path(resume)).get("global_step", 0))  # refused if it would run code
-    trainer = make_trainer(run, list(extra_callbacks), resume_step)
+        state = load_checkpoint(Path(resume))  # refused if it would run code
+        resume_step, csv_rows = int(state.get("global_step", 0)), state.get("metrics_csv_rows")
+    trainer = make_trainer(run, list(extra_callbacks), resume_step, csv_rows)
     if trainer.is_global_zero:
-        atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.cfg))
+        config_text = OmegaConf.to_yaml(run.cfg)
+        preregister(run.run_dir, config_text, run.audits, run.cfg.strict, resuming=resume_step is not None)
+        atomic_write_text(run.run_dir / "config.yaml", config_text)
         if resume_step is not None:
             truncate_jsonl(run.run_dir / "audits.jsonl", resume_step)
+    on_sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after the first one
     try:
-        trainer.fit(run.module, run.datamodule, ckpt_path=resume)
+        trainer.fit(run.module, run.datamodule, ckpt_path=resume, weights_only=True)
         if trainer.interrupted:
-            return None
+            raise RunInterrupted(trainer.global_step, *last_checkpoint(run.run_dir))
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         val_metrics = trainer.validate(run.module, run.datamodule, verbose=False)[0]
         if not trainer.is_global_zero:
@@ -200,18 +225,21 @@ def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) ->
         summary = build_summary({**train_metrics, **val_metrics}, run.audits, trainer.global_step)
         atomic_write_json(run.run_dir / "summary.json", summary)
         return summary
+    except SystemExit:  # Lightning's answer to Ctrl-C: sys.exit(1) after a clean shutdown
+        if trainer.interrupted:
+            raise RunInterrupted(trainer.global_step, *last_checkpoint(run.run_dir)) from None
+        raise
+    except TrainingDiverged as e:
+        path, step = last_checkpoint(run.run_dir)
+        where = f"the last sound checkpoint is {path} (step {step})" if path else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"training diverged: {e}; {where}. Lower optim.lr, clip gradients (trainer.gradient_clip_val), "
+            "or skip such steps (trainer.on_nonfinite=skip)"
+        ) from None
     finally:
-        _finish_wandb(trainer)
-
-
-def _finish_wandb(trainer: L.Trainer) -> None:
-    """Close this run's wandb run: wandb keeps one run per process, and a later ``fit`` in the
-    same process (a recipe training several models) would otherwise log into this one."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger._experiment.finish()
+        if signal.getsignal(signal.SIGINT) != on_sigint and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_sigint)
+        finish_wandb(trainer)
 
 
 def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:
@@ -221,9 +249,18 @@ def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:
     missing, unexpected = run.module.load_state_dict(state["state_dict"], strict=False)
     missing = [k for k in missing if k.startswith(("model.", "objective_modules."))]
     if missing or unexpected:
-        raise ConfigError(f"checkpoint {path} does not fit the config's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ConfigError(
+            f"checkpoint {path} does not fit the config's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    bad = first_nonfinite(run.module)
+    if bad is not None:
+        raise ConfigError(
+            f"checkpoint {path} holds non-finite weights ({bad}): the run diverged; audit an earlier checkpoint"
+        )
     step = int(state.get("global_step", 0))
-    atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(run.cfg))
+    config_text = OmegaConf.to_yaml(run.cfg)
+    preregister(run.run_dir, config_text, run.audits, run.cfg.strict)
+    atomic_write_text(run.run_dir / "config.yaml", config_text)
     for audit in run.audits:
         audit.attach(run.module)
         record = audit.remember(audit.evaluate(run.module.model, run.task), step)

@@ -79,10 +79,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.attribution import METHODS, QUADRATURES, aligned_attributions, aligned_cosine, attribute_tokens
+from faithful_train.attribution import (
+    METHODS,
+    QUADRATURES,
+    Attribution,
+    aligned_attributions,
+    aligned_cosine,
+    attribute_tokens,
+)
 from faithful_train.audits.base import Audit
 from faithful_train.audits.interchange import randomly_initialised
-from faithful_train.batches import answer_forward, answer_position, as_variant, first_answer_logits, pad_columns, prefixed, stack_rows, unprefixed
+from faithful_train.batches import (
+    answer_forward,
+    answer_position,
+    as_variant,
+    first_answer_logits,
+    pad_columns,
+    prefixed,
+    stack_rows,
+    unprefixed,
+)
 from faithful_train.causal import answer_predictions
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.partial import narrows_last_block
@@ -233,6 +249,12 @@ def cascading_randomisation(model: nn.Module, seed: int) -> list[nn.Module]:
     return copies
 
 
+def completeness_error(result: Attribution) -> Tensor:
+    """Per example ``|delta| / (|f(x) - f(b)| + 1e-6)``: the share of the output change the
+    attributions fail to account for (0 when complete)."""
+    return result.delta.abs() / ((result.output - result.baseline_output).abs() + 1e-6)
+
+
 def removal_logits(model: nn.Module, batch: Batch, keep: Tensor) -> Tensor:
     """Answer-position logits ``(V, B, vocab)`` of ``V`` variants of the batch, variant ``v``
     with the ``embed`` activation of the positions where ``keep[v]`` ``(B, T)`` is False set to
@@ -278,6 +300,8 @@ class AttributionAudit(Audit):
         stability: bool = True,
         randomisation: bool = True,
         calibration: bool = True,
+        max_completeness_error: float | None = 0.05,
+        max_steps: int = 512,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -293,7 +317,13 @@ class AttributionAudit(Audit):
                 f"audit {self.label!r}: steps >= 1, top_k >= 1 and eraser_fractions in (0, 1] required, "
                 f"got {steps}, {top_k}, {list(fractions)}"
             )
+        if max_completeness_error is not None and not max_completeness_error > 0 or max_steps < steps:
+            raise ConfigError(
+                f"audit {self.label!r}: max_completeness_error > 0 (or null) and max_steps >= steps required, "
+                f"got {max_completeness_error}, {max_steps}"
+            )
         self.method, self.steps, self.quadrature, self.output = method, int(steps), quadrature, output
+        self.max_completeness_error, self.max_steps = max_completeness_error, int(max_steps)
         self.top_k, self.eraser_fractions = int(top_k), fractions
         self.stability, self.randomisation, self.calibration = stability, randomisation, calibration
         self.n_stages = 0  # cascade stages, set by bind
@@ -307,8 +337,15 @@ class AttributionAudit(Audit):
     def _stability_on(self, task: Task) -> bool:
         return self.stability and task.perturb_aligned(task.sample(2, 0), torch.Generator().manual_seed(0)) is not None
 
+    @property
+    def adaptive(self) -> bool:
+        """Integrated gradients with a completeness tolerance: points are added until it holds."""
+        return self.method == "integrated_gradients" and self.max_completeness_error is not None
+
     def metric_names(self, task: Task) -> list[str]:
         names = ["task_acc", "completeness_error"]
+        if self.adaptive:
+            names += ["trusted", "steps"]
         if "irrelevant" in task.sample(2, 0):
             names.append("irrelevant_share")
         if self._stability_on(task):
@@ -330,12 +367,33 @@ class AttributionAudit(Audit):
                 data |= {PERTURBED: variant} if isinstance(variant, Tensor) else prefixed(variant, PERTURBED)
         return data
 
-    def attribute(self, model: nn.Module, rows: Batch, target: Tensor):
+    def attribute(self, model: nn.Module, rows: Batch, target: Tensor, steps: int | None = None) -> Attribution:
         """Per-token attribution of ``model`` on a batch's rows (the audit's method and output)."""
         return attribute_tokens(
-            model, rows["input_ids"], target, self.method, SITE, "zeros", self.steps, self.quadrature,
+            model, rows["input_ids"], target, self.method, SITE, "zeros", steps or self.steps, self.quadrature,
             attention_mask=rows.get("attention_mask"), output=self.output, positions=answer_position(rows),
         )  # fmt: skip
+
+    def attribute_within_tolerance(self, model: nn.Module, rows: Batch, target: Tensor) -> tuple[Attribution, Tensor]:
+        """``attribute`` with as many integration points as completeness needs: while the rows'
+        mean ``completeness_error`` exceeds ``max_completeness_error``, the rows above it are
+        attributed again with twice the points, up to ``max_steps``. Returns the attribution
+        and the points each row used ``(N,)``."""
+        result = self.attribute(model, rows, target)
+        used = torch.full_like(target, self.steps)
+        if not self.adaptive:
+            return result, used
+        steps, tolerance = self.steps, self.max_completeness_error
+        error = completeness_error(result)
+        while float(error.mean()) > tolerance and steps < self.max_steps:
+            steps = min(2 * steps, self.max_steps)
+            redo = error > tolerance
+            again = self.attribute(model, {k: v[redo] for k, v in rows.items()}, target[redo], steps)
+            for name in ("values", "delta", "output", "baseline_output", "features"):
+                getattr(result, name)[redo] = getattr(again, name)
+            used[redo] = steps
+            error = completeness_error(result)
+        return result, used
 
     def randomised_models(self, model: nn.Module) -> list[nn.Module]:
         """The cascade's copies of ``model`` (seeded by the audit's seed + 2)."""
@@ -344,9 +402,20 @@ class AttributionAudit(Audit):
     def evaluate(self, model: nn.Module, task: Task, rank: int = 0, world_size: int = 1) -> dict[str, float]:
         self._randomised = self.randomised_models(model) if self.randomisation else None
         try:
-            return super().evaluate(model, task, rank, world_size)
+            results = super().evaluate(model, task, rank, world_size)
         finally:
             self._randomised = None
+        if self.adaptive:  # 1: the attributions account for the output change they explain
+            results["trusted"] = float(results["completeness_error"] <= self.max_completeness_error)
+        return dict(sorted(results.items()))
+
+    def warnings(self) -> list[str]:
+        if not self.adaptive or self.latest.get("trusted", 1.0) == 1.0:
+            return []
+        return [
+            f"audit/{self.label}: integrated gradients miss {self.latest['completeness_error']:.3g} of the output change "
+            f"they explain (tolerance {self.max_completeness_error:g}, up to {self.max_steps} points): its figures are not trusted"
+        ]
 
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
         labels = batch["labels"]
@@ -359,10 +428,11 @@ class AttributionAudit(Audit):
         T = rows["input_ids"].shape[1]
         clean = {k: v[:B] for k, v in rows.items()}
         real = clean.get("attention_mask", torch.ones_like(clean["input_ids"])).bool()
-        result = self.attribute(model, rows, labels.repeat(len(parts)))
+        result, used = self.attribute_within_tolerance(model, rows, labels.repeat(len(parts)))
         attr = result.values[:B].detach()
-        gap = (result.output[:B] - result.baseline_output[:B]).abs()
-        out: dict[str, Any] = {"completeness_error": result.delta[:B].abs() / (gap + 1e-6)}
+        out: dict[str, Any] = {"completeness_error": completeness_error(result)[:B]}
+        if self.adaptive:
+            out["steps"] = used[:B].double()
         if "irrelevant" in batch:
             out["irrelevant_share"] = irrelevant_share(attr, pad_columns(batch["irrelevant"], T, False))
         if stable:
@@ -373,7 +443,7 @@ class AttributionAudit(Audit):
             out["stability/cosine"] = (aligned_cosine(attr, perturbed, source).double(), weight)
         if self.randomisation:
             randomised = self._randomised if self._randomised is not None else self.randomised_models(model)
-            values = lambda m, x, y: self.attribute(m, x, y).values  # noqa: E731
+            values = lambda m, x, y: self.attribute(m, x, y).values
             rhos = randomisation_correlation(values, model, randomised, clean, labels, attr)
             out |= {f"randomisation/top{n + 1}": rho for n, rho in enumerate(rhos)}
             out["randomisation/spearman"] = rhos[-1]

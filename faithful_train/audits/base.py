@@ -108,6 +108,11 @@ class Audit(Callback, ABC):
     def write_artifacts(self, model: nn.Module, task: Task, run_dir: Path, step: int, loggers: list[Any]) -> None:
         """Files beside the figures (rank zero, after each run of the audit); default: none."""
 
+    def warnings(self) -> list[str]:
+        """Lines for the summary when the latest figures should not be taken at face value
+        (e.g. attributions that miss the output change they explain). Default: none."""
+        return []
+
     def build_data(self, task: Task, seed: int) -> Batch:
         """The fixed audit set; subclasses may add keys (e.g. paired sources)."""
         return task.sample(self.n_examples, seed)

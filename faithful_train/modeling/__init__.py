@@ -53,7 +53,7 @@ def _build_backbone(spec: dict[str, Any], vocab_size: int, seq_len: int, seed: i
         try:
             return Transformer(TransformerConfig(**spec))
         except ValueError as e:
-            raise ConfigError(f"model: {e}") from None
+            raise ConfigError(f"model.{e}") from None
     from faithful_train.modeling.hf import HFAdapter  # transformers is slow to import
 
     if spec.get("path"):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from faithful_train.batches import gather_positions, position_ids
-from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.errors import ConfigError, UnknownNameError, first_line
 from faithful_train.sites import SitePoint
 
 Route = Callable[[nn.Module, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
@@ -212,10 +213,30 @@ class HFAdapter(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> HFAdapter:
-        """Load from a local directory (never the Hub); the family comes from ``config.model_type``."""
-        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        """Load from a local directory written by ``save_pretrained`` (never the Hub); the family
+        comes from ``config.model_type``. A directory that is missing or holds no model is a
+        one-line ``ConfigError``."""
+        where = Path(path)
+        if not where.is_dir():
+            raise ConfigError(
+                f"model.path {str(path)!r} is not a directory (a local save_pretrained directory; nothing is downloaded)"
+            )
+        if not (where / "config.json").is_file():
+            raise ConfigError(
+                f"model.path {str(path)!r} holds no config.json: not a directory written by save_pretrained"
+            )
+        try:
+            hf_config = AutoConfig.from_pretrained(where, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.path {str(path)!r}: {first_line(e)}") from None
         _family(hf_config.model_type)
-        return cls(AutoModelForCausalLM.from_pretrained(path, config=hf_config, local_files_only=True, **_LOAD_KWARGS))
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                where, config=hf_config, local_files_only=True, **_LOAD_KWARGS
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.path {str(path)!r} holds no loadable weights: {first_line(e)}") from None
+        return cls(hf_model)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.hf_model.save_pretrained(path)
@@ -228,7 +249,11 @@ class HFAdapter(nn.Module):
         return self.hf_model.get_submodule(self._spec.layers)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, narrow: bool = True
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        narrow: bool = True,
     ) -> Tensor:
         """Next-token logits ``(B, T, vocab)``, or ``(B, P, vocab)`` at ``positions`` (B, P) (every
         position runs; ``narrow`` is accepted for interface parity with ours).
@@ -241,7 +266,9 @@ class HFAdapter(nn.Module):
         kwargs = {}
         if attention_mask is not None:
             kwargs["position_ids"] = position_ids(attention_mask, input_ids.shape[1], input_ids.device)
-        hidden = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)[0]
+        hidden = self.hf_model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        )[0]
         if positions is not None:
             hidden = gather_positions(hidden, positions)
         return self.hf_model.get_output_embeddings()(hidden)

@@ -22,8 +22,8 @@ To write your own task, subclass ``Task`` in your own file and name it in a conf
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -61,10 +61,20 @@ class Task(ABC):
     def label_from_variables(self, variables: dict[str, Tensor]) -> Tensor:
         """The causal model's output (answer token) given the values of its variables."""
 
+    INFER_ANSWERS_FROM = 4096  # examples whose labels stand for the answer set when a task names none
+
     @property
     def answer_tokens(self) -> tuple[int, ...] | None:
-        """The tokens an answer can be (audits predict among these), or ``None`` for any token."""
-        return None
+        """The tokens an answer can be: audits predict among these, so a model that knows nothing
+        scores chance (not below it, as an argmax over the whole vocabulary would). Default: the
+        distinct labels of ``INFER_ANSWERS_FROM`` seeded examples; override it when some answer is
+        rarer than that, or return ``None`` for any token."""
+        inferred = self.__dict__.get("_inferred_answer_tokens")
+        if inferred is None:
+            labels = self.sample(self.INFER_ANSWERS_FROM, seed=0)["labels"]
+            inferred = tuple(sorted(set(labels.reshape(-1).tolist())))
+            self.__dict__["_inferred_answer_tokens"] = inferred
+        return inferred
 
     @property
     def answer_length(self) -> int:

@@ -38,14 +38,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from faithful_train.errors import ConfigError, DataError, UnknownNameError
+from faithful_train.errors import ConfigError, DataError, UnknownNameError, first_line
 from faithful_train.tasks.base import Batch, Pairs, Task
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -72,7 +72,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
-        raise DataError(f"no tokenizer in {folder}: {str(e).splitlines()[0][:200]}") from None
+        raise DataError(f"no tokenizer in {folder}: {first_line(e)}") from None
     if not tokenizer.is_fast:
         raise DataError(f"the tokenizer in {folder} is not a fast tokenizer (offsets are needed)")
     return tokenizer
@@ -102,7 +102,7 @@ def read_rows(path: Path, where: str) -> list[dict[str, Any]]:
     try:
         data = datasets.load_dataset(kind, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as e:  # datasets raises many kinds; all mean the file cannot be read
-        raise DataError(f"{path}: cannot read it as {kind}: {str(e).splitlines()[0][:200]}") from None
+        raise DataError(f"{path}: cannot read it as {kind}: {first_line(e)}") from None
     while any(isinstance(f, dict) or type(f).__name__ == "Features" for f in data.features.values()):
         data = data.flatten()
     return data.to_list()

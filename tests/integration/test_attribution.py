@@ -53,7 +53,7 @@ def test_right_reasons_term_escapes_the_decoy(tmp_path):
     penalised = _fit_short(tmp_path, "configs/right-reasons-decoy.yaml", *short)["val/task_acc"]
     baseline = _fit_short(tmp_path, "configs/right-reasons-decoy-baseline.yaml", *short)["val/task_acc"]
     assert baseline <= 0.3, baseline  # chance is 0.25: the shortcut
-    assert penalised >= baseline + 0.15, (penalised, baseline)  # 400 steps: 0.50 (3000 steps: 0.97)
+    assert penalised >= baseline + 0.15, (penalised, baseline)  # 400 steps: 0.86 against 0.27 (3000 steps: 0.41 to 1.00 over seeds, README)
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_stability_objective_makes_attributions_stable_under_perturbation(tmp_pa
     # rank order moves the same way, less far and less reliably: four of the five aligned tokens
     # matter equally (the label is their sum), so their order is partly a coin flip. Measured at
     # 600 steps: 0.77 vs 0.71 on 1 thread, 0.92 vs 0.64 on 2 (the runs part ways in float
-    # rounding); 3000 steps: 0.987 vs 0.828
+    # rounding); 3000 steps: 0.994 vs 0.813 (README)
     assert figure(stable, "spearman") > figure(plain, "spearman"), (stable, plain)
     assert stable["val/task_acc"] >= plain["val/task_acc"] - 0.01, (stable, plain)
 

@@ -88,21 +88,59 @@ BAD_INPUTS = [
     (["trainer.strategy=bogus"], "unknown trainer.strategy 'bogus'", "ddp"),
     (["objectives.0.alignment.left.positions=[99]"], "position 99 is outside the task's sequence length 4", "objectives"),
     (["objectives.0.weight=-1e-3"], "weight must be >= 0, got -0.001", "weight"),
+    (["objectives.0.alignment.left.positions=[-99]"], "position -99 is outside the task's sequence length 4", "objectives.0"),
+    (["audits.0.alignment.left.positions=[99]"], "position 99 is outside", "audits.0"),
+    (["model.n_layers=0"], "model.n_layers must be >= 1, got 0", "n_layers"),
+    (["model={arch: hf, path: {inputs}/nowhere}"], "is not a directory", "nowhere"),
+    (["model={arch: hf, path: {inputs}/empty}"], "holds no config.json", "empty"),
+    (["model={arch: hf, path: {inputs}/no_weights}"], "holds no loadable weights", "no_weights"),
+    (["--run-dir", "{inputs}/a_file"], "is a file, not a directory", "a_file"),
+    (["--run-dir", "{inputs}/a_file/run"], "cannot be made", "a_file"),
+    (["--resume-from", "{inputs}/a_file"], "is not a checkpoint that loads safely: not a file written by torch.save", "a_file"),
+    (["--resume-from", "{inputs}/none.ckpt"], "not found", "none.ckpt"),
+    (["task.name=tests/integration/assets/helper_task/broken.py:Broken"], "broken.py line 3", "task"),
+    (["optim.lr=${oc.env:FAITHFUL_TRAIN_UNSET_VARIABLE}"], "FAITHFUL_TRAIN_UNSET_VARIABLE' not found", "optim.lr"),
+    (["trainer.on_nonfinite=ignore"], "unknown trainer.on_nonfinite 'ignore'", "skip"),
+    (["optim.schedule_steps=0"], "optim.schedule_steps", "0"),
+    (["audits=[{name: attribution, max_completeness_error: 0}]"], "max_completeness_error > 0", "audit"),
 ]
 
 
+def _bad_input_files(root: Path) -> Path:
+    """Files the bad inputs point at: a plain file, an empty folder, a model folder without weights."""
+    root.mkdir(exist_ok=True)
+    (root / "a_file").write_text("not a checkpoint\n")
+    (root / "empty").mkdir(exist_ok=True)
+    (root / "no_weights").mkdir(exist_ok=True)
+    (root / "no_weights" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+    return root
+
+
 def assert_fit_fails_in_one_line(config, run_dir, capsys, overrides, message, valid):
-    """``fit`` exits 2 with one line that names the bad value and the valid ones, and trains nothing."""
-    assert main(["fit", "-c", config, "--run-dir", str(run_dir), *TINY, *overrides]) == 2
+    """``fit`` exits 2 with one line that names the bad value and the valid ones, and writes
+    nothing: not a run directory, nor anything in it. ``{inputs}`` in an argument stands for a
+    folder of bad files (``_bad_input_files``)."""
+    inputs = _bad_input_files(run_dir / "inputs")
+    run = run_dir / "run"
+    args = [item.replace("{inputs}", str(inputs)) for item in overrides]
+    message, valid = message.replace("{inputs}", str(inputs)), valid.replace("{inputs}", str(inputs))
+    assert main(["fit", "-c", config, "--run-dir", str(run), *TINY, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("faithful-train: error:"), err
     assert message in err and valid in err, err
-    assert not (run_dir / "checkpoints").exists()
+    assert "Traceback" not in err
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("overrides, message, valid", BAD_INPUTS)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message, valid):
     assert_fit_fails_in_one_line(QUICKSTART, tmp_path, capsys, overrides, message, valid)
+
+
+def test_a_task_file_imports_a_module_beside_it(tmp_path):
+    cfg = load_config(QUICKSTART, [*TINY, "task={name: tests/integration/assets/helper_task/uses_helper.py:HelperTask}", "objectives=[]", "audits=[]"])
+    run = runs.build(cfg, tmp_path)
+    assert run.task.vocab_size == 8 and run.task.answer_tokens == tuple(range(8))
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):

@@ -278,3 +278,62 @@ def test_audit_on_a_transformer_with_concept_objects():
     no_perturbations = AttributionAudit(n_examples=8, steps=4)
     no_perturbations.bind(model, PickTask())
     assert "stability/spearman" not in no_perturbations.metric_names(PickTask())
+
+
+class Steep(nn.Module):
+    """``logit = tanh(sharpness * (s - 1))`` for every class, ``s`` the sum of the ``embed``
+    activation, which is 2 on every input: the integrated-gradients path from the zero baseline
+    crosses a step of width ~1 / sharpness at its middle. A gentle step needs a few points, a
+    steep one many, a cliff more than any cap."""
+
+    def __init__(self, sharpness: float, vocab: int = 12, d: int = 4, seq_len: int = 6):
+        super().__init__()
+        self.sharpness = sharpness
+        self.emb = nn.Embedding(vocab, d)
+        with torch.no_grad():
+            self.emb.weight.fill_(2.0 / (seq_len * d))
+        self.hook_embed = HookPoint()
+        self.double()
+
+    def site_points(self) -> dict[str, SitePoint]:
+        return {"embed": SitePoint(self.hook_embed)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, positions=None, narrow=True) -> torch.Tensor:
+        s = self.hook_embed(self.emb(input_ids)).sum((1, 2))
+        logits = torch.tanh(self.sharpness * (s - 1))[:, None, None].expand(-1, input_ids.shape[1], 12)
+        return logits if positions is None else gather_positions(logits, positions)
+
+
+def _integration_only(**kwargs) -> dict:
+    return {"randomisation": False, "stability": False, "calibration": False, "eraser_fractions": ()} | kwargs
+
+
+def test_points_are_added_until_the_attributions_are_complete():
+    task = PickTask()
+    fixed = run(Steep(20.0), task, n=16, **_integration_only(max_completeness_error=None))
+    adaptive = run(Steep(20.0), task, n=16, **_integration_only())
+    assert fixed["completeness_error"] > 0.05  # 8 points miss the step
+    assert adaptive["completeness_error"] <= 0.05 and adaptive["trusted"] == 1.0
+    assert 8 < adaptive["steps"] <= 512
+    assert "trusted" not in fixed and "steps" not in fixed
+
+
+def test_attributions_that_cannot_be_completed_are_flagged_untrusted():
+    from faithful_train.rundir import build_summary, format_summary
+
+    task = PickTask()
+    audit = AttributionAudit(n_examples=16, batch_size=16, steps=8, max_steps=64, **_integration_only())
+    model = Steep(1e4)
+    audit.bind(model, task)
+    results = audit.evaluate(model, task)
+    assert results["completeness_error"] > 0.05 and results["trusted"] == 0.0 and results["steps"] == 64
+    audit.remember(results, step=10)
+    summary = build_summary({}, [audit], 10)
+    assert summary["metrics"]["audit/attribution/trusted"] == 0.0
+    assert len(summary["warnings"]) == 1 and "not trusted" in format_summary(summary)
+
+
+def test_gradient_x_input_has_no_tolerance_to_meet():
+    task = PickTask()
+    results = run(Steep(20.0), task, n=16, **_integration_only(method="gradient_x_input"))
+    assert "trusted" not in results and results["completeness_error"] > 0.05

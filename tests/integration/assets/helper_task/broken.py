@@ -1,0 +1,4 @@
+"""A task file with a syntax error."""
+
+class Broken(Task)
+    pass
