@@ -15,6 +15,13 @@ Figures:
   the attributions relative to the output change they explain (integrated gradients'
   completeness axiom, Sundararajan et al. 2017; for gradient × input, ``b`` = 0 and the gap
   measures how far the model is from linear).
+- ``steps``, ``trusted`` (integrated gradients with ``max_completeness_error``, default 0.05):
+  the chunk's examples whose ``completeness_error`` exceeds the tolerance are attributed again
+  with twice the points while the chunk's mean exceeds it, up to ``max_steps`` (default 512);
+  ``steps`` is the mean of the points each example used, ``trusted`` 1 if the audit set's
+  ``completeness_error`` is within the tolerance, else 0 (and the run's summary warns that
+  every figure built on these attributions is not to be trusted). ``max_completeness_error:
+  null`` keeps ``steps`` fixed.
 - ``irrelevant_share`` (only if the task marks irrelevant tokens, ``batch["irrelevant"]``: noise,
   decoys): the share of each example's absolute attribution on those tokens,
   ``Σ_t |a_t| · irrelevant_t / Σ_t |a_t|``, the figure Ross et al. 2017's right-for-the-right-

@@ -84,11 +84,15 @@ def test_both_terms_train_a_hugging_face_model(tmp_path, preset):
     """Double backprop through a Hugging Face model (generic hooked path): both terms are
     logged, finite, and the audit measures the fine-tuned model."""
     overrides = [*TINY, "trainer.max_steps=10", f"model={preset}", "objectives.0.stability=1.0", "objectives.0.fraction=0.25"]
+    # on the tiny random llama, zero-baseline IG does not converge (completeness error 1.3 at 512
+    # points): the points go up to the cap and the audit says so; a low cap keeps the test short
+    overrides.append("audits.0.max_steps=64")
     assert main(["fit", "-c", "configs/right-reasons-decoy.yaml", "--run-dir", str(tmp_path), *overrides]) == 0
     metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
     for term in ("stability", "right_reasons"):
         assert 0 <= metrics[f"train/objective/stability/{term}"] < float("inf"), term
     assert 0 <= metrics["audit/attribution/irrelevant_share"] <= 1
+    assert metrics["audit/attribution/trusted"] in (0.0, 1.0) and 32 <= metrics["audit/attribution/steps"] <= 64
 
 
 def test_a_stopped_run_resumes_exactly(tmp_path):

@@ -254,3 +254,29 @@ def test_the_progress_bar_counts_steps_not_epochs_of_an_endless_stream():
     (bar,) = _progress_bars(cfg)
     assert bar._get_train_description(0).strip() == "train"
     assert _progress_bars(load_config(QUICKSTART, ["trainer.progress_bar=false"])) == []
+
+
+# --- wandb online without a network ---
+
+
+@pytest.mark.parametrize(
+    "key, url, message",
+    [
+        (None, None, "needs a wandb API key (WANDB_API_KEY or `wandb login`)"),
+        ("0123456789abcdef", "http://127.0.0.1:9", "the wandb server http://127.0.0.1:9 cannot be reached"),
+    ],
+)
+def test_wandb_online_without_a_key_or_a_server_is_one_line(tmp_path, capsys, monkeypatch, key, url, message):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    if key:
+        monkeypatch.setenv("WANDB_API_KEY", key)
+    if url:
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+    overrides = [o for o in TINY if not o.startswith("logger.wandb")] + ["logger.wandb.mode=online"]
+    started = time.time()
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "run"), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and "logger.wandb.mode=offline" in err, err
+    assert time.time() - started < 60 and not (tmp_path / "run").exists()
