@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from faithful_train.errors import UnknownNameError
+from faithful_train.modeling.interface import can_resume
 from faithful_train.partial import narrows_last_block
 from faithful_train.sites import hooked, resolve_site, run_with
 
@@ -234,10 +235,8 @@ _RESID_PRE = re.compile(r"blocks\.(\d+)\.resid_pre")
 
 
 def _fast_layer(model: nn.Module, site: str) -> int | None:
-    """The block where ``forward_from`` resumes for ``site`` on our Transformer, else None."""
-    from faithful_train.modeling.transformer import Transformer
-
-    if not isinstance(model, Transformer):
+    """The block where ``forward_from`` resumes for ``site`` on a model that can resume, else None."""
+    if not can_resume(model):
         return None
     if site == "embed":
         return 0

@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             print(show_examples(cfg, Path(args.config).parent, args.n, args.split))
             return 0
         run_dir = check_run_dir(_run_dir(args, cfg.run_dir))
+        if getattr(args, "strict", False):
+            cfg.strict = True  # recorded in config.yaml and preregistration.json
         if args.command == "fit":
             resume = _resume_path(args, run_dir)
             run = runs.build(cfg, run_dir, Path(args.config).parent)
@@ -138,15 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faithful-train: error: {e}", file=sys.stderr)
         return 2
     except runs.RunInterrupted as e:
-        where = (
-            f"the last checkpoint is {e.checkpoint} (step {e.checkpoint_step})"
-            if e.checkpoint
-            else "no checkpoint was written yet"
-        )
-        print(
-            f"faithful-train: stopped at step {e.step}; {where}; resume with: {_resume_command(args, run_dir)}",
-            file=sys.stderr,
-        )
+        if e.checkpoint:
+            where = f"the last checkpoint is {e.checkpoint} (step {e.checkpoint_step}); resume with: {_fit_command(args, run_dir, True)}"
+        else:
+            where = f"no checkpoint was written yet; start again with: {_fit_command(args, run_dir, False)}"
+        print(f"faithful-train: stopped at step {e.step}; {where}", file=sys.stderr)
         return 130
     print(format_summary(summary))
     print(f"run directory: {run_dir}")
@@ -161,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
-    """The command that continues this run: the same config and overrides, ``--resume``."""
-    parts = ["faithful-train", "fit", "-c", args.config, "--run-dir", str(run_dir), "--resume", *args.overrides]
-    return shlex.join(parts)
+def _fit_command(args: argparse.Namespace, run_dir: Path, resume: bool) -> str:
+    """The command that continues (or restarts) this run: the same config, options and overrides."""
+    options = ["--resume"] * resume + ["--strict"] * bool(args.strict)
+    return shlex.join(["faithful-train", "fit", "-c", args.config, "--run-dir", str(run_dir), *options, *args.overrides])
 
 
 def entrypoint() -> None:

@@ -343,6 +343,14 @@ def _check_numbers(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'trainer.devices' must be >= 1, 'auto' or a list of device ids, got {devices!r}")
     if isinstance(devices, str) and devices.isdigit() and int(devices) < 1:
         raise ConfigError(f"config key 'trainer.devices' must be >= 1, got {devices!r}")
+    if cfg.trainer.on_nonfinite == "skip":
+        t = cfg.trainer
+        if not (str(devices) in ("1", "auto") and t.num_nodes == 1) or t.accumulate_grad_batches != 1:
+            raise ConfigError(
+                "trainer.on_nonfinite=skip needs one process and no gradient accumulation (Lightning cannot skip "
+                f"a step in distributed training); got devices={devices}, num_nodes={t.num_nodes}, "
+                f"accumulate_grad_batches={t.accumulate_grad_batches}"
+            )
     if str(cfg.trainer.precision) not in PRECISIONS:
         raise UnknownNameError("trainer.precision", cfg.trainer.precision, PRECISIONS)
     from lightning.pytorch.strategies import StrategyRegistry

@@ -20,17 +20,12 @@ from faithful_train.rundir import umask_mode
 
 def export_run(run_dir: str | Path, out: str | Path, ckpt: str | Path | None = None) -> Path:
     from faithful_train.loading import load_run
-    from faithful_train.modeling.transformer import Transformer
+    from faithful_train.modeling.interface import hugging_face_form
 
     run_dir, out = Path(run_dir), Path(out)
     model, task = load_run(run_dir, ckpt)
-    if isinstance(model, Transformer):
-        from faithful_train.modeling.convert import to_gpt2
-
-        hf_model = to_gpt2(model)
-    elif hasattr(model, "hf_model"):
-        hf_model = model.hf_model
-    else:
+    hf_model = hugging_face_form(model)
+    if hf_model is None:
         raise ConfigError(f"export: a {type(model).__name__} has no Hugging Face form (concept bottlenecks do not export)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

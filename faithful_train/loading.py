@@ -61,6 +61,7 @@ def load_run(run_dir: str | os.PathLike, ckpt: str | os.PathLike | None = None) 
     state = load_checkpoint(Path(ckpt) if ckpt else run_dir / "checkpoints" / "last.ckpt")
     cfg = load_config(run_dir / "config.yaml")
     cfg.objectives, cfg.audits = [], []  # only the model and the task are needed
+    cfg.logger.wandb.mode = "disabled"  # nothing is logged (an online run's config loads offline)
     run = runs.build(cfg, run_dir)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = run.module.model.load_state_dict(weights, strict=False)

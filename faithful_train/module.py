@@ -34,6 +34,7 @@ from faithful_train.batches import (
     token_kl,
 )
 from faithful_train.errors import TrainingDiverged, note
+from faithful_train.modeling.interface import per_token_logits
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task, batch_seed
@@ -107,7 +108,7 @@ class FaithfulModule(LightningModule):
         # every position's logits (the LM loss and KL to the start read them; the plain step stays
         # bit for bit what it was before answers had positions), except from a model that answers
         # only where it reads (a concept bottleneck: `per_token_logits = False`)
-        per_token = getattr(self.model, "per_token_logits", True)
+        per_token = per_token_logits(self.model)
         positions = None if per_token else answer_positions(batch)
         logits, cache = run_with(self.model, batch["input_ids"], record=sites, attention_mask=mask, positions=positions)
         answers = gather_positions(logits, answer_positions(batch)) if per_token else logits
@@ -175,13 +176,30 @@ class FaithfulModule(LightningModule):
         self.skipped_in_row += 1
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
-        if self.on_nonfinite == "stop":
+        if self.on_nonfinite == "stop" or self.trainer.world_size > 1:  # Lightning cannot skip under DDP
             raise TrainingDiverged(f"{name} is {value} at step {step}")
         if self.skipped_in_row > self.max_skipped_steps:
             raise TrainingDiverged(
                 f"{name} is {value} at step {step}, the {self.skipped_in_row}th non-finite step in a row (trainer.max_skipped_steps={self.max_skipped_steps})"
             )
         return False
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A finite loss can still give non-finite gradients: stop, or (skip) drop them so the
+        update leaves every parameter as it was (AdamW skips a parameter without a gradient)."""
+        if str(self.trainer.precision).startswith("16"):  # fp16's grad scaler skips overflowing steps itself
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).all()):
+            return
+        if self.on_nonfinite == "stop" or self.trainer.world_size > 1:
+            raise TrainingDiverged(f"the gradient is non-finite at step {self.global_step}")
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_in_row += 1
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        if self.skipped_in_row > self.max_skipped_steps:
+            raise TrainingDiverged(f"the gradient is non-finite at step {self.global_step}, the {self.skipped_in_row}th non-finite step in a row (trainer.max_skipped_steps={self.max_skipped_steps})")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["faithful_train"] = {
@@ -212,7 +230,7 @@ class FaithfulModule(LightningModule):
             self.val_tokens.update(keep.sum())
             return
         size = batch["labels"].shape[0]
-        if self.reference is not None and getattr(self.model, "per_token_logits", True):
+        if self.reference is not None and per_token_logits(self.model):
             logits = self.model(batch["input_ids"], attention_mask=mask)
             reference = self.reference(batch["input_ids"], attention_mask=mask)
             kl = token_kl(logits, reference, mask)

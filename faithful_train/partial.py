@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from faithful_train.modeling.interface import can_resume, n_layers
 from faithful_train.sites import Edit, hooked
 
 _BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -44,10 +45,10 @@ class ResumePlan:
 
 def plan_resume(model: nn.Module, site_names: Iterable[str]) -> ResumePlan | None:
     """The latest block a run that edits ``site_names`` can resume at, or ``None`` (full forward)."""
-    if not hasattr(model, "forward_from"):
+    if not can_resume(model):
         return None
-    n_layers = model.n_layers
-    layer, aliases = n_layers, {}
+    layers = n_layers(model)
+    layer, aliases = layers, {}
     for name in site_names:
         if name == "embed":
             aliases[name], start = "blocks.0.resid_pre", 0
@@ -56,12 +57,12 @@ def plan_resume(model: nn.Module, site_names: Iterable[str]) -> ResumePlan | Non
             if match is None:  # e.g. "final": no block to resume at
                 return None
             i, rest = int(match[1]), match[2]
-            start = i + 1 if rest == "resid_post" and i + 1 < n_layers else i
+            start = i + 1 if rest == "resid_post" and i + 1 < layers else i
             aliases[name] = f"blocks.{i + 1}.resid_pre" if start == i + 1 else name
         layer = min(layer, start)
-    if layer >= n_layers:
+    if layer >= layers:
         return None
-    last = f"blocks.{n_layers - 1}."
+    last = f"blocks.{layers - 1}."
     last_only = all(not a.startswith(last) or a == f"{last}resid_pre" for a in aliases.values())
     return ResumePlan(layer, aliases, last_only)
 
@@ -69,10 +70,10 @@ def plan_resume(model: nn.Module, site_names: Iterable[str]) -> ResumePlan | Non
 def narrows_last_block(model: nn.Module, site_names: Iterable[str]) -> bool:
     """Whether a forward that edits ``site_names`` may run its last block at the read positions
     only: no edit past that block's ``resid_pre`` (those sites would have fewer positions)."""
-    n_layers = getattr(model, "n_layers", None)
-    if n_layers is None:
+    layers = n_layers(model)
+    if layers is None:
         return False
-    last = f"blocks.{n_layers - 1}."
+    last = f"blocks.{layers - 1}."
     return all(name != "final" and (not name.startswith(last) or name == f"{last}resid_pre") for name in site_names)
 
 

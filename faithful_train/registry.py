@@ -12,35 +12,59 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from faithful_train.errors import ConfigError, FaithfulError, UnknownNameError
 
-TASKS = {
-    "hierarchical_equality": "faithful_train.tasks.hierarchical_equality:HierarchicalEquality",
-    "multistep_arithmetic": "faithful_train.tasks.multistep_arithmetic:MultiStepArithmetic",
-    "domain_mixture": "faithful_train.tasks.domain_mixture:DomainMixture",
-    "concept_objects": "faithful_train.tasks.concept_objects:ConceptObjects",
-    "decoy_objects": "faithful_train.tasks.decoy_objects:DecoyObjects",
-    "text": "faithful_train.tasks.text:TextTask",
-}
-OBJECTIVES = {
-    "interchange": "faithful_train.objectives.interchange:InterchangeObjective",
-    "counterfactual_cot": "faithful_train.objectives.counterfactual_cot:CounterfactualCotObjective",
-    "router": "faithful_train.objectives.router:RouterObjective",
-    "concepts": "faithful_train.objectives.concepts:ConceptsObjective",
-    "stability": "faithful_train.objectives.stability:StabilityObjective",
-    "preserve": "faithful_train.objectives.preserve:PreserveObjective",
-}
-AUDITS = {
-    "interchange": "faithful_train.audits.interchange:InterchangeAudit",
-    "cot": "faithful_train.audits.cot:CotAudit",
-    "router": "faithful_train.audits.router:RouterAudit",
-    "concepts": "faithful_train.audits.concepts:ConceptsAudit",
-    "attribution": "faithful_train.audits.attribution:AttributionAudit",
-}
+
+class Builtins(Mapping[str, str]):
+    """Built-in classes by config name: ``{cls.name: "module:Class"}``. The name is written once,
+    on the class (its ``name`` attribute), and read from there when the mapping is first used."""
+
+    def __init__(self, kind: str, targets: tuple[str, ...]):
+        self.kind, self.targets = kind, targets
+        self._by_name: dict[str, str] | None = None
+
+    def _names(self) -> dict[str, str]:
+        if self._by_name is None:
+            self._by_name = {load_target(t, self.kind, t, []).name: t for t in self.targets}
+        return self._by_name
+
+    def __getitem__(self, name: str) -> str:
+        return self._names()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+TASKS = Builtins("task", (
+    "faithful_train.tasks.hierarchical_equality:HierarchicalEquality",
+    "faithful_train.tasks.multistep_arithmetic:MultiStepArithmetic",
+    "faithful_train.tasks.domain_mixture:DomainMixture",
+    "faithful_train.tasks.concept_objects:ConceptObjects",
+    "faithful_train.tasks.decoy_objects:DecoyObjects",
+    "faithful_train.tasks.text:TextTask",
+))  # fmt: skip
+OBJECTIVES = Builtins("objective", (
+    "faithful_train.objectives.interchange:InterchangeObjective",
+    "faithful_train.objectives.counterfactual_cot:CounterfactualCotObjective",
+    "faithful_train.objectives.router:RouterObjective",
+    "faithful_train.objectives.concepts:ConceptsObjective",
+    "faithful_train.objectives.stability:StabilityObjective",
+    "faithful_train.objectives.preserve:PreserveObjective",
+))  # fmt: skip
+AUDITS = Builtins("audit", (
+    "faithful_train.audits.interchange:InterchangeAudit",
+    "faithful_train.audits.cot:CotAudit",
+    "faithful_train.audits.router:RouterAudit",
+    "faithful_train.audits.concepts:ConceptsAudit",
+    "faithful_train.audits.attribution:AttributionAudit",
+))  # fmt: skip
 
 
 def _load_file(path: Path, attr: str, kind: str, name: str) -> Any:
@@ -86,7 +110,9 @@ def load_target(target: str, kind: str, name: str, roots: list[Path]) -> Any:
     return getattr(module, attr)
 
 
-def resolve_class(kind: str, name: str, builtins: Mapping[str, str], base: type, config_dir: Path | None = None) -> type:
+def resolve_class(
+    kind: str, name: str, builtins: Mapping[str, str], base: type, config_dir: Path | None = None
+) -> type:
     target = builtins.get(name, name)
     if ":" not in target:
         raise UnknownNameError(kind, name, [*builtins, "<file.py>:<Class>", "<module>:<Class>"])
@@ -113,7 +139,9 @@ def constructor_arguments(cls: type) -> tuple[set[str], set[str]]:
     return accepted, required
 
 
-def instantiate(kind: str, spec: Mapping[str, Any], builtins: Mapping[str, str], base: type, config_dir: Path | None = None) -> Any:
+def instantiate(
+    kind: str, spec: Mapping[str, Any], builtins: Mapping[str, str], base: type, config_dir: Path | None = None
+) -> Any:
     """Build ``spec['name']`` with the other keys as constructor arguments, checked."""
     spec = dict(spec)
     name = str(spec.pop("name"))

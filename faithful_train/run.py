@@ -67,7 +67,6 @@ def _entry(kind: str, index: int, make: Any) -> Any:
 
 def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) -> Run:
     """Everything a run needs, with every name checked before any training starts."""
-    check_wandb(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = instantiate("task", to_plain(cfg.task), TASKS, Task, config_dir)
     model = build_model(cfg.model, task.vocab_size, task.seq_len, seed=cfg.seed, concepts=task.concepts)
@@ -202,6 +201,7 @@ def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) ->
 
     Raises ``RunInterrupted`` on Ctrl-C, and ``TrainingDiverged`` (naming the term, the step and
     the last sound checkpoint) when a loss, a term or the weights stop being finite."""
+    check_wandb(run.cfg)  # before anything is written
     resume_step = csv_rows = None
     if resume is not None:
         state = load_checkpoint(Path(resume))  # refused if it would run code
@@ -209,7 +209,7 @@ def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) ->
     trainer = make_trainer(run, list(extra_callbacks), resume_step, csv_rows)
     if trainer.is_global_zero:
         config_text = OmegaConf.to_yaml(run.cfg)
-        preregister(run.run_dir, config_text, run.audits, run.cfg.strict, resuming=resume_step is not None)
+        preregister(run.run_dir, config_text, run.audits, run.cfg.strict, resume_step is not None, resume_step or 0)
         atomic_write_text(run.run_dir / "config.yaml", config_text)
         if resume_step is not None:
             truncate_jsonl(run.run_dir / "audits.jsonl", resume_step)
@@ -259,7 +259,7 @@ def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:
         )
     step = int(state.get("global_step", 0))
     config_text = OmegaConf.to_yaml(run.cfg)
-    preregister(run.run_dir, config_text, run.audits, run.cfg.strict)
+    preregister(run.run_dir, config_text, run.audits, run.cfg.strict, keep_existing=True, at_step=step)
     atomic_write_text(run.run_dir / "config.yaml", config_text)
     for audit in run.audits:
         audit.attach(run.module)

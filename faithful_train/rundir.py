@@ -143,25 +143,28 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 def preregister(
-    run_dir: Path, config_text: str, audits: list[Any], strict: bool, resuming: bool = False
+    run_dir: Path, config_text: str, audits: list[Any], strict: bool, keep_existing: bool = False, at_step: int = 0
 ) -> dict[str, Any]:
     """Write ``<run dir>/preregistration.json`` before the first step: every audit threshold, the
     SHA-256 of the resolved ``config.yaml`` and the time, so a reader can see the thresholds were
-    set before the figures existed. A resumed run keeps the original record and refuses changed
-    thresholds (a pre-registration is not edited mid-run)."""
+    set before the figures existed. With ``keep_existing`` (a resumed run, an audit) an existing
+    record is kept and other thresholds are refused (a pre-registration is not edited); one
+    written later than step 0 says at which step (``written_at_step``)."""
     import hashlib
     import time
 
-    thresholds = {
-        f"audit/{a.label}/{metric}": f"{op} {value:g}" for a in audits for metric, (op, value) in a.thresholds.items()
-    }
+    thresholds = {f"audit/{a.label}/{metric}": f"{op} {value:g}" for a in audits for metric, (op, value) in a.thresholds.items()}
     path = Path(run_dir) / "preregistration.json"
-    if resuming and path.is_file():
-        original = json.loads(path.read_text())
-        if original.get("thresholds") != thresholds:
+    if keep_existing and path.is_file():
+        try:
+            original = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); restore it, or use another run directory") from None
+        if not isinstance(original, dict) or original.get("thresholds") != thresholds:
+            found = original.get("thresholds") if isinstance(original, dict) else original
             raise ConfigError(
-                f"the thresholds {thresholds} differ from those pre-registered in {path} at {original.get('written_at')} "
-                f"({original.get('thresholds')}); a resumed run keeps them (start a new run directory to change them)"
+                f"the thresholds {thresholds} differ from those pre-registered in {path} ({found}); "
+                "a pre-registration is kept as written (use another run directory to change them)"
             )
         return original
     record = {
@@ -170,6 +173,8 @@ def preregister(
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if at_step:
+        record["written_at_step"] = at_step  # after figures existed: not a pre-registration in the strict sense
     atomic_write_json(path, record)
     return record
 
@@ -182,9 +187,26 @@ def truncate_jsonl(path: str | Path, last_step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a CSV file (none if missing); a field beyond the header is dropped."""
+    if not path.is_file():
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [{k: v for k, v in row.items() if k is not None} for row in reader]
+        return list(reader.fieldnames or []), rows
+
+
+def _step(row: Mapping[str, str]) -> int | None:
+    try:
+        return int(row.get("step") or "")
+    except ValueError:
+        return None
+
+
 def _csv_text(header: list[str], rows: list[Mapping[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=header)
+    writer = csv.DictWriter(buffer, fieldnames=header, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -209,13 +231,8 @@ class _ResumableWriter(ExperimentWriter):
         if self.resume_step is None:
             path.unlink(missing_ok=True)
             return
-        header: list[str] = []
-        rows: list[dict[str, str]] = []
-        if path.is_file():
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                header = list(reader.fieldnames or [])
-                rows = [row for row in reader if row.get("step") and int(row["step"]) <= self.resume_step]
+        header, rows = _read_csv(path)
+        rows = [row for i, row in enumerate(rows) if self._kept(row, i)]
         if self.expected_rows is not None and len(rows) < self.expected_rows:
             note(
                 f"{path} holds {len(rows)} rows up to step {self.resume_step}, the checkpoint recorded "
@@ -225,16 +242,28 @@ class _ResumableWriter(ExperimentWriter):
             atomic_write_text(path, _csv_text(header, rows))
         self.metrics_keys, self.rows_written = header, len(rows)
 
+    def _kept(self, row: Mapping[str, str], index: int) -> bool:
+        """Rows the resumed run will not log again: those before the checkpoint's step, and at
+        its step those written before the checkpoint or logged after training at that step
+        (validation, audits). A training row stamped with the checkpoint's step comes from the
+        next step (Lightning stamps a step's training row with the steps done before it), which
+        the resumed run repeats."""
+        step = _step(row)
+        if step is None or step > self.resume_step:
+            return False
+        if step < self.resume_step or (self.expected_rows is not None and index < self.expected_rows):
+            return True
+        return not any(value and key.startswith("train/") for key, value in row.items())
+
     def save(self) -> None:
         if not self.metrics:
             return
         path = Path(self.metrics_file_path)
-        if self._record_new_keys() or not path.is_file():  # a new header: write a new file and replace
-            old: list[dict[str, str]] = []
-            if path.is_file():
-                with open(path, newline="") as f:
-                    old = list(csv.DictReader(f))
-            atomic_write_text(path, _csv_text(self.metrics_keys, [*old, *self.metrics]))
+        keys = sorted(set(self.metrics_keys).union(*self.metrics))
+        if keys != self.metrics_keys or not path.is_file():  # a new header: write a new file and replace
+            _, old = _read_csv(path)
+            atomic_write_text(path, _csv_text(keys, [*old, *self.metrics]))
+            self.metrics_keys = keys  # only once the file has them (a save after a kill appends under them)
         else:  # the same header: append whole rows and sync
             buffer = io.StringIO()
             csv.DictWriter(buffer, fieldnames=self.metrics_keys).writerows(self.metrics)

@@ -49,7 +49,7 @@ Figures:
   per ``evaluate`` from one fresh, seeded initialisation (seed: the audit's seed + 2; our
   ``Transformer``: its own constructor's init; other models: ``randomly_initialised``, i.e.
   ``init_weights`` or every module's ``reset_parameters``), so all ranks agree. Stages
-  (``cascade_stages``): the blocks are ``model.blocks`` or an adapter's ``_layers()``; the
+  (``cascade_stages``): the blocks are ``modeling.interface.block_list`` (ours, or an adapter's decoder layers); the
   parameterised modules outside them are the head, except ``nn.Embedding``s, which go with the
   last stage. With tied embeddings the token embedding is re-drawn with the unembedding (stage
   1). A model without a block list gets one stage, everything re-initialised. Modules without
@@ -78,7 +78,6 @@ side is constant or fewer than two entries count (no order to agree on).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -95,7 +94,6 @@ from faithful_train.attribution import (
     attribute_tokens,
 )
 from faithful_train.audits.base import Audit
-from faithful_train.audits.interchange import randomly_initialised
 from faithful_train.batches import (
     answer_forward,
     answer_position,
@@ -108,7 +106,9 @@ from faithful_train.batches import (
 )
 from faithful_train.causal import answer_predictions
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.modeling.randomise import cascade_stages, cascading_randomisation
 from faithful_train.partial import narrows_last_block
+from faithful_train.ranking import spearman, top_k_members
 from faithful_train.sites import hooked, resolve_site
 from faithful_train.tasks.base import Batch, Task
 
@@ -120,45 +120,6 @@ AttributeFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 # --- pure helpers ---
-
-
-def average_ranks(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """1-based ranks along the last dim, ties given their average rank, counting only the
-    entries where ``mask`` is True (entries outside it get meaningless ranks)."""
-    mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
-    valid = mask.unsqueeze(-2)  # over j
-    less = ((x.unsqueeze(-2) < x.unsqueeze(-1)) & valid).sum(-1)  # [i]: #{j: x_j < x_i}
-    equal = ((x.unsqueeze(-2) == x.unsqueeze(-1)) & valid).sum(-1)  # includes i itself
-    return less.double() + (equal.double() + 1) / 2
-
-
-def spearman(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Spearman rank correlation of each row of ``a`` and ``b`` ``(B, N)`` over the entries
-    where ``mask`` ``(B, N)`` is True (default all): Pearson correlation of average ranks. A row
-    where either side is constant on the mask, or with fewer than two entries, gives 0 (never
-    NaN). Returns ``(B,)`` float64."""
-    mask = torch.ones_like(a, dtype=torch.bool) if mask is None else mask.bool()
-    m = mask.double()
-    n = m.sum(-1)
-    ra, rb = average_ranks(a, mask), average_ranks(b, mask)
-    ca = (ra - (ra * m).sum(-1, keepdim=True) / n.clamp_min(1)[..., None]) * m
-    cb = (rb - (rb * m).sum(-1, keepdim=True) / n.clamp_min(1)[..., None]) * m
-    cov, var = (ca * cb).sum(-1), (ca * ca).sum(-1) * (cb * cb).sum(-1)
-    ok = (var > 0) & (n >= 2)
-    rho = torch.where(ok, cov / var.clamp_min(1e-300).sqrt(), torch.zeros_like(cov))
-    return rho.clamp(-1.0, 1.0)
-
-
-def top_k_members(scores: Tensor, k: Tensor | int, mask: Tensor | None = None) -> Tensor:
-    """``(B, N)`` bool: each row's ``k`` highest ``scores`` among the entries in ``mask``; ties
-    go to the earlier index (a stable sort), so the choice is deterministic. ``k`` may be per row."""
-    if mask is not None:
-        scores = scores.masked_fill(~mask.bool(), float("-inf"))
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    place = order.argsort(dim=-1)  # each entry's place in the order
-    k = torch.as_tensor(k, device=scores.device)
-    members = place < (k[..., None] if k.dim() else k)
-    return members if mask is None else members & mask.bool()
 
 
 def irrelevant_share(attr: Tensor, irrelevant: Tensor) -> Tensor:
@@ -195,65 +156,6 @@ def randomisation_correlation(
     trained = (attribute(model, input_ids, target) if reference is None else reference).abs()
     rows = [spearman(trained, attribute(r, input_ids, target).abs()) for r in randomised]
     return torch.stack(rows) if rows else torch.zeros(0, input_ids.shape[0], dtype=torch.float64)
-
-
-def _block_list(model: nn.Module) -> nn.ModuleList | None:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) and callable(getattr(model, "_layers", None)):
-        blocks = model._layers()  # the Hugging Face adapter
-    return blocks if isinstance(blocks, nn.ModuleList) and len(blocks) else None
-
-
-def cascade_stages(model: nn.Module) -> list[list[str]]:
-    """Names of the modules each stage of the cascade re-initialises (on top of the earlier
-    stages), top first: the head, then each block from the last, the first block with the
-    embeddings. The head: every module outside the blocks with parameters of its own, except
-    ``nn.Embedding``s (embeddings, last stage). Without a block list: one stage, every module."""
-    names = {id(m): name for name, m in model.named_modules()}
-    blocks = _block_list(model)
-    if blocks is None:
-        return [[name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]]
-    inside = {id(m) for block in blocks for m in block.modules()}
-    head, embeddings = [], []
-    for name, module in model.named_modules():
-        if id(module) in inside or not any(True for _ in module.parameters(recurse=False)):
-            continue
-        (embeddings if isinstance(module, nn.Embedding) else head).append(name)
-    stages = [head] + [[names[id(block)]] for block in reversed(blocks)]
-    stages[-1] += embeddings
-    return stages
-
-
-def fresh_initialisation(model: nn.Module, seed: int) -> nn.Module:
-    """A model of the same architecture with newly drawn weights (the global RNG untouched):
-    our ``Transformer`` with its own constructor's init, others via ``randomly_initialised``."""
-    from faithful_train.modeling.transformer import Transformer
-
-    if type(model) is Transformer:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return Transformer(model.cfg)
-    return randomly_initialised(model, seed)
-
-
-def cascading_randomisation(model: nn.Module, seed: int) -> list[nn.Module]:
-    """Copies of ``model`` for each stage of ``cascade_stages``, stage n with stages 1..n
-    re-initialised from one fresh initialisation (so later stages keep earlier stages' draws).
-    The copies are in eval mode, their parameters not requiring gradients."""
-    fresh = dict(fresh_initialisation(model, seed).named_modules())
-    current = copy.deepcopy(model)
-    modules = dict(current.named_modules())
-    copies = []
-    with torch.no_grad():
-        for stage in cascade_stages(model):
-            for name in stage:
-                new = dict(fresh[name].named_parameters())
-                for pname, param in modules[name].named_parameters():
-                    param.copy_(new[pname])
-            snapshot = copy.deepcopy(current).eval()
-            snapshot.requires_grad_(False)
-            copies.append(snapshot)
-    return copies
 
 
 def completeness_error(result: Attribution) -> Tensor:

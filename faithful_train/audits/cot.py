@@ -26,8 +26,8 @@ from faithful_train.audits.base import Audit
 from faithful_train.batches import answer_forward, first_answer_logits
 from faithful_train.causal import answer_predictions
 from faithful_train.cot import area_over_curve, corrupted_steps
-from faithful_train.objectives.counterfactual_cot import require_reasoning_task
 from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.reasoning import require_reasoning_task
 
 CORRUPTED, FOLLOW, STEP = "cot.corrupted", "cot.follow", "cot.step"
 

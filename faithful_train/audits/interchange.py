@@ -27,7 +27,6 @@ objective; ``dims`` then name columns of the learned basis.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -59,27 +58,13 @@ from faithful_train.causal import (
 )
 from faithful_train.das import random_basis, rotated_sites, variable_bases
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.modeling.randomise import randomly_initialised
 from faithful_train.partial import plan_resume
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task
 
 SOURCE, RESAMPLE = "source.", "resample."
 CONTROLS = ("random_subspace", "random_model")
-
-
-def randomly_initialised(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``model`` with fresh random weights (its own ``init_weights`` if it has one,
-    else every submodule's ``reset_parameters``), drawn without touching the global RNG."""
-    fresh = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        if hasattr(fresh, "init_weights"):
-            fresh.init_weights()
-        else:
-            for module in fresh.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-    return fresh.eval()
 
 
 def control_alignment(alignment: Alignment, rotated: bool) -> tuple[Alignment, dict[str, int]]:

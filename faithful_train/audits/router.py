@@ -38,7 +38,7 @@ from faithful_train.audits.base import Audit, Total
 from faithful_train.batches import answer_forward, answer_positions, first_answer_logits, gather_positions
 from faithful_train.causal import answer_predictions
 from faithful_train.errors import ConfigError
-from faithful_train.objectives.router import router_layers
+from faithful_train.modeling.interface import router_layers
 from faithful_train.partial import narrows_last_block
 from faithful_train.routing import entropy_of, load_statistics, normalized_mutual_information, top_k_experts
 from faithful_train.rundir import atomic_write_text

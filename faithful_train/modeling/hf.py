@@ -164,7 +164,7 @@ class HFAdapter(nn.Module):
 
     def _gates(self) -> dict[int, nn.Module]:
         spec = self._spec
-        gates = {i: _submodule(layer, spec.router) if spec.router else None for i, layer in enumerate(self._layers())}
+        gates = {i: _submodule(layer, spec.router) if spec.router else None for i, layer in enumerate(self.decoder_layers())}
         return {i: g for i, g in gates.items() if g is not None}
 
     def _biased_routing(self, gate: nn.Module, layer: int) -> Callable:
@@ -243,9 +243,10 @@ class HFAdapter(nn.Module):
 
     @property
     def n_layers(self) -> int:
-        return len(self._layers())
+        return len(self.decoder_layers())
 
-    def _layers(self) -> nn.ModuleList:
+    def decoder_layers(self) -> nn.ModuleList:
+        """The wrapped model's decoder layers, in order."""
         return self.hf_model.get_submodule(self._spec.layers)
 
     def forward(
@@ -279,7 +280,7 @@ class HFAdapter(nn.Module):
             "embed": SitePoint(self.hf_model.get_submodule(spec.embed)),
             "final": SitePoint(self.hf_model.get_submodule(spec.final)),
         }
-        for i, layer in enumerate(self._layers()):
+        for i, layer in enumerate(self.decoder_layers()):
             points |= {f"blocks.{i}.{name}": p for name, p in self._layer_points(i, layer).items()}
         return points
 

@@ -21,19 +21,7 @@ from faithful_train.cot import STEP_CHOICES, corrupted_steps, follow_loss
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
-from faithful_train.tasks.reasoning import ReasoningTask
-
-
-def require_reasoning_task(task: Task, who: str) -> ReasoningTask:
-    if not isinstance(task, ReasoningTask):
-        from faithful_train.registry import TASKS, resolve_class
-
-        valid = [name for name in TASKS if issubclass(resolve_class("task", name, TASKS, Task), ReasoningTask)]
-        raise ConfigError(
-            f"{who} needs a task with written reasoning steps (a ReasoningTask); {task.name!r} is not one; "
-            f"valid: {', '.join(valid)}, or your own ReasoningTask"
-        )
-    return task
+from faithful_train.tasks.reasoning import ReasoningTask, require_reasoning_task
 
 
 class CounterfactualCotObjective(Objective):

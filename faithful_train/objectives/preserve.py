@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from faithful_train.batches import token_kl
 from faithful_train.errors import ConfigError, DataError
+from faithful_train.modeling.interface import per_token_logits
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
 
@@ -38,7 +39,7 @@ class PreserveObjective(Objective):
         self._pad_id = 0
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
-        if not getattr(model, "per_token_logits", True):
+        if not per_token_logits(model):
             raise ConfigError(f"objective {self.label!r} needs a model with next-token logits at every position (a concept bottleneck has none)")
         if self.text is None:
             return

@@ -33,6 +33,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.modeling.interface import router_layers
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.routing import (
     RouterRows,
@@ -46,19 +47,6 @@ from faithful_train.routing import (
 from faithful_train.tasks.base import Task
 
 POOLINGS = ("pooled", "per_layer")
-
-
-def router_layers(model: nn.Module, layers: Sequence[int] | None, owner: str) -> dict[int, tuple[int, int]]:
-    """``{layer: (n_experts, top_k)}`` of the requested MoE layers (default: all of them)."""
-    moe = model.moe_layers() if hasattr(model, "moe_layers") else {}
-    if not moe:
-        raise ConfigError(f"{owner} needs a mixture-of-experts model (e.g. model: moe-tiny or mixtral-tiny)")
-    if layers is None:
-        return moe
-    for layer in layers:
-        if layer not in moe:
-            raise UnknownNameError(f"MoE layer for {owner}", str(layer), [str(i) for i in moe])
-    return {layer: moe[layer] for layer in layers}
 
 
 def parse_mapping(mapping: Mapping[str, Any], values: Sequence[str], n_experts: int, owner: str) -> Tensor:

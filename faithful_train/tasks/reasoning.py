@@ -13,6 +13,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
+from faithful_train.errors import ConfigError
 from faithful_train.tasks.base import Batch, Task
 
 
@@ -46,3 +47,16 @@ class ReasoningTask(Task):
         if positions:
             hidden[:, positions] = self.filler_token
         return hidden
+
+
+def require_reasoning_task(task: Task, who: str) -> ReasoningTask:
+    """``task`` if it writes reasoning steps, else a one-line error naming the tasks that do."""
+    if not isinstance(task, ReasoningTask):
+        from faithful_train.registry import TASKS, resolve_class
+
+        valid = [name for name in TASKS if issubclass(resolve_class("task", name, TASKS, Task), ReasoningTask)]
+        raise ConfigError(
+            f"{who} needs a task with written reasoning steps (a ReasoningTask); {task.name!r} is not one; "
+            f"valid: {', '.join(valid)}, or your own ReasoningTask"
+        )
+    return task

@@ -103,6 +103,8 @@ BAD_INPUTS = [
     (["trainer.on_nonfinite=ignore"], "unknown trainer.on_nonfinite 'ignore'", "skip"),
     (["optim.schedule_steps=0"], "optim.schedule_steps", "0"),
     (["audits=[{name: attribution, max_completeness_error: 0}]"], "max_completeness_error > 0", "audit"),
+    (["trainer.on_nonfinite=skip", "trainer.accumulate_grad_batches=2"], "needs one process and no gradient accumulation", "accumulate_grad_batches=2"),
+    (["trainer.on_nonfinite=skip", "trainer.devices=2"], "needs one process", "devices=2"),
     pytest.param(["trainer.accelerator=gpu"], "trainer.accelerator' is 'gpu', but this machine has no CUDA device", "gpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ]

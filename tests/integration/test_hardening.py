@@ -67,6 +67,15 @@ def test_skip_leaves_out_the_nonfinite_update_and_finishes(tmp_path):
     assert _finite(run_dir / "checkpoints" / "last.ckpt")
 
 
+def test_a_nonfinite_gradient_from_a_finite_loss_stops_or_is_skipped(tmp_path, capsys):
+    planted = [f"objectives=[{{name: '{NAN_AT.replace('NanAt', 'NanGradAt')}', at: 5}}]", "audits=[]"]
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "stop"), *TINY, *planted]) == 3
+    assert "the gradient is non-finite at step 5" in capsys.readouterr().err
+    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "skip"), *TINY, *planted, "trainer.on_nonfinite=skip"]) == 0
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["metrics"]["train/skipped_steps"] == 1.0 and _finite(tmp_path / "skip" / "checkpoints" / "last.ckpt")
+
+
 def test_skip_gives_up_after_too_many_nonfinite_steps_in_a_row(tmp_path, capsys):
     overrides = ["optim.lr=1e6", "trainer.on_nonfinite=skip", "trainer.max_skipped_steps=3", "audits=[]"]
     assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "run"), *TINY, *overrides]) == 3
@@ -117,7 +126,13 @@ def test_strict_fails_the_run_on_a_failed_threshold_and_the_thresholds_are_prere
     resume = ["fit", "-c", QUICKSTART, "--run-dir", str(run_dir), "--resume", *TINY]
     assert main([*resume, "audits.0.thresholds={iia: '>= 0.5'}"]) == 2
     assert "differ from those pre-registered" in capsys.readouterr().err
+    # nor can an audit written into the run's directory replace it
+    assert main([*audit, "--run-dir", str(run_dir), "audits.0.thresholds={iia: '>= 0.5'}"]) == 2
+    assert "differ from those pre-registered" in capsys.readouterr().err
     assert json.loads((run_dir / "preregistration.json").read_text()) == prereg
+    # --strict is recorded
+    assert main([*audit, "--run-dir", str(tmp_path / "a4"), impossible, "--strict"]) == 1
+    assert json.loads((tmp_path / "a4" / "preregistration.json").read_text())["strict"] is True
 
 
 # --- Ctrl-C ---
@@ -126,7 +141,7 @@ def test_strict_fails_the_run_on_a_failed_threshold_and_the_thresholds_are_prere
 def test_ctrl_c_says_where_the_checkpoint_is_how_to_resume_and_exits_130(tmp_path, repo):
     run_dir = tmp_path / "run"
     overrides = [*TINY, "trainer.max_steps=100000", "trainer.val_every=5", "trainer.checkpoint_every=5", "audits=[]"]
-    cmd = [sys.executable, "-m", "faithful_train.cli", "fit", "-c", QUICKSTART, "--run-dir", str(run_dir), *overrides]
+    cmd = [sys.executable, "-m", "faithful_train.cli", "fit", "-c", QUICKSTART, "--run-dir", str(run_dir), "--strict", *overrides]
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
@@ -138,7 +153,7 @@ def test_ctrl_c_says_where_the_checkpoint_is_how_to_resume_and_exits_130(tmp_pat
     assert f"the last checkpoint is {run_dir / 'checkpoints' / 'last.ckpt'} (step " in line
     command = line.split("resume with: ", 1)[1]
     args = _parse(shlex.split(command)[1:])
-    assert args.resume and args.run_dir == str(run_dir) and args.config == QUICKSTART and args.overrides == overrides
+    assert args.resume and args.strict and args.run_dir == str(run_dir) and args.config == QUICKSTART and args.overrides == overrides
     assert "Traceback" not in err
 
 
@@ -201,6 +216,12 @@ def test_metrics_csv_survives_a_kill_while_its_header_is_rewritten(tmp_path, mon
     monkeypatch.undo()
     assert (tmp_path / "metrics.csv").read_text() == before  # whole, as it was
     assert not list(tmp_path.glob(".metrics.csv.*"))  # no temporary file left behind
+    logger.save()  # what Lightning's finalize does after the interrupt: the new header, then the row
+    rows = _rows(tmp_path / "metrics.csv")
+    assert len(rows) == 6 and rows[-1]["val/task_acc"] == "0.5" and all(None not in row for row in rows)
+    resumed = RunCSVLogger(tmp_path, resume_step=6)  # and it reads back on resume
+    resumed.experiment
+    assert len(_rows(tmp_path / "metrics.csv")) == 6
 
 
 def test_metrics_csv_appends_whole_rows_and_widens_its_header(tmp_path):
@@ -242,6 +263,11 @@ def test_the_checkpoint_records_how_many_metrics_rows_it_covers(tmp_path):
     for name, tensor in faithful_train.load_model(tmp_path).state_dict().items():
         torch.testing.assert_close(tensor, state[f"model.{name}"], msg=name)
     assert task.name == "hierarchical_equality" and not faithful_train.load_model(tmp_path).training
+    # a run logged to wandb online loads on a machine without a network
+    config = tmp_path / "config.yaml"
+    config.write_text(config.read_text().replace("mode: disabled", "mode: online"))
+    assert "mode: online" in config.read_text()
+    faithful_train.load_model(tmp_path)
 
 
 # --- what the terminal shows ---
@@ -280,3 +306,17 @@ def test_wandb_online_without_a_key_or_a_server_is_one_line(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err and "logger.wandb.mode=offline" in err, err
     assert time.time() - started < 60 and not (tmp_path / "run").exists()
+
+
+def test_a_resume_drops_the_rows_the_resumed_run_logs_again(tmp_path):
+    """A killed run may have flushed the training row of the step after its checkpoint (stamped
+    with the checkpoint's step): the resumed run logs that step again, so the row goes; the
+    validation and audit rows at that step stay (they are not run again)."""
+    rows = "step,train/loss,val/task_acc,audit/x/iia\n" + "".join(f"{s},{s}.0,,\n" for s in range(20))
+    rows += "20,,0.5,\n20,,,0.7\n20,20.0,,\n21,21.0,,\n"  # val and audit at 20; the next steps' training rows
+    atomic_write_text(tmp_path / "metrics.csv", rows)
+    logger = RunCSVLogger(tmp_path, resume_step=20, expected_rows=21)
+    logger.experiment
+    kept = _rows(tmp_path / "metrics.csv")
+    assert [r["step"] for r in kept[-3:]] == ["19", "20", "20"] and len(kept) == 22
+    assert kept[-2]["val/task_acc"] == "0.5" and kept[-1]["audit/x/iia"] == "0.7"

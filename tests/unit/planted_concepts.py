@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from faithful_train.concepts import ConceptLayout
 from faithful_train.modeling.bottleneck import BottleneckModel
 from faithful_train.sites import HookPoint, SitePoint

@@ -12,18 +12,12 @@ import torch
 from torch import nn
 
 from faithful_train.attribution import METHODS
-from faithful_train.audits.attribution import (
-    AttributionAudit,
-    cascade_stages,
-    cascading_randomisation,
-    irrelevant_share,
-    randomisation_correlation,
-    spearman,
-    top_k_members,
-)
-from faithful_train.errors import UnknownNameError
-from faithful_train.registry import AUDITS
+from faithful_train.audits.attribution import AttributionAudit, irrelevant_share, randomisation_correlation
 from faithful_train.batches import gather_positions
+from faithful_train.errors import UnknownNameError
+from faithful_train.modeling.randomise import cascade_stages, cascading_randomisation
+from faithful_train.ranking import spearman, top_k_members
+from faithful_train.registry import AUDITS
 from faithful_train.sites import HookPoint, SitePoint
 from faithful_train.tasks.base import Task
 from faithful_train.tasks.concept_objects import ConceptObjects

@@ -1,4 +1,5 @@
 import pytest
+
 from faithful_train.config import compose, load_config
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.registry import TASKS, instantiate

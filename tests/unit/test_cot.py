@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from faithful_train.batches import gather_positions
 from faithful_train.audits.cot import CotAudit
+from faithful_train.batches import gather_positions
 from faithful_train.cot import area_over_curve, corrupted_steps, follow_loss
 from faithful_train.errors import ConfigError
 from faithful_train.objectives.base import StepContext

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from faithful_train.errors import ConfigError
-from faithful_train.rundir import load_checkpoint
 from faithful_train.modeling.convert import to_gpt2
+from faithful_train.rundir import load_checkpoint
 from tests.conftest import tiny_transformer
 
 

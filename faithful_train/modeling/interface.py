@@ -1,0 +1,92 @@
+"""What the library asks of a model, declared in one place.
+
+Every model takes ``forward(input_ids, attention_mask=None, positions=None, narrow=True)`` and
+names its sites (``site_points``): that is ``SiteModel``. The rest are capabilities a model may
+have; the functions below answer for any model, with the default for one that lacks them, so no
+code outside ``faithful_train/modeling/`` checks a model's class or probes its attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from faithful_train.errors import ConfigError, UnknownNameError
+
+if TYPE_CHECKING:
+    from faithful_train.sites import SitePoint
+
+
+@runtime_checkable
+class SiteModel(Protocol):
+    """The interface every model satisfies (ours, the Hugging Face adapter, the concept
+    bottleneck, and a user's own). Optional capabilities, read through the functions below:
+    ``n_layers``, ``moe_layers()``, ``forward_from(layer, resid, ...)`` (resume a forward at a
+    block), ``blocks`` (an ``nn.ModuleList`` of its blocks), ``per_token_logits``."""
+
+    def site_points(self) -> dict[str, SitePoint]: ...
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        narrow: bool = True,
+    ) -> Tensor: ...
+
+
+def n_layers(model: nn.Module) -> int | None:
+    """The number of blocks, or ``None`` if the model does not say."""
+    return getattr(model, "n_layers", None)
+
+
+def moe_layers(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """``{layer: (n_experts, top_k)}`` of its mixture-of-experts layers; ``{}`` for a dense model."""
+    layers = getattr(model, "moe_layers", None)
+    return layers() if callable(layers) else {}
+
+
+def per_token_logits(model: nn.Module) -> bool:
+    """Whether the model answers at every position (a concept bottleneck answers only where it reads)."""
+    return bool(getattr(model, "per_token_logits", True))
+
+
+def can_resume(model: nn.Module) -> bool:
+    """Whether the model can resume a forward at a block (``forward_from``): our transformer can."""
+    return callable(getattr(model, "forward_from", None))
+
+
+def block_list(model: nn.Module) -> nn.ModuleList | None:
+    """The model's blocks in order (ours: ``blocks``; the Hugging Face adapter: its decoder
+    layers), or ``None`` if it has none."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        layers = getattr(model, "decoder_layers", None)
+        blocks = layers() if callable(layers) else None
+    return blocks if isinstance(blocks, nn.ModuleList) and len(blocks) else None
+
+
+def hugging_face_form(model: nn.Module) -> Any:
+    """The model as a ``transformers`` model (ours converts to the GPT-2 it equals), or ``None``."""
+    from faithful_train.modeling.transformer import Transformer
+
+    if isinstance(model, Transformer):
+        from faithful_train.modeling.convert import to_gpt2
+
+        return to_gpt2(model)
+    return getattr(model, "hf_model", None)
+
+
+def router_layers(model: nn.Module, layers: Sequence[int] | None, owner: str) -> dict[int, tuple[int, int]]:
+    """``{layer: (n_experts, top_k)}`` of the requested MoE layers (default: all of them)."""
+    moe = moe_layers(model)
+    if not moe:
+        raise ConfigError(f"{owner} needs a mixture-of-experts model (e.g. model: moe-tiny or mixtral-tiny)")
+    if layers is None:
+        return moe
+    for layer in layers:
+        if layer not in moe:
+            raise UnknownNameError(f"MoE layer for {owner}", str(layer), [str(i) for i in moe])
+    return {layer: moe[layer] for layer in layers}
