@@ -18,6 +18,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("distributed"):
             item.add_marker(pytest.mark.xdist_group("ddp"))
+    # the long tests first, so the two workers share them and end together (a long test
+    # scheduled last would leave one core idle while it runs)
+    items.sort(key=lambda item: not (item.get_closest_marker("slow") or item.get_closest_marker("distributed")))
 
 
 @pytest.fixture(autouse=True, scope="session")
