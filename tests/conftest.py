@@ -50,6 +50,8 @@ def unperturbed_task(**kw):
     from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
 
     class Unperturbed(HierarchicalEquality):
+        provides = frozenset()  # declares none (and has none)
+
         def perturb(self, batch, generator):
             return None
 

@@ -244,7 +244,7 @@ class AttributionAudit(Audit):
         super().bind(model, task, run_seed)
 
     def _stability_on(self, task: Task) -> bool:
-        return self.stability and task.perturb_aligned(task.sample(2, 0), torch.Generator().manual_seed(0)) is not None
+        return self.stability and "aligned_perturbations" in task.provides
 
     @property
     def adaptive(self) -> bool:
@@ -255,7 +255,7 @@ class AttributionAudit(Audit):
         names = ["task_acc", "completeness_error"]
         if self.adaptive:
             names += ["trusted", "steps"]
-        if "irrelevant" in task.sample(2, 0):
+        if "irrelevant" in task.provides:
             names.append("irrelevant_share")
         if self._stability_on(task):
             names += ["stability/spearman", "stability/topk", "stability/cosine"]

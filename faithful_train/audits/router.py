@@ -71,7 +71,7 @@ class RouterAudit(Audit):
         if self.concept is not None or task.concepts:
             self.concept = task.check_concept(self.concept, f"audit {self.label!r}")
             self.values = task.concepts[self.concept]
-        if self.stability and task.perturb(task.sample(2, 0), torch.Generator().manual_seed(0)) is None:
+        if self.stability and "perturbations" not in task.provides:
             raise ConfigError(f"audit {self.label!r}: task {task.name!r} has no position-aligned perturbations; set stability: false")
         super().bind(model, task, run_seed)
 

@@ -71,10 +71,9 @@ class StabilityObjective(Objective):
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         owner = f"objective {self.label!r}"
-        probe = task.sample(2, 0)
-        if self.stability and task.perturb_aligned(probe, torch.Generator().manual_seed(0)) is None:
+        if self.stability and "aligned_perturbations" not in task.provides:
             raise ConfigError(f"{owner}: stability needs a task with meaning-preserving perturbations; {task.name!r} has none{task.column_hint('perturbations')}")
-        if self.right_reasons and "irrelevant" not in probe:
+        if self.right_reasons and "irrelevant" not in task.provides:
             raise ConfigError(f"{owner}: right_reasons needs a task that marks irrelevant tokens; {task.name!r} does not{task.column_hint('irrelevant')}")
 
     def term(self, ctx: StepContext) -> Tensor:

@@ -99,6 +99,26 @@ class Task(ABC):
             raise UnknownNameError(f"concept of task {self.name!r} for {owner}{self.column_hint('concepts')}", str(name), self.concepts)
         return name
 
+    marks_irrelevant: bool = False  # whether batches carry ``irrelevant`` (tokens the label ignores)
+
+    @property
+    def provides(self) -> frozenset[str]:
+        """What the task gives beyond ``input_ids``, ``labels`` and its variables, declared so that
+        objectives and audits check it at bind time without sampling: ``perturbations``
+        (position-aligned, ``perturb``), ``aligned_perturbations`` (``perturb_aligned``),
+        ``irrelevant``, ``concepts``. Default: from the methods the task overrides,
+        ``marks_irrelevant`` and ``concepts``; a task whose data decides it overrides this."""
+        kinds = set()
+        if type(self).perturb is not Task.perturb:
+            kinds |= {"perturbations", "aligned_perturbations"}
+        if type(self).perturb_aligned is not Task.perturb_aligned:
+            kinds.add("aligned_perturbations")
+        if self.marks_irrelevant:
+            kinds.add("irrelevant")
+        if self.concepts:
+            kinds.add("concepts")
+        return frozenset(kinds)
+
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor | None:
         """Meaning-preserving perturbations: ``input_ids`` of the same shape whose labels and
         concepts are those of ``batch``; ``None`` if the task has none."""

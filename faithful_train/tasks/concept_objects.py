@@ -48,6 +48,7 @@ LABELLED = ("colour", "shape", "size", "material")
 
 
 class ConceptObjects(Task):
+    marks_irrelevant = True  # the noise tokens (and the pattern token unless it is hidden)
     name = "concept_objects"
     variables = tuple(ATTRIBUTES)
 

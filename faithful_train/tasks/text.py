@@ -580,6 +580,14 @@ class TextTask(Task):
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor | None:
         return None  # paraphrases change lengths; position-aligned perturbations are not defined
 
+    @property
+    def provides(self) -> frozenset[str]:
+        """From the file's columns: ``paraphrase``, ``irrelevant``, ``concepts.*``."""
+        data = self.splits["train"]
+        kinds = {"aligned_perturbations"} if data["paraphrase"] is not None else set()
+        kinds |= {"irrelevant"} if data["irrelevant"] is not None else set()
+        return frozenset(kinds | ({"concepts"} if self.concepts else set()))
+
     @staticmethod
     def _split_of(batch: Batch) -> str:
         return SPLITS[int(batch["split"][0])] if "split" in batch and len(batch["split"]) else "train"

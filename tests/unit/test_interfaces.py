@@ -72,3 +72,26 @@ def test_registry_names_come_from_the_classes():
         for name, target in builtins.items():
             assert load_target(target, "x", name, []).name == name
     assert list(TASKS) == [load_target(t, "x", t, []).name for t in TASKS.targets]  # keys read from the classes
+
+
+def test_plugins_read_what_a_task_provides_instead_of_sampling_it():
+    for path in PLUGINS:
+        text = path.read_text()
+        assert "task.sample(2" not in text and "perturb(task.sample" not in text, path.name
+
+
+def test_tasks_declare_what_they_provide():
+    from faithful_train.tasks.concept_objects import ConceptObjects
+    from faithful_train.tasks.decoy_objects import DecoyObjects
+    from faithful_train.tasks.domain_mixture import DomainMixture
+    from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+    from tests.conftest import unperturbed_task
+
+    assert HierarchicalEquality().provides == {"perturbations", "aligned_perturbations"}
+    assert ConceptObjects().provides == {"perturbations", "aligned_perturbations", "irrelevant", "concepts"}
+    assert {"irrelevant", "aligned_perturbations"} <= DecoyObjects().provides
+    assert "concepts" in DomainMixture().provides
+    assert unperturbed_task().provides == frozenset()
+    for task in (ConceptObjects(), DecoyObjects()):  # what they declare, their batches carry
+        batch = task.sample(4, 0)
+        assert "irrelevant" in batch and task.perturb_aligned(batch, __import__("torch").Generator().manual_seed(0)) is not None

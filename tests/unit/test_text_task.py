@@ -91,6 +91,7 @@ def test_batches_carry_padding_answers_spans_and_pairs(files):
     assert source["row"].tolist() == [task.splits["train"]["pairs"]["thing"][i] for i in (0, 1, 2)]
     assert source["input_ids"].shape == batch["input_ids"].shape  # padded together
     assert batch["irrelevant"][0, :4].tolist() == [True, False, False, False]  # the first "the" only
+    assert task.provides == {"aligned_perturbations", "irrelevant", "concepts"} - (set() if task.concepts else {"concepts"})
 
 
 def test_left_padding_moves_positions_with_the_tokens(files):
