@@ -161,27 +161,17 @@ class FaithfulModule(LightningModule):
         return loss if self._finite(terms, step) else None  # None: Lightning skips backward and the update
 
     def _finite(self, terms: dict[str, Tensor], step: int) -> bool:
-        """Whether every term of this step is finite (on every process). A non-finite one stops the
-        run with ``TrainingDiverged`` naming the term and step, or, with ``on_nonfinite="skip"``,
-        skips this step's update (up to ``max_skipped_steps`` in a row)."""
+        """Whether every term of this step is finite (on every process); if not, ``_nonfinite``."""
         values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
         finite = bool(values.isfinite().all())
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self._world_size() > 1:
             finite = not self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
         if finite:
             self.skipped_in_row = 0
             return True
         bad = [(name, float(v)) for name, v in zip(terms, values.tolist()) if not math.isfinite(v)]
         name, value = bad[0] if bad else ("a term on another process", math.nan)
-        self.skipped_in_row += 1
-        self.skipped_steps += 1
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
-        if self.on_nonfinite == "stop" or self.trainer.world_size > 1:  # Lightning cannot skip under DDP
-            raise TrainingDiverged(f"{name} is {value} at step {step}")
-        if self.skipped_in_row > self.max_skipped_steps:
-            raise TrainingDiverged(
-                f"{name} is {value} at step {step}, the {self.skipped_in_row}th non-finite step in a row (trainer.max_skipped_steps={self.max_skipped_steps})"
-            )
+        self._nonfinite(f"{name} is {value} at step {step}")
         return False
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -192,14 +182,27 @@ class FaithfulModule(LightningModule):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).all()):
             return
-        if self.on_nonfinite == "stop" or self.trainer.world_size > 1:
-            raise TrainingDiverged(f"the gradient is non-finite at step {self.global_step}")
+        self._nonfinite(f"the gradient is non-finite at step {self.global_step}")
         optimizer.zero_grad(set_to_none=True)
+
+    def _nonfinite(self, what: str) -> None:
+        """A non-finite step: stop the run (``TrainingDiverged`` saying ``what``), or, with
+        ``on_nonfinite="skip"``, count it and let the caller skip the update, up to
+        ``max_skipped_steps`` in a row."""
         self.skipped_in_row += 1
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        if self.on_nonfinite == "stop":
+            raise TrainingDiverged(what)
+        if self._world_size() > 1:  # the config check refuses this; a device count of "auto" can still get here
+            raise TrainingDiverged(f"{what} (skip is impossible with {self._world_size()} processes)")
         if self.skipped_in_row > self.max_skipped_steps:
-            raise TrainingDiverged(f"the gradient is non-finite at step {self.global_step}, the {self.skipped_in_row}th non-finite step in a row (trainer.max_skipped_steps={self.max_skipped_steps})")
+            raise TrainingDiverged(
+                f"{what}, the {self.skipped_in_row}th non-finite step in a row (trainer.max_skipped_steps={self.max_skipped_steps})"
+            )
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["faithful_train"] = {

@@ -105,6 +105,8 @@ BAD_INPUTS = [
     (["audits=[{name: attribution, max_completeness_error: 0}]"], "max_completeness_error > 0", "audit"),
     (["trainer.on_nonfinite=skip", "trainer.accumulate_grad_batches=2"], "needs one process and no gradient accumulation", "accumulate_grad_batches=2"),
     (["trainer.on_nonfinite=skip", "trainer.devices=2"], "needs one process", "devices=2"),
+    (["trainer.max_skipped_steps=0"], "trainer.max_skipped_steps' must be >= 1", "0"),
+    (["audits=[{name: attribution, steps: 32, max_steps: 16}]"], "max_steps >= steps required", "16"),
     pytest.param(["trainer.accelerator=gpu"], "trainer.accelerator' is 'gpu', but this machine has no CUDA device", "gpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ]

@@ -68,7 +68,7 @@ def test_skip_leaves_out_the_nonfinite_update_and_finishes(tmp_path):
 
 
 def test_a_nonfinite_gradient_from_a_finite_loss_stops_or_is_skipped(tmp_path, capsys):
-    planted = [f"objectives=[{{name: '{NAN_AT.replace('NanAt', 'NanGradAt')}', at: 5}}]", "audits=[]"]
+    planted = [f"objectives=[{{name: '{NAN_AT}', at: 5, gradient: true}}]", "audits=[]"]
     assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "stop"), *TINY, *planted]) == 3
     assert "the gradient is non-finite at step 5" in capsys.readouterr().err
     assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "skip"), *TINY, *planted, "trainer.on_nonfinite=skip"]) == 0
