@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,10 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from faithful_train.engine import plan_resume, run_variants
 from faithful_train.errors import UnknownNameError
-from faithful_train.modeling.interface import can_resume
-from faithful_train.partial import narrows_last_block
-from faithful_train.sites import hooked, resolve_site, run_with
+from faithful_train.modeling.interface import resid_before
+from faithful_train.sites import resolve_site, run_with
 
 ScalarFn = Callable[[Tensor], Tensor]
 
@@ -231,17 +230,12 @@ def _double_backward_safe(create_graph: bool) -> contextlib.AbstractContextManag
 
 # --- sites of a model ---
 
-_RESID_PRE = re.compile(r"blocks\.(\d+)\.resid_pre")
-
-
-def _fast_layer(model: nn.Module, site: str) -> int | None:
-    """The block where ``forward_from`` resumes for ``site`` on a model that can resume, else None."""
-    if not can_resume(model):
-        return None
-    if site == "embed":
-        return 0
-    match = _RESID_PRE.fullmatch(site)
-    return int(match.group(1)) if match else None
+def _clean_site(model: nn.Module, site: str, fast: bool) -> int | None:
+    """The block whose input *is* ``site`` (``embed``, ``resid_pre``, ``resid_post`` below the
+    last block) on a model that can resume, else ``None``: its activation is then the clean
+    prefix, computed without running the blocks above."""
+    plan = plan_resume(model, [site]) if fast else None
+    return plan.layer if plan is not None and plan.aliases[site] == plan.site else None
 
 
 def _activation(
@@ -250,10 +244,7 @@ def _activation(
     if layer is None:
         _, cache = run_with(model, input_ids, record=[site], attention_mask=attention_mask)
         return cache[site]
-    resid = model.embed(input_ids, attention_mask)
-    for block in model.blocks[:layer]:
-        resid = block(resid, attention_mask)
-    return resid
+    return resid_before(model, layer, input_ids, attention_mask)
 
 
 def _select(logits: Tensor, target: Tensor, output: str) -> Tensor:
@@ -285,39 +276,27 @@ def site_function(
     the site's activation replaced by row ``r`` of ``z`` (N a multiple of B, the layout of
     ``integrated_gradients``). The activation is not detached (objectives need its graph).
 
-    Our ``Transformer`` at ``embed`` or ``blocks.{i}.resid_pre`` resumes with ``forward_from(i,
-    z, last_only=True)``: nothing before the site is re-run, the last block computes the last
-    position only. Other sites and Hugging Face models run the whole model on the repeated
-    ``input_ids`` with the site edited (``sites.hooked``). ``fast=False`` forces that path.
+    ``fn`` runs through the engine (``run_variants``): on a model that can resume, nothing
+    before the site's block is re-run and the last block computes the answer position only;
+    Hugging Face models run in full on the repeated ``input_ids`` with the site edited.
+    ``fast=False`` forces full forwards.
     """
     resolve_site(model, site)  # an UnknownNameError listing the valid sites
     if output not in OUTPUTS:
         raise UnknownNameError("attribution output", output, OUTPUTS)
     batch = input_ids.shape[0]
     target = torch.as_tensor(target, dtype=torch.long, device=input_ids.device).expand(batch)
-    layer = _fast_layer(model, site) if fast else None
+    layer = _clean_site(model, site, fast)
     activation = _activation(model, input_ids, site, attention_mask, layer)
     if positions is None:
         positions = torch.full((batch,), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
-
-    def tiled(z: Tensor) -> tuple[Tensor | None, Tensor]:
-        repeats = z.shape[0] // batch
-        mask = None if attention_mask is None else attention_mask.repeat(repeats, 1)
-        return mask, positions.repeat(repeats)[:, None]
-
-    if layer is not None:
-
-        def fn(z: Tensor) -> Tensor:
-            mask, read = tiled(z)
-            return _select(model.forward_from(layer, z, mask, read)[:, 0], target, output)
-
-        return activation, fn
+    rows = {"input_ids": input_ids, **({} if attention_mask is None else {"attention_mask": attention_mask})}
 
     def fn(z: Tensor) -> Tensor:
-        mask, read = tiled(z)
-        ids = input_ids.repeat(z.shape[0] // batch, 1)
-        with hooked(model, edits={site: lambda _value: z}):
-            logits = model(ids, attention_mask=mask, positions=read, narrow=narrows_last_block(model, [site]))
+        def replaced(_value: Tensor, variants: range) -> Tensor:
+            return z[variants.start * batch : variants.stop * batch]
+
+        logits = run_variants(model, rows, z.shape[0] // batch, {site: replaced}, positions[:, None], {site: activation}, resume=fast)
         return _select(logits[:, 0], target, output)
 
     return activation, fn
@@ -378,7 +357,7 @@ def attribute_tokens(
                 raise UnknownNameError("attribution baseline", baseline, ("zeros", "<token id>", "<tensor>"))
             base = None
         elif isinstance(baseline, int):
-            layer = _fast_layer(model, site)
+            layer = _clean_site(model, site, True)
             base = _activation(model, torch.full_like(input_ids, baseline), site, attention_mask, layer)
         else:
             base = baseline

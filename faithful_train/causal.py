@@ -8,7 +8,7 @@ Geiger et al. 2021/2022) is the fraction of (base, source) pairs where they agre
 
 Many interventions run in ONE batched forward: block ``k`` of a ``K * B`` batch carries the
 ``k``-th group of swaps (one variable, or all the strict resamples), and the forward resumes
-at the first block any of them touches (``partial.run_patched``).
+at the first block any of them touches (the engine, ``engine.run_variants``).
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ from faithful_train.batches import (
     exact_match,
     first_answer_logits,
     gather_positions,
-    tile,
 )
+from faithful_train.engine import per_variant, run_variants
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.interventions import interchange
-from faithful_train.partial import ResumePlan, narrows_last_block, run_patched
-from faithful_train.sites import Edit, SiteRef, hooked, resolve_positions, validate_sites
+from faithful_train.sites import Edit, SiteRef, resolve_positions, validate_sites
 from faithful_train.tasks.base import Batch, Pairs, Task
 
 Alignment = dict[str, SiteRef]
@@ -132,39 +131,20 @@ def swap_forward(
     batch: Batch,
     groups: Sequence[Sequence[Swap]],
     base_cache: Mapping[str, Tensor] | None = None,
-    plan: ResumePlan | None = None,
     input_ids: Tensor | None = None,
+    resume: bool = True,
 ) -> Tensor:
-    """Answer logits ``(len(groups) * B, A, vocab)``: block ``k`` is the base batch with group
-    ``k``'s swaps. Each site gets one edit that rebuilds its activation once. ``input_ids``
-    ``(K * B, T)``: per-variant inputs (counterfactual answers teacher-forced), run in full."""
-    base_ids = batch["input_ids"]
-    B, K = base_ids.shape[0], len(groups)
-    by_site: dict[str, dict[int, list[Swap]]] = defaultdict(lambda: defaultdict(list))
+    """Answer logits ``(len(groups) * B, A, vocab)``: variant ``k`` is the base batch with group
+    ``k``'s swaps, all run by the engine (``run_variants``: one forward, resumed at the first
+    swapped block from ``base_cache``). ``input_ids`` ``(K * B, T)``: per-variant inputs
+    (counterfactual answers teacher-forced), run in full."""
+    B = batch["input_ids"].shape[0]
+    by_site: dict[str, dict[int, list[Edit]]] = defaultdict(lambda: defaultdict(list))
     for k, group in enumerate(groups):
         for swap in group:
-            by_site[swap.ref.name][k].append(swap)
-
-    def site_edit(blocks: Mapping[int, list[Swap]]) -> Edit:
-        def apply(t: Tensor) -> Tensor:
-            pieces = []
-            for k in range(K):
-                part = t[k * B : (k + 1) * B]
-                for swap in blocks.get(k, ()):
-                    part = swap.apply(part)
-                pieces.append(part)
-            return torch.cat(pieces)
-
-        return apply
-
-    edits = {name: [site_edit(blocks)] for name, blocks in by_site.items()}
-    positions, mask = answer_positions(batch), batch.get("attention_mask")
-    if input_ids is not None:
-        with hooked(model, edits=edits):
-            tiled = tile(batch, K)
-            narrow = narrows_last_block(model, edits)
-            return model(input_ids, attention_mask=tiled.get("attention_mask"), positions=positions.repeat(K, 1), narrow=narrow)
-    return run_patched(model, base_ids, K, edits, base_cache, plan, positions, mask)
+            by_site[swap.ref.name][k].append(swap.apply)
+    edits = {name: per_variant(blocks, B) for name, blocks in by_site.items()}
+    return run_variants(model, batch, len(groups), edits, cache=base_cache, input_ids=input_ids, resume=resume)
 
 
 def variable_swaps(

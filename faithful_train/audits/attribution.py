@@ -95,8 +95,8 @@ from faithful_train.attribution import (
 )
 from faithful_train.audits.base import Audit
 from faithful_train.batches import (
-    answer_forward,
     answer_position,
+    answer_positions,
     as_variant,
     first_answer_logits,
     pad_columns,
@@ -105,11 +105,11 @@ from faithful_train.batches import (
     unprefixed,
 )
 from faithful_train.causal import answer_predictions
+from faithful_train.engine import run_variants
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.modeling.randomise import cascade_stages, cascading_randomisation
-from faithful_train.partial import narrows_last_block
 from faithful_train.ranking import spearman, top_k_members
-from faithful_train.sites import hooked, resolve_site
+from faithful_train.sites import resolve_site
 from faithful_train.tasks.base import Batch, Task
 
 OUTPUTS: tuple[str, ...] = ("logit", "logprob")
@@ -169,14 +169,12 @@ def removal_logits(model: nn.Module, batch: Batch, keep: Tensor) -> Tensor:
     with the ``embed`` activation of the positions where ``keep[v]`` ``(B, T)`` is False set to
     zero (the baseline), in one forward over the ``V * B`` stacked rows."""
     V, B, T = keep.shape
-    flat = keep.reshape(V * B, T)
 
-    def erase(x: Tensor) -> Tensor:
-        k = flat.view(V * B, T, *([1] * (x.dim() - 2)))
+    def erase(x: Tensor, variants: range) -> Tensor:
+        k = keep[variants.start : variants.stop].reshape(len(variants) * B, T, *([1] * (x.dim() - 2)))
         return torch.where(k, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    with hooked(model, edits={SITE: erase}):
-        logits = first_answer_logits(answer_forward(model, batch, batch["input_ids"].repeat(V, 1), narrows_last_block(model, [SITE])))
+    logits = first_answer_logits(run_variants(model, batch, V, {SITE: erase}, read=answer_positions(batch)[:, :1]))
     return logits.reshape(V, B, -1)
 
 

@@ -57,9 +57,9 @@ from faithful_train.causal import (
     variable_swaps,
 )
 from faithful_train.das import random_basis, rotated_sites, variable_bases
+from faithful_train.engine import plan_resume
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.modeling.randomise import randomly_initialised
-from faithful_train.partial import plan_resume
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task
 
@@ -218,7 +218,7 @@ class InterchangeAudit(Audit):
             if multi_token:
                 tiled = tile(base, len(groups), ("input_ids", "answer_pos", "answer_mask"))
                 variant_ids = teacher_forced(tiled, torch.cat(group_targets))
-            answers = swap_forward(net, base, groups, base_cache, plan, variant_ids)
+            answers = swap_forward(net, base, groups, base_cache, variant_ids)
             record(prefix, answers[: V * B])
             clean_answers = gather_positions(logits[:B], answer_positions(base))
             values[f"{prefix}task_acc"] = interchange_hits(clean_answers, answer_targets(base), answer_mask(base), task)

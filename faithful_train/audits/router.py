@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from faithful_train.audits.base import Audit, Total
 from faithful_train.batches import answer_forward, answer_positions, first_answer_logits, gather_positions
 from faithful_train.causal import answer_predictions
+from faithful_train.engine import VariantEdit, run_variants
 from faithful_train.errors import ConfigError
 from faithful_train.modeling.interface import router_layers
-from faithful_train.partial import narrows_last_block
 from faithful_train.routing import entropy_of, load_statistics, normalized_mutual_information, top_k_experts
 from faithful_train.rundir import atomic_write_text
 from faithful_train.sites import hooked, run_with
@@ -165,15 +165,8 @@ class RouterAudit(Audit):
         ids, labels = batch["input_ids"], batch["labels"]
         B = ids.shape[0]
         blocks = [(i, e) for i, (E, _) in self.layers.items() for e in range(E)]
-        edits = {}
-        for i, (E, _) in self.layers.items():
-            mask = torch.zeros(len(blocks), 1, 1, E, dtype=torch.bool, device=ids.device)
-            for r, (layer, e) in enumerate(blocks):
-                mask[r, 0, 0, e] = layer == i
-            mask = mask.expand(-1, B, -1, -1).reshape(len(blocks) * B, 1, E)
-            edits[f"blocks.{i}.moe.router"] = lambda x, m=mask: x.masked_fill(m, float("-inf"))
-        with hooked(model, edits=edits):
-            logits = first_answer_logits(answer_forward(model, batch, ids.repeat(len(blocks), 1), narrows_last_block(model, edits)))
+        edits = {f"blocks.{i}.moe.router": _expert_masked(i, E, blocks, B) for i, (E, _) in self.layers.items()}
+        logits = first_answer_logits(run_variants(model, batch, len(blocks), edits))
         correct = (answer_predictions(logits, task).view(len(blocks), B) == labels).float()
         E_max = max(E for E, _ in self.layers.values())
         table = torch.zeros(len(self.layers), E_max, B, device=ids.device)
@@ -272,3 +265,16 @@ class RouterAudit(Audit):
         for logger in loggers:
             if hasattr(logger, "log_table"):  # WandbLogger
                 logger.log_table(key=f"audit/{self.label}/choices", columns=columns, data=table, step=step)
+
+
+def _expert_masked(layer: int, n_experts: int, blocks: list[tuple[int, int]], rows: int) -> VariantEdit:
+    """Router logits of MoE layer ``layer`` with, in variant ``k``, expert ``blocks[k][1]`` masked
+    (its logit ``-inf``) where ``blocks[k][0]`` is this layer."""
+
+    def apply(logits: Tensor, variants: range) -> Tensor:
+        mask = torch.zeros(len(variants), 1, 1, n_experts, dtype=torch.bool, device=logits.device)
+        for r, k in enumerate(variants):
+            mask[r, 0, 0, blocks[k][1]] = blocks[k][0] == layer
+        return logits.masked_fill(mask.expand(-1, rows, -1, -1).reshape(len(variants) * rows, 1, n_experts), float("-inf"))
+
+    return apply

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from faithful_train.batches import gather_positions, last_real_position
 from faithful_train.concepts import ConceptLayout
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.modeling.interface import hidden_size
 from faithful_train.modeling.transformer import Transformer
 from faithful_train.sites import HookPoint, SitePoint, resolve_site
 
@@ -159,15 +160,6 @@ class ConceptBottleneck(nn.Module):
         return {name: SitePoint(module) for name, module in points.items()}
 
 
-def _hidden_size(backbone: nn.Module) -> int:
-    """Width of the residual stream: ours, a Hugging Face adapter's, or a ``d_model`` attribute."""
-    if isinstance(backbone, Transformer):
-        return backbone.cfg.d_model
-    if hasattr(backbone, "hf_model"):
-        return backbone.hf_model.config.hidden_size
-    return backbone.d_model
-
-
 def bottleneck_of(model: nn.Module, owner: str) -> BottleneckModel:
     """``model`` if it has a concept bottleneck, else a config error naming ``owner``."""
     if not isinstance(model, BottleneckModel):
@@ -189,7 +181,7 @@ class BottleneckModel(nn.Module):
             raise ConfigError(f"bottleneck layer {layer} is out of range for a {n}-layer model")
         self.layer = layer % n
         self.backbone = backbone
-        self.bottleneck = ConceptBottleneck(_hidden_size(backbone), layout, vocab_size, **bottleneck)
+        self.bottleneck = ConceptBottleneck(hidden_size(backbone), layout, vocab_size, **bottleneck)
 
     @property
     def layout(self) -> ConceptLayout:
@@ -213,10 +205,7 @@ class BottleneckModel(nn.Module):
             B, T = input_ids.shape
             positions = last_real_position(attention_mask, T, B, input_ids.device)[:, None]
         if isinstance(self.backbone, Transformer):
-            resid = self.backbone.embed(input_ids, attention_mask)
-            for block in self.backbone.blocks[: self.layer + 1]:
-                resid = block(resid, attention_mask)
-            return gather_positions(resid, positions)
+            return gather_positions(self.backbone.forward_to(self.layer + 1, input_ids, attention_mask), positions)
         # other backbones (Hugging Face) run until the site is computed, then stop
         point = resolve_site(self.backbone, f"blocks.{self.layer}.resid_post")
 
@@ -231,6 +220,13 @@ class BottleneckModel(nn.Module):
         finally:
             handle.remove()
         raise RuntimeError(f"blocks.{self.layer}.resid_post was never computed")
+
+    @property
+    def forward_to(self):
+        """The residual entering block ``layer`` (the backbone's; only for our transformer)."""
+        if not isinstance(self.backbone, Transformer):
+            raise AttributeError("forward_to")
+        return self.backbone.forward_to
 
     @property
     def forward_from(self):

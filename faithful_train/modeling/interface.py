@@ -55,7 +55,39 @@ def per_token_logits(model: nn.Module) -> bool:
 
 def can_resume(model: nn.Module) -> bool:
     """Whether the model can resume a forward at a block (``forward_from``): our transformer can."""
-    return callable(getattr(model, "forward_from", None))
+    return callable(getattr(model, "forward_from", None)) and callable(getattr(model, "forward_to", None))
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    """Width of the residual stream (ours, a Hugging Face adapter's, a wrapped backbone's, or a
+    ``d_model`` attribute), or ``None`` if the model does not say."""
+    cfg = getattr(model, "cfg", None)
+    if hasattr(cfg, "d_model"):
+        return cfg.d_model
+    hf = getattr(model, "hf_model", None)
+    if hf is not None:
+        return hf.config.hidden_size
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        return hidden_size(backbone)
+    return getattr(model, "d_model", None)
+
+
+def n_heads(model: nn.Module) -> int | None:
+    """Attention heads per block, or ``None`` if the model does not say."""
+    cfg = getattr(model, "cfg", None)
+    if hasattr(cfg, "n_heads"):
+        return cfg.n_heads
+    hf = getattr(model, "hf_model", None)
+    if hf is not None:
+        return hf.config.num_attention_heads
+    backbone = getattr(model, "backbone", None)
+    return n_heads(backbone) if isinstance(backbone, nn.Module) else None
+
+
+def resid_before(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """The residual stream entering block ``layer`` of a model that can resume (``forward_to``)."""
+    return model.forward_to(layer, input_ids, attention_mask)
 
 
 def block_list(model: nn.Module) -> nn.ModuleList | None:

@@ -213,6 +213,14 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence length {longest} exceeds max_seq_len {self.cfg.max_seq_len}")
         return self.hook_embed(self.tok_emb(input_ids) + self.pos_emb(position_ids(attention_mask, T, input_ids.device)))
 
+    def forward_to(self, layer: int, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The residual stream entering block ``layer`` (``blocks.{layer}.resid_pre``): the clean
+        prefix a resumed forward starts from."""
+        resid = self.embed(input_ids, attention_mask)
+        for block in self.blocks[:layer]:
+            resid = block(resid, attention_mask)
+        return resid
+
     def forward_from(
         self,
         layer: int,

@@ -19,7 +19,7 @@ counterfactual pairs (``source.<v>`` columns), the rows it names, which cost one
 Multi-token answers are teacher-forced: each variant reads its own counterfactual answer.
 
 Cost: in-batch sources' activations come from the step's recorded forward; every swap of the step (all variables and the strict resample) shares ONE
-batched forward, and that forward resumes at the first block it changes (``partial``).
+batched forward, and that forward resumes at the first block it changes (the engine).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from faithful_train.causal import (
     variable_swaps,
 )
 from faithful_train.das import SiteBases, rotated_sites, variable_bases
+from faithful_train.engine import ResumePlan, frozen_parameters, plan_resume
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.objectives.base import Objective, StepContext
-from faithful_train.partial import ResumePlan, frozen_parameters, plan_resume
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Pairs, Task, take
 
@@ -143,7 +143,7 @@ class InterchangeObjective(Objective):
         if targets.shape[1] > 1:  # multi-token answers: each variant reads its own answer's tokens
             variant_ids = teacher_forced(tile(batch, len(groups), ("input_ids", "answer_pos", "answer_mask")), targets)
         with nullcontext() if self.update_model else frozen_parameters(ctx.model):
-            answers = swap_forward(ctx.model, batch, groups, cache, self.plan, variant_ids)
+            answers = swap_forward(ctx.model, batch, groups, cache, variant_ids, resume=self.resume)
         iit = interchange_loss(answers[: len(names) * B], targets[: len(names) * B], masks[: len(names) * B])
         if not self.strict:
             return iit

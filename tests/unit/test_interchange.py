@@ -175,7 +175,7 @@ def test_sample_mode_uses_one_variable():
     model = tiny_transformer(vocab_size=task.vocab_size)
     objective = InterchangeObjective(ALIGN, variables="sample")
     calls = []
-    model.blocks[0].hook_resid_post.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
+    model.blocks[1].hook_resid_pre.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
     objective.term(_ctx(model, task, task.sample(8, 0), objective.sites()))
     assert calls == [8, 8]  # the recorded forward, then one patched forward of B rows (not 2B)
     with pytest.raises(UnknownNameError):
