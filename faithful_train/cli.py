@@ -6,6 +6,7 @@ export a trained model.
     faithful-train data ioi --out DIR [--seed N]
     faithful-train data show -c CONFIG [-n N] [key=value ...]
     faithful-train export RUN_DIR --out DIR [--ckpt CKPT]
+    faithful-train verify HYPOTHESIS --ckpt CKPT [-c CONFIG] [key=value ...]
 
 Exit status: 0 done; 1 a pre-registered threshold failed under ``--strict``; 2 a user error
 (unknown key, site, objective, audit, task, variable; wrong type; bad file), printed as one
@@ -22,6 +23,11 @@ import time
 from pathlib import Path
 
 from faithful_train.errors import FaithfulError, TrainingDiverged
+
+VERIFY_FIGURES = (
+    "faithfulness", "sufficiency", "necessity", "necessity_normalised", "full", "empty",
+    "cpr", "cmd", "completeness", "task_acc",
+)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="resume from <run dir>/checkpoints/last.ckpt")
     fit.add_argument("--resume-from", metavar="CKPT", help="resume from this checkpoint")
     audit.add_argument("--ckpt", required=True, help="Lightning checkpoint to audit")
+    verify = sub.add_parser("verify", help="test a saved hypothesis on a checkpoint (and a shifted task): print the drift")
+    verify.add_argument("hypothesis", help="a hypothesis file (<run dir>/hypotheses/<label>.json)")
+    verify.add_argument("--ckpt", required=True, help="the checkpoint to test it on")
+    verify.add_argument("-c", "--config", help="a config whose task (and model) to use, e.g. a shifted task (default: the checkpoint's run)")
+    verify.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of that config")
     data = sub.add_parser("data", help="make a testbed data set, or show a config's examples")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     ioi = data_sub.add_parser("ioi", help="write the IOI text testbed (train/val/audit.jsonl, text.txt, tokenizer/)")
@@ -114,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             from faithful_train.export import export_run
 
             print(f"exported to {export_run(args.run_dir, args.out, args.ckpt)}")
+            return 0
+        if args.command == "verify":
+            from faithful_train.verify import format_drift, verify
+
+            print(format_drift(verify(args.hypothesis, args.ckpt, args.config, args.overrides), VERIFY_FIGURES))
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "data":

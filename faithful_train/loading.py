@@ -63,8 +63,13 @@ def load_run(run_dir: str | os.PathLike, ckpt: str | os.PathLike | None = None) 
     cfg.objectives, cfg.audits = [], []  # only the model and the task are needed
     cfg.logger.wandb.mode = "disabled"  # nothing is logged (an online run's config loads offline)
     run = runs.build(cfg, run_dir)
+    load_weights(run.module.model, state)
+    return run.module.model, run.task
+
+
+def load_weights(model: nn.Module, state: dict[str, Any]) -> None:
+    """The model's weights from a loaded checkpoint; a checkpoint of another model is one line."""
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = run.module.model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ConfigError(f"the checkpoint does not fit the run's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return run.module.model, run.task

@@ -57,6 +57,7 @@ OBJECTIVES = Builtins("objective", (
     "faithful_train.objectives.concepts:ConceptsObjective",
     "faithful_train.objectives.stability:StabilityObjective",
     "faithful_train.objectives.preserve:PreserveObjective",
+    "faithful_train.objectives.circuit:CircuitObjective",
 ))  # fmt: skip
 AUDITS = Builtins("audit", (
     "faithful_train.audits.interchange:InterchangeAudit",
@@ -64,6 +65,8 @@ AUDITS = Builtins("audit", (
     "faithful_train.audits.router:RouterAudit",
     "faithful_train.audits.concepts:ConceptsAudit",
     "faithful_train.audits.attribution:AttributionAudit",
+    "faithful_train.audits.patching:PatchingAudit",
+    "faithful_train.audits.ablation:AblationAudit",
 ))  # fmt: skip
 
 

@@ -1,0 +1,112 @@
+"""Hypotheses as files: ``<run dir>/hypotheses/<label>.json``, tensors in ``<label>.safetensors``.
+
+A hypothesis is an explanation that can be tested again on any checkpoint or data:
+
+- a *circuit*: nodes (sites narrowed to heads, positions or spans, dims), the granularity of
+  the universe they are chosen from, the ablation and the metric;
+- an *alignment*: each high-level variable mapped to a site, through a featurizer (``identity``,
+  ``rotation``: a learned orthonormal basis kept in the ``.safetensors`` file, ``random``).
+
+Beside the explanation it records how it was measured (task, hashes of the weights and of the
+data, step) and the figures, so ``faithful-train verify`` can print the drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from faithful_train.errors import ConfigError
+from faithful_train.rundir import atomic_write_text
+
+KINDS = ("circuit", "alignment")
+FEATURIZERS = ("identity", "rotation", "random")
+FORMAT = 1
+
+
+@dataclass
+class Hypothesis:
+    kind: str
+    label: str
+    nodes: list[Any] = field(default_factory=list)  # circuit: SiteRef dicts
+    alignment: dict[str, Any] = field(default_factory=dict)  # alignment: variable -> SiteRef dict
+    featurizer: str = "identity"
+    granularity: str | None = None
+    ablation: str | None = None
+    metric: str | None = None
+    task: str | None = None
+    data_hash: str | None = None
+    n_examples: int | None = None  # the audit set: its size and seed, so verify draws the same one
+    seed: int | None = None
+    weights_hash: str | None = None
+    step: int | None = None
+    figures: dict[str, float] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON (and the tensors beside it), each atomically."""
+        path = Path(path)
+        record = {k: v for k, v in asdict(self).items() if k != "tensors"}
+        if self.tensors:
+            from safetensors.torch import save
+
+            blob = save({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()})
+            tmp = path.with_suffix(".safetensors.tmp")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(blob)
+            tmp.replace(path.with_suffix(".safetensors"))
+            record["tensors"] = sorted(self.tensors)
+        atomic_write_text(path, json.dumps({"format": FORMAT, **record}, indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, kind: str | None = None) -> Hypothesis:
+        """Read a hypothesis file; a missing or malformed one is a one-line ``ConfigError``."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"hypothesis {str(path)!r} does not exist (hypotheses live in <run dir>/hypotheses/<label>.json)")
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"hypothesis {path}: not JSON ({e.__class__.__name__} at line {getattr(e, 'lineno', '?')})") from None
+        if not isinstance(record, dict) or record.get("kind") not in KINDS:
+            raise ConfigError(f"hypothesis {path}: 'kind' must be one of {', '.join(KINDS)}")
+        if kind is not None and record["kind"] != kind:
+            raise ConfigError(f"hypothesis {path} is an {record['kind']}, not a {kind}")
+        names = set(cls.__dataclass_fields__) - {"tensors"}
+        unknown = set(record) - names - {"format", "tensors"}
+        if unknown:
+            raise ConfigError(f"hypothesis {path}: unknown key {sorted(unknown)[0]!r}")
+        hypothesis = cls(**{k: v for k, v in record.items() if k in names})
+        if record.get("tensors"):
+            tensor_path = path.with_suffix(".safetensors")
+            if not tensor_path.is_file():
+                raise ConfigError(f"hypothesis {path}: its tensors file {tensor_path.name} is missing")
+            from safetensors.torch import load_file
+
+            hypothesis.tensors = load_file(str(tensor_path))
+        return hypothesis
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of the model's parameters and buffers, in name order."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def data_hash(batch: dict[str, Tensor]) -> str:
+    """SHA-256 (first 16 hex digits) of the tokens and labels a hypothesis was measured on."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in batch if k in ("input_ids", "attention_mask", "labels", "answer_ids")):
+        digest.update(key.encode())
+        digest.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,128 @@
+"""Interventional supervision of a declared circuit: the model is trained so that its explanation
+is true, i.e. it computes through the components the circuit names.
+
+Each step adds, on the step's batch, through the engine (resumed from the step's forward):
+
+- sufficiency: with the circuit's complement ablated (every other head and MLP of the universe),
+  the task's answer loss (``sufficiency: task``), or ``KL(M || C)`` to the full model's answer
+  distribution (``sufficiency: kl``, the full model detached);
+- necessity (``necessity_weight > 0``): with the circuit ablated, the answer distribution over
+  the task's answers goes to chance: ``KL(uniform || p(answer | M \\ C))``.
+
+    term = L_suff + necessity_weight * L_nec
+
+Ablation as in the ``ablation`` audit (``circuits``), with the step's batch as the reference set
+for ``mean`` (its mean, detached) and ``resample`` (another example's activation). At the start
+of training the circuit is written to ``<run dir>/hypotheses/<label>.json`` for audits and
+``faithful-train verify`` to read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
+
+from faithful_train.batches import answer_loss, answer_mask, answer_position, answer_targets
+from faithful_train.causal import check_positions
+from faithful_train.circuits import (
+    ABLATIONS,
+    AblationValues,
+    Knockout,
+    check_choice,
+    components,
+    knockout_edits,
+    parse_nodes,
+)
+from faithful_train.engine import run_variants
+from faithful_train.errors import ConfigError
+from faithful_train.hypotheses import Hypothesis
+from faithful_train.objectives.base import Objective, StepContext
+from faithful_train.sites import SiteRef, validate_sites
+from faithful_train.tasks.base import Task
+
+SUFFICIENCY = ("task", "kl")
+
+
+class CircuitObjective(Objective):
+    name = "circuit"
+
+    def __init__(
+        self,
+        circuit: list[Any],
+        granularity: str = "heads",
+        ablation: str = "mean",
+        sufficiency: str = "task",
+        necessity_weight: float = 0.0,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.nodes = parse_nodes(circuit, f"objective {self.label!r}")
+        self.granularity = granularity
+        self.ablation = check_choice("ablation", ablation, ABLATIONS)
+        self.sufficiency = check_choice("circuit sufficiency loss", sufficiency, SUFFICIENCY)
+        self.require_non_negative(necessity_weight=necessity_weight)
+        self.necessity_weight = float(necessity_weight)
+        self.universe: list[SiteRef] = []
+        self.answer_tokens: tuple[int, ...] | None = None
+
+    def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        self.universe = components(model, self.granularity)
+        validate_sites(model, {ref.name for ref in self.nodes})
+        for ref in self.nodes:
+            check_positions(ref, task)
+        self.answer_tokens = task.answer_tokens
+        if self.necessity_weight and not self.answer_tokens:
+            raise ConfigError(f"objective {self.label!r}: necessity needs a task with a fixed set of answers (chance is uniform over them)")
+
+    def sites(self) -> list[str]:
+        names = {ref.name for ref in (*self.universe, *self.nodes)}
+        return sorted(names | {"blocks.0.resid_pre"})  # the ablated run resumes from block 0's input
+
+    def term(self, ctx: StepContext) -> Tensor:
+        batch = ctx.batch
+        B = batch["input_ids"].shape[0]
+        universe, nodes = tuple(self.universe), self.nodes
+        knockouts = [Knockout(universe, nodes)] + ([Knockout(nodes)] if self.necessity_weight else [])
+        sites = {ref.name for ref in (*universe, *nodes)}
+        clean = {name: ctx.cache[name].detach() for name in sites}
+        values = AblationValues.from_reference(self.ablation, clean, batch.get("attention_mask"))
+        edits = knockout_edits(knockouts, values, batch, clean)
+        logits = run_variants(ctx.model, batch, len(knockouts), edits, cache=ctx.cache)  # (V * B, A, vocab)
+        circuit = logits[:B]
+        if self.sufficiency == "task":
+            suff = answer_loss(circuit, answer_targets(batch), answer_mask(batch))
+        else:
+            full = ctx.logits.detach().gather(1, _answer_index(batch, ctx.logits)).float().log_softmax(-1)
+            suff = (full.exp() * (full - circuit.float().log_softmax(-1))).sum(-1)[:, 0].mean()
+        self.parts = {"sufficiency": suff.detach()}
+        if not self.necessity_weight:
+            return suff
+        tokens = torch.as_tensor(self.answer_tokens, device=logits.device)
+        log_p = logits[B:, 0][:, tokens].float().log_softmax(-1)  # (B, answers)
+        nec = (-log_p.mean(-1) - torch.log(torch.tensor(float(len(tokens))))).mean()  # KL(uniform || p)
+        self.parts["necessity"] = nec.detach()
+        return suff + self.necessity_weight * nec
+
+    def hypothesis(self) -> Hypothesis:
+        return Hypothesis(
+            kind="circuit",
+            label=self.label,
+            nodes=[ref.to_dict() for ref in self.nodes],
+            granularity=self.granularity,
+            ablation=self.ablation,
+            metric="logit_diff",
+        )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.hypothesis().save(Path(trainer.default_root_dir) / "hypotheses" / f"{self.label}.json")
+
+
+def _answer_index(batch: dict[str, Tensor], logits: Tensor) -> Tensor:
+    """Index for ``logits.gather(1, .)``: the first answer position of each row, ``(B, 1, vocab)``."""
+    position = answer_position(batch)
+    return position[:, None, None].expand(-1, 1, logits.shape[-1])
