@@ -110,3 +110,36 @@ def data_hash(batch: dict[str, Tensor]) -> str:
         digest.update(key.encode())
         digest.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+class HypothesisFiles:
+    """Where an audit finds the hypothesis a path names. A relative path is inside the run
+    directory; the file of an objective of this run (``hypotheses/<its label>.json``) is taken
+    from the objective itself, so an audit during training tests what the objective holds now
+    (e.g. a rotation still being learned), as the file it writes would say."""
+
+    def __init__(self, run_dir: str | Path | None = None, writers: dict[str, Any] | None = None):
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.writers = dict(writers or {})  # objective label -> zero-argument callable -> Hypothesis
+
+    def resolve(self, path: str | Path) -> Path:
+        path = Path(path)
+        return path if path.is_absolute() or self.run_dir is None else self.run_dir / path
+
+    def _writer(self, path: str | Path) -> Any:
+        path = self.resolve(path)
+        if self.run_dir is not None and path.parent == self.run_dir / "hypotheses" and path.suffix == ".json":
+            return self.writers.get(path.stem)
+        return None
+
+    def check(self, path: str | Path, owner: str) -> None:
+        """A one-line error now (before training) when nothing will be at ``path``."""
+        if self._writer(path) is None and not self.resolve(path).is_file():
+            writers = ", ".join(f"hypotheses/{label}.json" for label in self.writers) or "none"
+            raise ConfigError(f"{owner}: hypothesis {str(path)!r} does not exist and no objective of this run writes it (they write: {writers})")
+
+    def load(self, path: str | Path, kind: str | None = None) -> Hypothesis:
+        writer = self._writer(path)
+        if writer is not None:
+            return writer()
+        return Hypothesis.load(self.resolve(path), kind)

@@ -19,6 +19,7 @@ from faithful_train.audits.base import Audit
 from faithful_train.config import to_plain
 from faithful_train.data import TaskDataModule
 from faithful_train.errors import ConfigError, FaithfulError, TrainingDiverged
+from faithful_train.hypotheses import HypothesisFiles
 from faithful_train.loggers import check_wandb, finish_wandb, make_loggers
 from faithful_train.modeling import build_model, frozen_copy, model_context
 from faithful_train.module import FaithfulModule
@@ -109,8 +110,10 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
         on_nonfinite=cfg.trainer.on_nonfinite, max_skipped_steps=cfg.trainer.max_skipped_steps,
         keep_schedule=optim.schedule_steps is None,
     )  # fmt: skip
-    for audit in audits:
-        audit.attach(module)  # e.g. the interchange audit takes a learned rotation from its objective
+    files = HypothesisFiles(run_dir, {o.label: o.hypothesis for o in objectives if o.hypothesis() is not None})
+    for i, audit in enumerate(audits):
+        _entry("audits", i, lambda: audit.use_hypotheses(files))  # e.g. the alignment (and rotation) an objective writes
+        audit.attach(module)
     data = TaskDataModule(task, cfg.data.batch_size, cfg.seed, cfg.data.val_size, cfg.data.val_batch_size)
     return Run(cfg, Path(run_dir), task, module, data, objectives, audits)
 
@@ -248,6 +251,7 @@ def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:
     state = load_checkpoint(path)
     missing, unexpected = run.module.load_state_dict(state["state_dict"], strict=False)
     missing = [k for k in missing if k.startswith(("model.", "objective_modules."))]
+    unexpected = [k for k in unexpected if not k.startswith("objective_modules.")]  # a config without that objective
     if missing or unexpected:
         raise ConfigError(
             f"checkpoint {path} does not fit the config's model: missing {missing[:3]}, unexpected {unexpected[:3]}"

@@ -52,7 +52,10 @@ from faithful_train.circuits import (
     parse_nodes,
 )
 from faithful_train.errors import ConfigError
+from faithful_train.graph_export import write_eap_graph
 from faithful_train.hypotheses import Hypothesis, data_hash, weights_hash
+from faithful_train.modeling.interface import hidden_size, n_heads, n_layers
+from faithful_train.rundir import atomic_write_text
 from faithful_train.sites import SiteRef, run_with, validate_sites
 from faithful_train.tasks.base import Batch, Task, take
 
@@ -280,7 +283,28 @@ class AblationAudit(Audit):
         )
 
     def write_artifacts(self, model: nn.Module, task: Task, run_dir: Path, step: int, loggers: list[Any]) -> None:
+        """The hypothesis with today's figures; with the curve, its points (CSV) and the circuit
+        with every node's effect as an EAP-IG / MIB graph JSON."""
         self.hypothesis(model, task, step).save(run_dir / "hypotheses" / f"{self.label}.json")
+        if not (self.curve and self._effects):
+            return
+        folder = run_dir / self.label
+        rows = "".join(f"{k},{x:.6f},{f:.6f}\n" for k, x, f in getattr(self, "curve_points", []))
+        atomic_write_text(folder / f"curve_step{step:06d}.csv", "size,fraction,faithfulness\n" + rows)
+        layers, heads, width = n_layers(model), n_heads(model), hidden_size(model)
+        if self.granularity == "heads" and None not in (layers, heads, width):
+            scores = {key.removeprefix("effect/"): value for key, value in self._effects.items()}
+            members = {node_label(u) for u in self.universe if _covers(self.nodes, u)}
+            write_eap_graph(folder / f"graph_step{step:06d}.json", layers, heads, width, scores, members)
+
+
+def _covers(nodes: tuple[SiteRef, ...], unit: SiteRef) -> bool:
+    """Whether ``nodes`` hold the whole universe node ``unit`` (all positions and dims of it)."""
+    return any(
+        n.name == unit.name and n.positions is None and n.dims is None
+        and (n.heads is None or set(unit.heads or ()) <= set(n.heads))
+        for n in nodes
+    )  # fmt: skip
 
 
 def _pad_positions(values: Tensor | None, length: int) -> Tensor | None:

@@ -27,6 +27,7 @@ from torchmetrics import MeanMetric, Metric
 
 from faithful_train.batches import trim_padding
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.hypotheses import HypothesisFiles
 from faithful_train.rundir import append_jsonl
 from faithful_train.tasks.base import Batch, Task, take
 
@@ -133,6 +134,9 @@ class Audit(Callback, ABC):
         if self.seed is None:
             self.seed = run_seed + 1_000_003
         self._data = None
+
+    def use_hypotheses(self, files: HypothesisFiles) -> None:
+        """Where to find the hypotheses this audit reads by path (checked now). Default: none read."""
 
     def attach(self, pl_module: LightningModule) -> None:
         """Take what the audit needs from the module before it runs (e.g. an objective's

@@ -21,8 +21,10 @@ Figures (argmax over the task's answer tokens, so chance is chance and not 0):
   they are all resampled from another input (SIIT, Gupta et al. 2024), and ``strict_changed``,
   how often that resample changes the model's answer at all.
 
-``rotation_from: <objective label>`` audits the learned (DAS) subspace of that interchange
-objective; ``dims`` then name columns of the learned basis.
+``hypothesis: <path>`` audits an alignment hypothesis with a learned (DAS) rotation, e.g.
+``hypotheses/das.json`` (paths are relative to the run directory): the file an interchange
+objective labelled ``das`` writes, taken live from that objective while it trains, or any other
+run's file; ``dims`` then name columns of the learned basis.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
@@ -59,6 +60,7 @@ from faithful_train.causal import (
 from faithful_train.das import random_basis, rotated_sites, variable_bases
 from faithful_train.engine import plan_resume
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.hypotheses import HypothesisFiles
 from faithful_train.modeling.randomise import randomly_initialised
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task
@@ -92,7 +94,7 @@ class InterchangeAudit(Audit):
     def __init__(
         self,
         alignment: dict[str, Any],
-        rotation_from: str | None = None,
+        hypothesis: str | None = None,
         controls: list[str] | tuple[str, ...] = CONTROLS,
         strict: list[Any] | None = None,
         **kwargs: Any,
@@ -103,11 +105,11 @@ class InterchangeAudit(Audit):
             if control not in CONTROLS:
                 raise UnknownNameError("interchange audit control", control, CONTROLS)
         self.controls = tuple(controls)
-        self.rotation_from = rotation_from
-        if rotation_from is not None:
+        self.hypothesis_path = hypothesis
+        if hypothesis is not None:
             rotated_sites(self.alignment)  # every variable names its rotated coordinates
         self.strict = parse_sites(strict)
-        self.site_bases: nn.Module | None = None
+        self.files = HypothesisFiles()
         self._random_model: nn.Module | None = None
         self._random_bases: dict[str, Tensor] | None = None
 
@@ -117,13 +119,10 @@ class InterchangeAudit(Audit):
         super().bind(model, task, run_seed)
         self._random_model, self._random_bases = None, None
 
-    def attach(self, pl_module: LightningModule) -> None:
-        if self.rotation_from is None:
-            return
-        owned = pl_module.objective_modules
-        if self.rotation_from not in owned:
-            raise UnknownNameError(f"objective with a learned rotation (rotation_from of audit {self.label!r})", self.rotation_from, list(owned))
-        self.site_bases = owned[self.rotation_from]
+    def use_hypotheses(self, files: HypothesisFiles) -> None:
+        self.files = files
+        if self.hypothesis_path is not None:
+            files.check(self.hypothesis_path, f"audit {self.label!r}")
 
     def metric_names(self, task: Task) -> list[str]:
         names = ["iia", "task_acc"]
@@ -143,14 +142,18 @@ class InterchangeAudit(Audit):
         return {**base, **{SOURCE + k: v for k, v in source.items()}, **{RESAMPLE + k: v for k, v in resample.items()}}
 
     def _bases(self) -> dict[str, Tensor] | None:
-        if self.rotation_from is None:
+        """Each variable's basis from the hypothesis's rotations (``None``: no hypothesis)."""
+        if self.hypothesis_path is None:
             return None
-        if self.site_bases is None:
-            raise ConfigError(f"audit {self.label!r}: rotation_from={self.rotation_from!r} but no rotation attached")
-        return variable_bases(self.alignment, self.site_bases())
+        found = self.files.load(self.hypothesis_path, kind="alignment")
+        rotations = {k.removeprefix("rotation/"): v for k, v in found.tensors.items() if k.startswith("rotation/")}
+        missing = sorted({ref.name for ref in self.alignment.values()} - set(rotations))
+        if found.featurizer != "rotation" or missing:
+            raise ConfigError(f"audit {self.label!r}: hypothesis {self.hypothesis_path} holds no learned rotation of {missing[0] if missing else 'its sites'}")
+        return variable_bases(self.alignment, rotations)
 
     def _control_bases(self, widths: dict[str, int], device: torch.device) -> tuple[Alignment, dict[str, Tensor]]:
-        refs, ranks = control_alignment(self.alignment, self.rotation_from is not None)
+        refs, ranks = control_alignment(self.alignment, self.hypothesis_path is not None)
         if self._random_bases is None:
             generator = torch.Generator().manual_seed(int(self.seed or 0) + 7)
             self._random_bases = {

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.hypotheses import Hypothesis
 from faithful_train.tasks.base import Batch, Task
 
 
@@ -121,6 +123,26 @@ class Objective(Callback, ABC):
     @abstractmethod
     def term(self, ctx: StepContext) -> Tensor:
         """The unweighted loss term for this step."""
+
+    def hypothesis(self) -> Hypothesis | None:
+        """The explanation this objective trains the model towards, as a hypothesis (written to
+        ``<run dir>/hypotheses/<label>.json`` at the start, at each checkpoint and at the end of
+        training), or ``None``."""
+        return None
+
+    def _write_hypothesis(self, trainer: Trainer) -> None:
+        hypothesis = self.hypothesis()
+        if hypothesis is not None and trainer.is_global_zero:
+            hypothesis.save(Path(trainer.default_root_dir) / "hypotheses" / f"{self.label}.json")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_hypothesis(trainer)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._write_hypothesis(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_hypothesis(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -19,11 +19,9 @@ of training the circuit is written to ``<run dir>/hypotheses/<label>.json`` for 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from faithful_train.batches import answer_loss, answer_mask, answer_position, answer_targets
@@ -116,10 +114,6 @@ class CircuitObjective(Objective):
             ablation=self.ablation,
             metric="logit_diff",
         )
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.hypothesis().save(Path(trainer.default_root_dir) / "hypotheses" / f"{self.label}.json")
 
 
 def _answer_index(batch: dict[str, Tensor], logits: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from faithful_train.causal import (
 from faithful_train.das import SiteBases, rotated_sites, variable_bases
 from faithful_train.engine import ResumePlan, frozen_parameters, plan_resume
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.hypotheses import Hypothesis
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Pairs, Task, take
@@ -111,6 +112,17 @@ class InterchangeObjective(Objective):
 
     def module(self) -> nn.Module | None:
         return self.bases
+
+    def hypothesis(self) -> Hypothesis:
+        """The alignment, with the learned rotation of each site (DAS) when the subspace is learned."""
+        rotations = {f"rotation/{name}": basis.detach() for name, basis in self.bases().items()} if self.bases is not None else {}
+        return Hypothesis(
+            kind="alignment",
+            label=self.label,
+            alignment={v: ref.to_dict() for v, ref in self.alignment.items()},
+            featurizer="rotation" if rotations else "identity",
+            tensors=rotations,
+        )
 
     def sites(self) -> list[str]:
         names = {ref.name for ref in self.alignment.values()} | {ref.name for ref in self.strict}

@@ -13,6 +13,7 @@ import torch
 from faithful_train import run as runs
 from faithful_train.cli import main
 from faithful_train.config import load_config
+from faithful_train.hypotheses import Hypothesis
 from faithful_train.rundir import read_jsonl
 from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
@@ -62,10 +63,19 @@ def test_learned_basis_is_checkpointed_and_audited_from_the_checkpoint(tmp_path)
     summary = runs.audit_checkpoint(fresh, ckpt)
     loaded = fresh.module.objective_modules["das"]()
     assert not torch.allclose(initial["blocks.0.resid_post"], loaded["blocks.0.resid_post"])  # it trained
-    assert fresh.audits[0].site_bases is fresh.module.objective_modules["das"]
+    live = fresh.audits[0].files.load("hypotheses/das.json").tensors["rotation/blocks.0.resid_post"]
+    torch.testing.assert_close(live, loaded["blocks.0.resid_post"])  # the audit reads what the objective holds
     fitted = _metrics(fit_dir)
     for key, value in summary["metrics"].items():
         assert value == pytest.approx(fitted[key], abs=1e-6), key
+    # the objective wrote the alignment and its rotation; another run's audit reads them by path
+    written = Hypothesis.load(fit_dir / "hypotheses" / "das.json", kind="alignment")
+    assert written.featurizer == "rotation" and written.alignment["left"]["dims"] == [0, 16]
+    torch.testing.assert_close(written.tensors["rotation/blocks.0.resid_post"], loaded["blocks.0.resid_post"])
+    elsewhere = load_config(DAS, [*TINY, f"audits.0.hypothesis={fit_dir / 'hypotheses' / 'das.json'}", "objectives=[]"])
+    other = runs.build(elsewhere, tmp_path / "other")
+    again = runs.audit_checkpoint(other, ckpt)
+    assert again["metrics"]["audit/interchange/iia"] == pytest.approx(fitted["audit/interchange/iia"], abs=1e-6)
 
 
 def test_resume_with_a_learned_basis_continues_exactly(tmp_path):
@@ -80,7 +90,7 @@ def test_resume_with_a_learned_basis_continues_exactly(tmp_path):
 
 
 BAD = [
-    (DAS, ["audits.0.rotation_from=nope"], "unknown objective with a learned rotation", "das"),
+    (DAS, ["audits.0.hypothesis=hypotheses/nope.json"], "hypotheses/nope.json' does not exist and no objective of this run writes it", "hypotheses/das.json"),
     (DAS, ["objectives.0.subspace=rotated"], "unknown interchange subspace 'rotated'", "learned"),
     (DAS, ["audits.0.controls=[shuffle]"], "unknown interchange audit control 'shuffle'", "random_subspace"),
     (DAS, ["objectives.0.strict=[blocks.9.mlp.out]"], "unknown site 'blocks.9.mlp.out'", "blocks.1.mlp.out"),

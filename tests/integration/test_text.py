@@ -118,7 +118,7 @@ AUDIT = {"every_n_steps": 4, "n_examples": 16, "batch_size": 8}
 CASES = {
     "interchange": ("dense-tiny", [{"name": "interchange", "alignment": {"thing": SPAN}}], [{"name": "interchange", "alignment": {"thing": SPAN}, **AUDIT}]),
     "interchange-das": ("dense-tiny", [{"name": "interchange", "subspace": "learned", "alignment": {"thing": {**SPAN, "dims": [0, 8]}}}],
-                        [{"name": "interchange", "rotation_from": "interchange", "alignment": {"thing": {**SPAN, "dims": [0, 8]}}, **AUDIT}]),
+                        [{"name": "interchange", "hypothesis": "hypotheses/interchange.json", "alignment": {"thing": {**SPAN, "dims": [0, 8]}}, **AUDIT}]),
     "stability": ("dense-tiny", [{"name": "stability", "stability": 1.0, "right_reasons": 1.0, "fraction": 0.5}], [{"name": "attribution", "steps": 4, **AUDIT}]),
     "concepts": ({"preset": "dense-tiny", "bottleneck": {"mode": "hybrid"}}, [{"name": "concepts", "leakage": 0.1}], [{"name": "concepts", "probe_steps": 20, **AUDIT}]),
     "router": ("moe-tiny", [{"name": "router", "load_balance": 0.01, "alignment": 0.1, "concept": "kind"}], [{"name": "router", "stability": False, **AUDIT}]),

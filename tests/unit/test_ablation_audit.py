@@ -101,6 +101,13 @@ def test_each_run_writes_a_hypothesis_that_reads_back(tmp_path):
     again.bind(model, task)
     assert again.evaluate(model, task)["faithfulness"] == pytest.approx(1.0)
     assert Hypothesis.load(path).weights_hash == record["weights_hash"]
+    # the circuit and every node's effect in EAP-IG / MIB graph JSON
+    graph = json.loads((tmp_path / "ablation" / "graph_step000007.json").read_text())
+    assert {k for k, v in graph["nodes"].items() if v["in_graph"]} == {"input", "a0.h0", "a0.h1", "m1", "logits"}
+    assert graph["nodes"]["a0.h0"]["score"] == pytest.approx(10.0) and graph["nodes"]["a1.h0"]["score"] == 0.0
+    assert graph["edges"]["a0.h1->m1"]["in_graph"] and not graph["edges"]["a0.h1->m0"]["in_graph"]
+    assert "input->a1.h1<v>" in graph["edges"] and "m1->logits" in graph["edges"]
+    assert (tmp_path / "ablation" / "curve_step000007.csv").read_text().startswith("size,fraction,faithfulness\n0,")
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
