@@ -32,12 +32,19 @@ test-fast: install
 .bench/pyvene: | install
 	$(PY) -m pip install --quiet --no-deps --target .bench "pyvene==0.1.8"
 
-benchmarks: install .bench/pyvene
+# TransformerLens likewise (a patching peer): --no-deps, and only the packages it imports that the
+# venv lacks (torch and transformers stay the venv's)
+.bench/transformer_lens: | install
+	$(PY) -m pip install --quiet --no-deps --target .bench "transformer-lens==4.3.0" "accelerate==1.15.0" \
+		"beartype==0.23.1" "einops==0.8.2" "fancy-einsum==0.0.3" "jaxtyping==0.3.11" "typeguard==4.6.1" "wadler-lindig==0.1.8"
+
+benchmarks: install .bench/pyvene .bench/transformer_lens
 	PYVENE_LIB=.bench $(PY) benchmarks/interchange_step.py
 	$(PY) benchmarks/router_step.py
 	$(PY) benchmarks/attribution.py
 	$(PY) benchmarks/stability_step.py
 	$(PY) benchmarks/text_step.py
+	TL_LIB=.bench $(PY) benchmarks/patching.py
 
 clean:
 	rm -rf $(VENV) runs wandb .pytest_cache .bench

@@ -14,9 +14,10 @@ Exact patching (Meng et al. 2022; Wang et al. 2022; TransformerLens's ``patching
     denoising (default)  base = corrupted, source = clean     which cells restore the clean answer
     noising              base = clean,     source = corrupted which cells break it
 
-Every cell is one variant of ONE engine call (``engine.run_variants``: stacked, resumed at the
-first patched block, chunked to a memory budget). The metric ``m`` is per example and scores
-the clean answer (``circuits.answer_metric``: ``logit_diff``, ``prob``, ``acc``, ``kl`` to the
+The cells of each block are the variants of one engine call (``engine.run_variants``: stacked,
+resumed at that block from the base run, chunked to a memory budget), so a sweep makes one call
+per block, not one forward per cell, and a cell of block ``i`` runs only blocks ``i`` and up.
+The metric ``m`` is per example and scores the clean answer (``circuits.answer_metric``: ``logit_diff``, ``prob``, ``acc``, ``kl`` to the
 clean run's distribution). The normalised score (TransformerLens's tutorials; Wang et al. 2022),
 on the metric averaged over the examples:
 
@@ -242,15 +243,18 @@ def patch_edits(cells: Sequence[Cell], base: Batch, source: Batch, source_cache:
     edits = {}
     for site, members in by_site.items():
         variants, rows, positions, heads, values = [], [], [], [], []
+        entries: dict[Position, tuple[Tensor, Tensor, Tensor]] = {}
         for k, cell in members:
-            to, frm, ok = where[cell.position]
-            row, slot = ok.nonzero(as_tuple=True)  # the (row, position) pairs this cell patches
-            taken = gather_positions(source_cache[site], frm)[row, slot]  # (n, ...) the source's entries
+            if cell.position not in entries:
+                to, frm, ok = where[cell.position]
+                row, slot = ok.nonzero(as_tuple=True)  # the (row, position) pairs this cell patches
+                entries[cell.position] = (row, to[row, slot], gather_positions(source_cache[site], frm)[row, slot])
+            row, at, taken = entries[cell.position]  # taken: (n, ...) the source's entries
             if cell.head is not None:
                 taken = taken[:, cell.head]
             variants.append(torch.full_like(row, k))
             rows.append(row)
-            positions.append(to[row, slot])
+            positions.append(at)
             heads.append(torch.full_like(row, -1 if cell.head is None else cell.head))
             values.append(taken)
         edits[site] = _replace_entries(torch.cat(variants), torch.cat(rows), torch.cat(positions), torch.cat(heads), torch.cat(values), B)
@@ -285,27 +289,43 @@ def activation_patching(
     direction: str = "denoising",
     memory_budget: int | None = None,
 ) -> PatchResult:
-    """Exact patching of every cell, all cells variants of one engine call (see the module doc).
-    Runs with or without gradients, as the caller's context says."""
+    """Exact patching of every cell (see the module doc), batched through the engine: the cells
+    of each block are the variants of one ``run_variants`` call, resumed at that block from the
+    base run. A cell past ``resid_pre`` of the last block at positions the metric does not read
+    changes nothing (those entries only reach their own position's logits: the premise of the
+    engine's narrowed last block) and is not run. Runs with or without gradients, as the
+    caller's context says."""
     base, source = _roles(clean_batch, corrupted_batch, direction)
     sites = sorted({cell.site for cell in cells})
-    plan = plan_resume(model, sites)
-    record = sites + ([plan.site] if plan is not None else [])
+    layers = n_layers(model)
+    starts = sorted({cell.layer for cell in cells})
+    record = sites + [f"blocks.{i}.resid_pre" for i in starts if f"blocks.{i}.resid_pre" not in sites]
     clean_logits, clean_cache = _forward(model, clean_batch, record)
     corrupted_logits, corrupted_cache = _forward(model, corrupted_batch, record)
     base_cache, source_cache = (corrupted_cache, clean_cache) if base is corrupted_batch else (clean_cache, corrupted_cache)
     reference = clean_logits.detach()
-    B = base["input_ids"].shape[0]
-    if cells:
-        edits = patch_edits(cells, base, source, source_cache)
-        read = answer_positions(base)[:, :1]
-        logits = run_variants(model, base, len(cells), edits, read=read, cache=base_cache, memory_budget=memory_budget)
-        values = metric_fn(first_answer_logits(logits).reshape(len(cells), B, -1), reference)
-    else:
-        values = torch.zeros(0, B, device=reference.device)
+    base_logits = corrupted_logits if base is corrupted_batch else clean_logits
+    read = answer_positions(base)[:, :1]
+    base_metric = metric_fn(base_logits[None], reference)[0]
+    values = base_metric.expand(len(cells), -1).clone()
+    for layer in starts:
+        group = [k for k, cell in enumerate(cells) if cell.layer == layer]
+        if layers is not None and layer == layers - 1:
+            group = [k for k in group if cells[k].component == "resid_pre" or _reads(cells[k], base, read)]
+        if not group:
+            continue
+        edits = patch_edits([cells[k] for k in group], base, source, source_cache)
+        logits = run_variants(model, base, len(group), edits, read=read, cache=base_cache, memory_budget=memory_budget)
+        values[group] = metric_fn(first_answer_logits(logits).reshape(len(group), read.shape[0], -1), reference).to(values.dtype)
     clean = metric_fn(clean_logits[None], reference)[0]
     corrupted = metric_fn(corrupted_logits[None], reference)[0]
     return PatchResult(values, clean, corrupted, direction)
+
+
+def _reads(cell: Cell, base: Batch, read: Tensor) -> bool:
+    """Whether the cell lies, in some row, at a position the metric reads."""
+    positions, valid = cell_positions(cell.position, base)
+    return bool((valid & (positions[:, :, None] == read[:, None, :]).any(-1)).any())
 
 
 def _leaf(t: Tensor) -> Tensor:

@@ -19,8 +19,8 @@ the cell matters):
 - ``max/<component>/layer<i>``: the largest effect over that layer's cells (positions, heads);
   exact when ``exact``, else AtP's. ``log_cells: true`` adds ``cell/<component>/layer<i>/pos<p>[/head<h>]``.
 - ``atp/spearman`` (with ``atp`` and ``verify_top: k``): Spearman between AtP's and the exact
-  effects of AtP's top-``k`` cells (by ``|effect|``), re-run exactly in one engine call (taken
-  from the exact sweep when there is one); ``atp/missed``: the share of the exact top-``k``
+  effects of AtP's top-``k`` cells (by ``|effect|``), re-run exactly (one engine call per block;
+  taken from the exact sweep when there is one); ``atp/missed``: the share of the exact top-``k``
   that AtP's top-``k`` misses, over all cells when the audit runs the exact sweep, else within
   the verified cells at ``ceil(k/2)`` (the top-``k`` of the verified cells are AtP's by
   construction). ``atp/spearman_all`` (with ``exact``): Spearman over every cell.
@@ -110,6 +110,8 @@ class PatchingAudit(Audit):
             raise ConfigError(f"{owner}: atp and exact are both false: nothing to measure")
         if atp and metric == "acc":
             raise ConfigError(f"{owner}: metric 'acc' has no gradient for atp; use logit_diff, prob or kl, or atp: false")
+        if atp and metric == "kl" and direction == "noising":
+            raise ConfigError(f"{owner}: atp with metric 'kl' under noising estimates 0 everywhere (KL's gradient at the clean run is 0); use denoising, another metric, or atp: false")
         if verify_top is not None and (isinstance(verify_top, bool) or not isinstance(verify_top, int) or verify_top < 1):
             raise ConfigError(f"{owner}: verify_top must be an int >= 1 (or null), got {verify_top!r}")
         self.ablation = check_choice("ablation", ablation, ABLATIONS)
@@ -118,7 +120,7 @@ class PatchingAudit(Audit):
         self.cells: list[Cell] = []
         self.atp_cells: list[Cell] = []
         self.universe: list = []
-        self.layers, self.verify_k = 0, 0
+        self.layers, self.verify_k, self.variables = 0, 0, ()
         self._phase = "maps"
         self._state: dict[str, Any] = {}
         self.table: list[dict[str, Any]] = []
@@ -220,6 +222,7 @@ class PatchingAudit(Audit):
         return self._summarise_maps(totals) if self._phase == "maps" else self._summarise_follow_up(totals)
 
     def _summarise_maps(self, totals: dict[str, Tensor]) -> dict[str, float]:
+        self._state["counted"] = float(totals["count"])
         n = totals["count"].clamp_min(1e-12)
         clean, corrupted = float(totals["sum/clean"] / n), float(totals["sum/corrupted"] / n)
         base = corrupted if self.direction == "denoising" else clean
@@ -275,6 +278,11 @@ class PatchingAudit(Audit):
             out["circuit/cpr"], out["circuit/cmd"] = cpr_cmd(self._state["sizes"], len(self.universe), means)
         return out
 
+    def warnings(self) -> list[str]:
+        if self.latest_step < 0 or self._state.get("counted", 1) > 0:
+            return []
+        return [f"audit/{self.label}: no pair of the audit set changes the answer (changed_only): its figures are empty"]
+
     # -- artifacts ------------------------------------------------------------------------------
 
     def write_artifacts(self, model: nn.Module, task: Task, run_dir: Path, step: int, loggers: list[Any]) -> None:
@@ -316,7 +324,7 @@ def plot_patching_map(table: list[dict[str, Any]], component_names: Sequence[str
     kinds = [k for k in ("exact", "atp") if any(row[k] is not None for row in table)]
     shown = list(dict.fromkeys(component_names))
     positions = list(dict.fromkeys(row["position"] for row in table))
-    fig, axes = plt.subplots(len(kinds), len(shown), figsize=(3.2 * len(shown), 2.6 * len(kinds)), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(len(kinds), len(shown), figsize=(3.2 * len(shown) + 1, 2.8 * len(kinds) + 0.4), dpi=100, squeeze=False, layout="constrained")
     values = [row[k] for row in table for k in kinds if isinstance(row[k], float) and math.isfinite(row[k])]
     limit = max([1.0, *(abs(v) for v in values)])
     for r, kind in enumerate(kinds):

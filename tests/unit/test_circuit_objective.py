@@ -14,7 +14,7 @@ from faithful_train.sites import run_with
 from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
 from tests.conftest import tiny_transformer
 
-CIRCUIT = [{"site": "blocks.0.attn.heads", "heads": [0, 1]}, "blocks.0.mlp.out", "blocks.1.mlp.out"]
+CIRCUIT = [{"site": "blocks.0.attn.heads", "heads": [0, 1, 2]}, "blocks.0.mlp.out", "blocks.1.mlp.out"]
 
 
 def _ctx(model, task, batch, sites):
@@ -23,7 +23,7 @@ def _ctx(model, task, batch, sites):
 
 
 def _hand_ablated_loss(model, batch):
-    """Zero the heads 2, 3 of block 0 and every head of block 1 with plain forward hooks."""
+    """Zero head 3 of block 0 and every head of block 1 with plain forward hooks."""
 
     def zero_heads(heads):
         def hook(_module, _args, out):
@@ -34,7 +34,7 @@ def _hand_ablated_loss(model, batch):
         return hook
 
     handles = [
-        model.blocks[0].attn.hook_heads.register_forward_hook(zero_heads([2, 3])),
+        model.blocks[0].attn.hook_heads.register_forward_hook(zero_heads([3])),
         model.blocks[1].attn.hook_heads.register_forward_hook(zero_heads([0, 1, 2, 3])),
     ]
     try:

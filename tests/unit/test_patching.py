@@ -196,6 +196,41 @@ def test_atp_is_exact_on_a_model_linear_in_the_patched_activation(padded, direct
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_atp_is_the_derivative_of_patching_along_the_interpolation(padded):
+    """On a nonlinear model, AtP's estimate of a cell is d/dε m(a_base + ε (a_source - a_base))
+    at ε = 0 (central differences in float64)."""
+    model = tiny_transformer(VOCAB).double().eval()
+    clean, corrupted = _pairs(padded)
+    cells = patching_cells(model, COMPONENTS, [1, 2, -1])
+    metric_fn = lambda logits, _clean: logits[..., 0] - logits[..., 1]  # noqa: E731  (float64; answer_metric is float32)
+    estimated = attribution_patching(model, clean, corrupted, cells, metric_fn).effects()
+    eps = 1e-5
+
+    def forward(batch, edits=None, record=()):
+        with torch.no_grad(), hooked(model, record=record, edits=edits) as cache:
+            logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        return gather_positions(logits, answer_positions(batch))[:, 0], cache
+
+    clean_logits, _ = forward(clean)
+    for k, cell in enumerate(cells):
+        _, source = forward(clean, record=[cell.site])
+        _, base = forward(corrupted, record=[cell.site])
+        moved = []
+        for sign in (1, -1):
+
+            def edit(t, sign=sign, cell=cell):
+                t = t.clone()
+                for b in range(t.shape[0]):
+                    for p, q in zip(_where(cell.position, corrupted, b), _where(cell.position, clean, b)):
+                        where = (b, p) if cell.head is None else (b, p, cell.head)
+                        t[where] += sign * eps * (source[cell.site][(b, q, cell.head)[: len(where)]] - base[cell.site][where])
+                return t
+
+            moved.append(metric_fn(forward(corrupted, {cell.site: edit})[0][None], clean_logits)[0])
+        torch.testing.assert_close(estimated[k], (moved[0] - moved[1]) / (2 * eps), atol=1e-8, rtol=1e-6, msg=cell.name)
+
+
 def test_atp_is_close_to_exact_patching_on_a_tiny_transformer():
     model = tiny_transformer(VOCAB).eval()
     clean, corrupted = _pairs(False)
@@ -250,7 +285,22 @@ def test_audit_figures_and_artifacts(tmp_path):
     assert all(v == v for v in results.values())  # no NaN: the clean and corrupted answers differ
     assert 0.0 <= results["atp/missed"] <= 1.0 and -1.0 <= results["atp/spearman"] <= 1.0
     audit.remember(results, step=7)
-    audit.write_artifacts(model, task, tmp_path, 7, [])
+
+    class WandbLike:  # what a WandbLogger offers
+        def __init__(self):
+            self.calls = []
+
+        def log_image(self, **kwargs):
+            self.calls.append(("image", kwargs))
+
+        def log_table(self, **kwargs):
+            self.calls.append(("table", kwargs))
+
+    logger = WandbLike()
+    audit.write_artifacts(model, task, tmp_path, 7, [logger])
+    (_, image), (_, table) = logger.calls
+    assert image["key"] == "audit/patching/map" and image["images"] == [str(tmp_path / "patching" / "step000007.png")] and image["step"] == 7
+    assert table["columns"] == ["component", "layer", "position", "head", "exact", "atp"] and len(table["data"]) == len(audit.cells)
     with open(tmp_path / "patching" / "step000007.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["component", "layer", "position", "head", "exact", "atp"]
@@ -290,6 +340,7 @@ def test_audit_noising_and_exact_only_and_sharding():
         ({"atp": False, "exact": False}, ConfigError, "atp and exact are both false"),
         ({"metric": "acc"}, ConfigError, "metric 'acc' has no gradient for atp"),
         ({"verify_top": 0}, ConfigError, "verify_top must be an int >= 1 (or null), got 0"),
+        ({"metric": "kl", "direction": "noising"}, ConfigError, "atp with metric 'kl' under noising estimates 0 everywhere"),
         ({"positions": [1.5]}, ConfigError, "position 1.5 is not an int"),
         ({"positions": ["middle"]}, ConfigError, "positions 'middle'"),
         ({"positions": []}, ConfigError, "positions is empty"),
@@ -321,3 +372,37 @@ def test_registered_by_name():
     from faithful_train.registry import AUDITS
 
     assert AUDITS["patching"] == "faithful_train.audits.patching:PatchingAudit"
+
+
+# --- parity with TransformerLens (a peer installed beside the venv: make .bench/transformer_lens) ---
+
+
+def test_maps_equal_transformer_lens_on_the_same_weights(tmp_path, repo):
+    """Our four maps (on our transformer, and on the same weights as a Hugging Face GPT-2 behind
+    ``HFAdapter``) equal TransformerLens's ``get_act_patch_*`` (run in a process of its own, so
+    its packages never enter this one), both directions. Skipped without TransformerLens."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.patching import make_inputs, make_models, our_maps
+
+    ours, wrapped = make_models(tmp_path / "gpt2", n_layers=2)
+    clean, corrupted = make_inputs(batch=4, length=8)
+    answers = (3, 7)
+    torch.save({"model_dir": str(tmp_path / "gpt2"), "clean": clean, "corrupted": corrupted, "answers": answers}, tmp_path / "in.pt")
+    env = {**os.environ, "TL_LIB": str(repo / ".bench"), "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "benchmarks/patching.py", "--tl-maps", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    if done.returncode == 3:
+        pytest.skip(f"TransformerLens is not importable: {done.stdout.strip()}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    for direction in ("denoising", "noising"):
+        for name, model in (("ours", ours), ("gpt2", wrapped)):
+            maps = our_maps(model, clean, corrupted, answers, direction=direction)
+            for component, value in maps.items():
+                expected = theirs[f"{direction}/{component}"]
+                assert value.shape == expected.shape == ((2, 8, 4) if component == "heads" else (2, 8))
+                torch.testing.assert_close(value, expected, atol=1e-4, rtol=0, msg=f"{name} {direction} {component}")
+                assert expected.max() - expected.min() > 0.05  # the map is not flat
