@@ -24,10 +24,10 @@ from pathlib import Path
 
 from faithful_train.errors import FaithfulError, TrainingDiverged
 
-VERIFY_FIGURES = (
-    "faithfulness", "sufficiency", "necessity", "necessity_normalised", "full", "empty",
-    "cpr", "cmd", "completeness", "task_acc",
-)  # fmt: skip
+VERIFY_FIGURES = {
+    "circuit": ("faithfulness", "sufficiency", "necessity", "necessity_normalised", "full", "empty", "cpr", "cmd", "completeness", "task_acc"),
+    "alignment": (),  # every figure of the interchange audit
+}  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             from faithful_train.verify import format_drift, verify
 
-            print(format_drift(verify(args.hypothesis, args.ckpt, args.config, args.overrides), VERIFY_FIGURES))
+            result = verify(args.hypothesis, args.ckpt, args.config, args.overrides)
+            print(format_drift(result, VERIFY_FIGURES[result["kind"]]))
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "data":

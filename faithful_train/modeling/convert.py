@@ -26,6 +26,7 @@ def to_gpt2(model: Transformer):
         vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
         n_head=cfg.n_heads, n_inner=cfg.d_mlp, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None, eos_token_id=None,  # GPT-2's 50256 lies outside our vocabularies
     )  # fmt: skip
     hf = GPT2LMHeadModel(config).eval()
     own = model.state_dict()

@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.hypotheses import Hypothesis
+from faithful_train.hypotheses import Hypothesis, weights_hash
 from faithful_train.tasks.base import Batch, Task
 
 
@@ -130,19 +130,20 @@ class Objective(Callback, ABC):
         training), or ``None``."""
         return None
 
-    def _write_hypothesis(self, trainer: Trainer) -> None:
+    def _write_hypothesis(self, trainer: Trainer, pl_module: LightningModule) -> None:
         hypothesis = self.hypothesis()
         if hypothesis is not None and trainer.is_global_zero:
+            hypothesis.step, hypothesis.weights_hash = trainer.global_step, weights_hash(pl_module.model)
             hypothesis.save(Path(trainer.default_root_dir) / "hypotheses" / f"{self.label}.json")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._write_hypothesis(trainer)
+        self._write_hypothesis(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._write_hypothesis(trainer)
+        self._write_hypothesis(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._write_hypothesis(trainer)
+        self._write_hypothesis(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -5,6 +5,8 @@ Input ``w x y z`` (symbols), answer ``(w == x) == (y == z)`` written as the toke
 FALSE. Causal variables: ``left = (w == x)``, ``right = (y == z)``. Each of ``left`` and
 ``right`` is true for half the examples, so the label is balanced and every counterfactual
 (setting ``left`` or ``right`` from another example) flips the label half the time.
+``equal_rate`` (default 0.5) shifts that balance: each pair is equal with that probability (a
+shifted distribution for ``faithful-train verify``).
 
 Perturbations (meaning-preserving, every token aligned): the symbols renamed by a random
 permutation (synonym tokens: equalities survive a consistent renaming), each pair's two
@@ -23,10 +25,12 @@ class HierarchicalEquality(Task):
     name = "hierarchical_equality"
     variables = ("left", "right")
 
-    def __init__(self, n_symbols: int = 16):
+    def __init__(self, n_symbols: int = 16, equal_rate: float = 0.5):
         if n_symbols < 2:
             raise ValueError(f"n_symbols must be >= 2, got {n_symbols}")
-        self.n_symbols = n_symbols
+        if not 0 < equal_rate < 1:
+            raise ValueError(f"equal_rate must be in (0, 1), got {equal_rate}")
+        self.n_symbols, self.equal_rate = n_symbols, float(equal_rate)
         self.false_token, self.true_token = n_symbols, n_symbols + 1
 
     @property
@@ -49,8 +53,8 @@ class HierarchicalEquality(Task):
         return first, second
 
     def generate(self, n: int, generator: torch.Generator) -> Batch:
-        left = torch.rand(n, generator=generator) < 0.5
-        right = torch.rand(n, generator=generator) < 0.5
+        left = torch.rand(n, generator=generator) < self.equal_rate
+        right = torch.rand(n, generator=generator) < self.equal_rate
         w, x = self._pair(left, generator)
         y, z = self._pair(right, generator)
         variables = {"left": left.long(), "right": right.long()}

@@ -5,11 +5,13 @@ its errors are one line and exit 2."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 
 from faithful_train.cli import main
+from tests.conftest import REPO
 
 TINY = [
     "trainer.max_steps=30",
@@ -30,12 +32,10 @@ def _in_repo(repo, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, repo):
+def two_runs(tmp_path_factory):
     """The circuit config and its baseline, 30 steps each."""
-    import os
-
     old = os.getcwd()
-    os.chdir(repo)
+    os.chdir(REPO)
     try:
         root = tmp_path_factory.mktemp("circuits")
         for name in ("circuit", "circuit-baseline"):
@@ -74,7 +74,7 @@ def test_verify_prints_the_drift_on_another_checkpoint_and_on_a_shifted_task(two
     assert abs(float(row.split()[-1])) > 0
     # a shifted task: more symbols, the same model
     ckpt = two_runs / "circuit" / "checkpoints" / "last.ckpt"
-    assert main(["verify", str(hypothesis), "--ckpt", str(ckpt), "-c", "configs/circuit.yaml", "task.n_symbols=8"]) == 0
+    assert main(["verify", str(hypothesis), "--ckpt", str(ckpt), "-c", "configs/circuit.yaml", "task.equal_rate=0.9"]) == 0
     assert "shifted" in capsys.readouterr().out
 
 

@@ -15,6 +15,7 @@ from faithful_train.cli import main
 from faithful_train.config import load_config
 from faithful_train.hypotheses import Hypothesis
 from faithful_train.rundir import read_jsonl
+from faithful_train.verify import format_drift, verify
 from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
 DAS = "configs/iit-das.yaml"
@@ -76,6 +77,11 @@ def test_learned_basis_is_checkpointed_and_audited_from_the_checkpoint(tmp_path)
     other = runs.build(elsewhere, tmp_path / "other")
     again = runs.audit_checkpoint(other, ckpt)
     assert again["metrics"]["audit/interchange/iia"] == pytest.approx(fitted["audit/interchange/iia"], abs=1e-6)
+    # verify re-runs the alignment (in its rotation) on the checkpoint it was written with
+    checked = verify(fit_dir / "hypotheses" / "das.json", ckpt)
+    assert checked["kind"] == "alignment" and checked["same_weights"] and checked["same_data"] is None
+    assert 0 <= checked["today"]["iia"] <= 1 and "control/random_subspace/iia" in checked["today"]
+    assert "iia/left" in format_drift(checked)
 
 
 def test_resume_with_a_learned_basis_continues_exactly(tmp_path):
