@@ -11,11 +11,11 @@ import torch
 from omegaconf import OmegaConf
 
 from faithful_train.concepts import ConceptLayout
+from faithful_train.engine import plan_resume
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.modeling import build_model
 from faithful_train.modeling.bottleneck import BottleneckModel
 from faithful_train.modeling.hf import HFAdapter
-from faithful_train.engine import plan_resume
 from faithful_train.sites import hooked, run_with
 from faithful_train.tasks.concept_objects import ConceptObjects
 

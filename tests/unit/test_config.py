@@ -42,10 +42,12 @@ def test_inline_model_and_errors():
 
 
 def test_task_arguments_are_checked():
-    with pytest.raises(UnknownNameError, match="'n_symbol'; valid: n_symbols"):
+    with pytest.raises(UnknownNameError, match="'n_symbol'; valid: equal_rate, n_symbols"):
         instantiate("task", {"name": "hierarchical_equality", "n_symbol": 3}, TASKS, Task)
     with pytest.raises(ConfigError, match="n_symbols must be >= 2"):
         instantiate("task", {"name": "hierarchical_equality", "n_symbols": 1}, TASKS, Task)
+    with pytest.raises(ConfigError, match="equal_rate must be in"):
+        instantiate("task", {"name": "hierarchical_equality", "equal_rate": 1.0}, TASKS, Task)
     with pytest.raises(ConfigError, match="not found"):
         instantiate("task", {"name": "missing.py:Task"}, TASKS, Task)
     with pytest.raises(ConfigError, match="subclass"):
