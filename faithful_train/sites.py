@@ -141,6 +141,8 @@ class SiteRef:
     def mask(self, shape: Sequence[int], device: torch.device | str | None = None) -> Tensor:
         """Boolean mask of shape ``(1, *shape[1:])``: True where this ref selects."""
         mask = torch.ones((1, *shape[1:]), dtype=torch.bool, device=device)
+        if self.name.endswith("attn.pattern") and (self.positions is not None or self.heads is not None):
+            raise ConfigError(f"site {self.name} is (batch, head, query, key): narrow it with dims (keys), not positions or heads")
         if self.per_example:
             raise ValueError(f"site {self.name}: per-example positions need resolve_positions")
         if self.positions is not None:

@@ -36,6 +36,7 @@ computation passes through hookable modules.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from faithful_train.batches import gather_positions, position_ids
 from faithful_train.errors import ConfigError, UnknownNameError, first_line
-from faithful_train.sites import SitePoint
+from faithful_train.sites import HookPoint, SitePoint
 
 Route = Callable[[nn.Module, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
 
@@ -119,7 +120,36 @@ FAMILIES: dict[str, _Family] = {
 }
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 
+PATTERN_ATTENTION = "faithful_eager"
 _LOAD_KWARGS = {"attn_implementation": "eager", "experts_implementation": "eager"}
+
+
+def _pattern_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                       scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """The family's own eager attention, unless the layer's ``attn.pattern`` site is recorded or
+    edited: then the same computation written out, with the probabilities ``(B, H, T, T)``
+    passed through the site's hook before they weight the values (softmax in float32)."""
+    hook = getattr(module, "hook_pattern", None)
+    if hook is None or not (hook._forward_hooks or hook._forward_pre_hooks):
+        family_eager = sys.modules[type(module).__module__].eager_attention_forward
+        return family_eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    pattern = hook(scores.softmax(-1, dtype=torch.float32).to(query.dtype))
+    pattern = F.dropout(pattern, p=dropout, training=module.training)
+    return (pattern @ value).transpose(1, 2).contiguous(), pattern
+
+
+def _register_pattern_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(PATTERN_ATTENTION, _pattern_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PATTERN_ATTENTION, eager_mask)
 
 
 def _family(name: str) -> _Family:
@@ -154,6 +184,11 @@ class HFAdapter(nn.Module):
         self.family = hf_model.config.model_type
         self._spec = _family(self.family)
         self.hf_model = hf_model
+        # attention through our eager function, so each layer's pattern is a site (hook_pattern)
+        _register_pattern_attention()
+        hf_model.set_attn_implementation(PATTERN_ATTENTION)
+        for layer in self.decoder_layers():
+            layer.get_submodule(self._spec.attn).hook_pattern = HookPoint()
         # (batch, seq) of the current forward: the router sees tokens flattened to (B*T, D)
         self._tokens_shape: tuple[int, int] | None = None
         # per-expert selection bias of each sparse MoE layer (bias balancing); zero = the
@@ -289,6 +324,7 @@ class HFAdapter(nn.Module):
         n_heads = self.hf_model.config.num_attention_heads
         points = {
             "resid_pre": SitePoint(layer, kind="input"),
+            "attn.pattern": SitePoint(layer.get_submodule(spec.attn).hook_pattern),
             "attn.heads": SitePoint(
                 layer.get_submodule(spec.o_proj),
                 kind="input",

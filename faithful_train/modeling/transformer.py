@@ -5,6 +5,8 @@ canonical site (see ``site_points``):
 
     embed                      (B, T, D)   token + position embedding
     blocks.{i}.resid_pre       (B, T, D)
+    blocks.{i}.attn.pattern    (B, H, T, T)  attention probabilities (query, key); computed
+                                             explicitly only when recorded or edited
     blocks.{i}.attn.heads      (B, T, H, Dh) per-head outputs, before the output projection
     blocks.{i}.attn.out        (B, T, D)
     blocks.{i}.resid_mid       (B, T, D)
@@ -61,20 +63,30 @@ class Attention(nn.Module):
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.hook_pattern = HookPoint()
         self.hook_heads = HookPoint()
         self.hook_out = HookPoint()
 
     def forward(self, x: Tensor, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """``mask`` (B, T): 1 on real tokens (padding is never attended to). ``positions`` (B, P):
         compute only these query positions (each attends causally to the tokens up to it);
-        returns ``(B, P, D)`` then, else ``(B, T, D)``."""
+        returns ``(B, P, D)`` then, else ``(B, T, D)``.
+
+        Attention stays fused (``scaled_dot_product_attention``) unless the pattern site
+        (``hook_pattern``) is recorded or edited; then the pattern ``(B, H, T or P, T)`` is
+        computed explicitly, passed through the hook, and applied to the values."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).unbind(dim=2)  # (B, T, H, Dh) each
-        if mask is None and positions is None:
+        if positions is not None:
+            q = gather_positions(q, positions)
+        if self.hook_pattern._forward_hooks or self.hook_pattern._forward_pre_hooks:
+            scores = q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / math.sqrt(self.d_head)
+            allowed = allowed_keys(mask, positions, B, T, x.device)
+            pattern = self.hook_pattern(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
+            z = pattern @ v.transpose(1, 2)
+        elif mask is None and positions is None:
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         else:
-            if positions is not None:
-                q = gather_positions(q, positions)
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed_keys(mask, positions, B, T, x.device)
             )
@@ -160,6 +172,7 @@ class Block(nn.Module):
     def site_points(self) -> dict[str, SitePoint]:
         points = {
             "resid_pre": self.hook_resid_pre,
+            "attn.pattern": self.attn.hook_pattern,
             "attn.heads": self.attn.hook_heads,
             "attn.out": self.attn.hook_out,
             "resid_mid": self.hook_resid_mid,

@@ -72,6 +72,7 @@ def expected_shapes(family: str) -> dict[str, tuple[int, ...]]:
     for i in range(2):
         shapes |= {f"blocks.{i}.{s}": (B, T, D) for s in ("resid_pre", "resid_post", "attn.out", "mlp.out")}
         shapes[f"blocks.{i}.attn.heads"] = (B, T, HEADS, DH)
+        shapes[f"blocks.{i}.attn.pattern"] = (B, HEADS, T, T)
     for i in MOE_LAYERS.get(family, ()):
         shapes |= {f"blocks.{i}.moe.router": (B, T, EXPERTS), f"blocks.{i}.moe.weights": (B, T, EXPERTS)}
     return shapes
