@@ -49,6 +49,7 @@ TASKS = Builtins("task", (
     "faithful_train.tasks.concept_objects:ConceptObjects",
     "faithful_train.tasks.decoy_objects:DecoyObjects",
     "faithful_train.tasks.text:TextTask",
+    "faithful_train.tasks.kv_retrieval:KVRetrieval",
 ))  # fmt: skip
 OBJECTIVES = Builtins("objective", (
     "faithful_train.objectives.interchange:InterchangeObjective",
@@ -58,6 +59,7 @@ OBJECTIVES = Builtins("objective", (
     "faithful_train.objectives.stability:StabilityObjective",
     "faithful_train.objectives.preserve:PreserveObjective",
     "faithful_train.objectives.circuit:CircuitObjective",
+    "faithful_train.objectives.counterfactual_context:CounterfactualContextObjective",
 ))  # fmt: skip
 AUDITS = Builtins("audit", (
     "faithful_train.audits.interchange:InterchangeAudit",
@@ -67,6 +69,7 @@ AUDITS = Builtins("audit", (
     "faithful_train.audits.attribution:AttributionAudit",
     "faithful_train.audits.patching:PatchingAudit",
     "faithful_train.audits.ablation:AblationAudit",
+    "faithful_train.audits.retrieval:RetrievalAudit",
 ))  # fmt: skip
 
 

@@ -1,0 +1,49 @@
+"""Answers that follow their evidence: what ``counterfactual_cot`` does for written steps, for
+documents.
+
+Each step, the supporting document of a ``fraction`` of the batch gets a counterfactual value
+(``task.counterfactual_documents``: the gold document's value replaced, the rest untouched), and
+the answer is trained to be the new value:
+
+    term = CE(M(x with the gold value replaced), the replaced value)
+
+A model that answers from memory (a parametric shortcut) is wrong on every such input, so the
+term makes the answer depend causally on the document, not on what was memorised. The
+counterfactual rows run as one variant of the engine, beside the step's own forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from faithful_train.batches import answer_loss, answer_mask
+from faithful_train.engine import run_variants
+from faithful_train.errors import ConfigError
+from faithful_train.objectives.base import Objective, StepContext
+from faithful_train.tasks.base import Task, take
+
+
+class CounterfactualContextObjective(Objective):
+    name = "counterfactual_context"
+
+    def __init__(self, fraction: float = 0.5, **kwargs: Any):
+        super().__init__(**kwargs)
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"objective {self.label!r}: fraction must be in (0, 1], got {fraction}")
+        self.fraction = float(fraction)
+
+    def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        if "counterfactual_documents" not in task.provides:
+            raise ConfigError(f"objective {self.label!r} needs a task with counterfactual documents (e.g. kv_retrieval); {task.name!r} has none")
+
+    def term(self, ctx: StepContext) -> Tensor:
+        batch = ctx.batch
+        B = batch["input_ids"].shape[0]
+        n = max(1, round(self.fraction * B))
+        rows = take(batch, torch.randperm(B, generator=ctx.generator)[:n].to(batch["input_ids"].device))
+        ids, answers = ctx.task.counterfactual_documents(rows, ctx.generator)
+        logits = run_variants(ctx.model, rows, 1, {}, input_ids=ids)
+        return answer_loss(logits[:, :1], answers[:, None], answer_mask(rows)[:, :1])

@@ -1,0 +1,124 @@
+"""kv_retrieval and the retrieval audit, on planted models whose answers are known: a reader that
+answers from the gold document, and a memoriser that answers from its table while its attention
+still points at the gold document (consulted, not used)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from faithful_train.audits.retrieval import RetrievalAudit
+from faithful_train.batches import gather_positions
+from faithful_train.errors import ConfigError
+from faithful_train.sites import HookPoint, SitePoint
+from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+from faithful_train.tasks.kv_retrieval import KVRetrieval
+
+
+class Planted(nn.Module):
+    """One block whose attention from the last position puts all its mass on the document that
+    matches the query. ``reads``: answer that document's value; else answer the task's table."""
+
+    n_layers = 1
+
+    def __init__(self, task: KVRetrieval, reads: bool):
+        super().__init__()
+        self.task, self.reads = task, reads
+        self.hook_pattern = HookPoint()
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, input_ids, attention_mask=None, positions=None, narrow=True):
+        t = self.task
+        B, T = input_ids.shape
+        docs = input_ids[:, : 3 * t.n_docs].view(B, t.n_docs, 3)
+        entity, key = input_ids[:, -2], input_ids[:, -1]
+        match = (docs[..., 0] == entity[:, None]) & (docs[..., 1] == key[:, None])  # (B, k)
+        pattern = torch.full((B, 1, T, T), 1.0 / T)
+        target = 3 * match.float().argmax(1) + 2  # the matching document's value token
+        pattern[torch.arange(B), 0, -1] = torch.nn.functional.one_hot(target, T).float()
+        pattern = self.hook_pattern(pattern)
+        read = (pattern[:, 0, -1] * input_ids.float()).sum(1).long()  # the attended token
+        found = match.any(1)
+        if self.reads:
+            answer = torch.where(found, read, t.filler_token)
+        else:
+            answer = t.first_value + t.table[entity.clamp_max(t.n_entities - 1), (key - t.first_key).clamp(0, t.n_keys - 1)]
+        logits = torch.zeros(B, T, t.vocab_size)
+        logits[:, -1] = self.scale * torch.nn.functional.one_hot(answer, t.vocab_size).float()
+        return logits if positions is None else gather_positions(logits, positions)
+
+    def site_points(self):
+        return {"blocks.0.attn.pattern": SitePoint(self.hook_pattern)}
+
+
+def _run(reads):
+    task = KVRetrieval(parametric=True)
+    model = Planted(task, reads)
+    audit = RetrievalAudit(n_examples=64, batch_size=32)
+    audit.bind(model, task)
+    return audit, model, task, audit.evaluate(model, task)
+
+
+def test_kv_retrieval_batches():
+    task = KVRetrieval()
+    batch = task.sample(16, 0)
+    assert batch["input_ids"].shape == (16, 15)
+    gold = batch["var/doc"]
+    docs = batch["input_ids"][:, :12].view(16, 4, 3)
+    chosen = docs[torch.arange(16), gold]
+    assert (chosen[:, 0] == batch["input_ids"][:, -2]).all() and (chosen[:, 1] == batch["input_ids"][:, -1]).all()
+    assert (chosen[:, 2] == batch["labels"]).all()
+    assert ((batch["doc_kind"] == 0).sum(1) == 1).all() and (batch["doc_kind"].gather(1, gold[:, None]) == 0).all()
+    same_key = batch["doc_kind"] == 1
+    assert (docs[same_key][:, 1] == batch["input_ids"][:, -1]).all()  # a distractor with the query's key
+    ids, new = task.counterfactual_documents(batch, torch.Generator().manual_seed(0))
+    assert (ids.view(16, 5, 3)[torch.arange(16), gold, 2] == new).all() and (new != batch["labels"]).all()
+    with pytest.raises(ValueError):
+        KVRetrieval(n_docs=2)
+
+
+def test_a_reader_uses_what_it_consults():
+    audit, model, task, figures = _run(reads=True)
+    assert figures["task_acc"] == 1.0
+    assert figures["reliance_acc"] == 1.0
+    assert figures["counterfactual_follow"] == 1.0
+    assert figures["consulted_used_top1"] == 1.0
+    assert figures["consulted/gold"] == pytest.approx(1.0)  # all the mass on its value token
+    assert figures["used/gold"] > 5 and figures["used/same_key"] == pytest.approx(0.0)
+    assert figures["distractor_reliance"] == pytest.approx(0.0)
+
+
+def test_a_memoriser_consults_the_gold_document_but_does_not_use_it(tmp_path):
+    audit, model, task, figures = _run(reads=False)
+    assert figures["task_acc"] == 1.0  # parametric: the table states what the documents state
+    assert figures["consulted/gold"] == pytest.approx(1.0)
+    assert figures["used/gold"] == pytest.approx(0.0)
+    assert figures["reliance_acc"] == 0.0 and figures["consulted_used_top1"] == 0.0
+    assert figures["counterfactual_follow"] == 0.0
+    audit.write_artifacts(model, task, tmp_path, 5, [])
+    records = [json.loads(line) for line in (tmp_path / "provenance" / "step000005.jsonl").read_text().splitlines()]
+    assert len(records) == 64 * 4
+    gold = [r for r in records if r["kind"] == "gold"]
+    assert all(r["consulted"] > 0.3 and r["used"] == 0 for r in gold)
+
+
+def test_documents_are_required():
+    from tests.conftest import tiny_transformer
+
+    with pytest.raises(ConfigError, match="documents"):
+        RetrievalAudit().bind(tiny_transformer(), HierarchicalEquality())
+
+
+def test_on_our_transformer_every_document_runs_in_one_forward():
+    from tests.conftest import tiny_transformer
+
+    task = KVRetrieval()
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    calls = []
+    model.hook_embed.register_forward_hook(lambda _m, args, out: calls.append(out.shape[0]))
+    audit = RetrievalAudit(n_examples=16, batch_size=16)
+    audit.bind(model, task)
+    figures = audit.evaluate(model, task)
+    assert calls == [16, 16 * 5]  # the clean forward, then 4 filled documents + 1 counterfactual
+    assert set(figures) == set(audit.metric_names(task))
