@@ -45,6 +45,7 @@ benchmarks: install .bench/pyvene .bench/transformer_lens
 	$(PY) benchmarks/stability_step.py
 	$(PY) benchmarks/text_step.py
 	TL_LIB=.bench $(PY) benchmarks/patching.py
+	$(PY) benchmarks/retrieval.py
 
 clean:
 	rm -rf $(VENV) runs wandb .pytest_cache .bench
