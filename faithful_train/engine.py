@@ -152,6 +152,7 @@ def run_variants(
     input_ids: Tensor | None = None,
     resume: bool = True,
     memory_budget: int | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Logits ``(count * B, P, vocab)`` of ``count`` edited variants of ``batch`` at the positions
     ``read`` ``(B, P)`` (default: the answer positions), variant-major.
@@ -159,7 +160,8 @@ def run_variants(
     ``cache``: clean activations of ``batch`` (e.g. recorded in the step's forward); the run
     resumes from the clean ``resid_pre`` of the first edited block, computed once on ``B`` rows
     if the cache lacks it. ``input_ids`` ``(count * B, T)``: per-variant inputs (e.g. teacher-forced
-    counterfactual answers), run in full. ``resume=False`` forces full forwards (a reference).
+    counterfactual answers, or a document removed), run in full, with their own
+    ``attention_mask`` ``(count * B, T)`` if given. ``resume=False`` forces full forwards.
     """
     ids = batch["input_ids"]
     B, T = ids.shape
@@ -187,6 +189,8 @@ def run_variants(
         k = len(variants)
         bound = {name: [_bind(fn, variants) for fn in fns] for name, fns in edits.items()}
         tiled_mask = None if mask is None else mask.repeat(k, 1)
+        if attention_mask is not None:
+            tiled_mask = attention_mask[first * B : (first + k) * B]
         with hooked(model, edits=bound):
             if plan is not None:
                 resid = start.repeat(k, *([1] * (start.dim() - 1)))

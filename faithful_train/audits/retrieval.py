@@ -6,15 +6,17 @@ For each example and document ``j`` of a task with documents (``kv_retrieval``):
 - *consulted*: the attention mass from the answer position to the document's tokens, per layer
   and head (``blocks.{i}.attn.pattern``), and averaged over them;
 - *used*: ``log p(answer) - log p(answer | document j replaced by filler tokens of the same
-  length)``. Every document's variant, and a counterfactual one (the gold document's value
-  replaced), run as variants of one engine call (``engine.run_variants``).
+  length)``; *used_removed*: the same with the document's tokens deleted (the row left-padded,
+  so positions close up). Every document's variants, and a counterfactual one (the gold
+  document's value replaced), run as variants of one engine call (``engine.run_variants``).
 
 Figures: ``reliance_acc`` (the gold document is the one whose removal costs most, strictly),
 ``consulted_used_spearman`` (per example, over documents), ``consulted_used_top1`` (the most
 attended document is the most used one), ``distractor_reliance`` (the share of the positive
 reliance that falls on the same-key and near-duplicate distractors), ``counterfactual_follow``
-(with the gold value replaced, the answer is the new value), ``consulted/<kind>`` and
-``used/<kind>`` by document kind, and ``task_acc``.
+(with the gold value replaced, the answer is the new value), ``removed_filled_top1`` (removing
+and filling agree on the most used document), ``consulted/<kind>``, ``used/<kind>`` and
+``used_removed/<kind>`` by document kind, and ``task_acc``.
 
 Each run writes ``<run dir>/provenance/step<N>.jsonl``: per example and document, its kind,
 consulted (aggregated and per layer) and used.
@@ -64,8 +66,9 @@ class RetrievalAudit(Audit):
         super().bind(model, task, run_seed)
 
     def metric_names(self, task: Task) -> list[str]:
-        names = ["task_acc", "reliance_acc", "consulted_used_spearman", "consulted_used_top1", "distractor_reliance", "counterfactual_follow"]
-        return names + [f"{what}/{kind}" for what in ("consulted", "used") for kind in KINDS]
+        names = ["task_acc", "reliance_acc", "consulted_used_spearman", "consulted_used_top1", "distractor_reliance",
+                 "counterfactual_follow", "removed_filled_top1"]  # fmt: skip
+        return names + [f"{what}/{kind}" for what in ("consulted", "used", "used_removed") for kind in KINDS]
 
     def build_data(self, task: Task, seed: int) -> Batch:
         data = dict(task.sample(self.n_examples, seed))
@@ -93,17 +96,24 @@ class RetrievalAudit(Audit):
         consulted_lh = torch.stack(per_layer, 1)  # (B, L, H, k)
         consulted = consulted_lh.mean((1, 2))  # (B, k)
 
-        variants = torch.cat([task.filled(batch, j) for j in range(k)] + [batch["cf/input_ids"]])
-        varied = run_variants(model, batch, k + 1, {}, input_ids=variants)[:, 0].float()  # ((k + 1) B, vocab)
+        removed = [task.removed(batch, j) for j in range(k)]
+        full_mask = torch.ones_like(ids) if mask is None else mask
+        variants = torch.cat([task.filled(batch, j) for j in range(k)] + [batch["cf/input_ids"]] + [r[0] for r in removed])
+        masks = torch.cat([full_mask] * (k + 1) + [r[1] for r in removed])
+        varied = run_variants(model, batch, 2 * k + 1, {}, input_ids=variants, attention_mask=masks)[:, 0].float()
         clean = logits[torch.arange(B), at].float().log_softmax(-1).gather(1, labels[:, None])[:, 0]
-        filled = varied[: k * B].log_softmax(-1).view(k, B, -1).gather(2, labels[None, :, None].expand(k, B, 1))[..., 0].T
-        used = clean[:, None] - filled  # (B, k)
+
+        def lost(rows: Tensor) -> Tensor:  # (k B, vocab) -> (B, k): log-probability of the answer lost
+            kept = rows.log_softmax(-1).view(k, B, -1).gather(2, labels[None, :, None].expand(k, B, 1))[..., 0].T
+            return clean[:, None] - kept
+
+        used, used_removed = lost(varied[: k * B]), lost(varied[(k + 1) * B :])  # (B, k) each
         gold = batch["var/doc"]
         kinds = batch["doc_kind"]
         others = used.masked_fill(torch.nn.functional.one_hot(gold, k).bool(), float("-inf")).max(1).values
         positive = used.clamp_min(0)
         distractor = ((kinds == 1) | (kinds == 2)).float()
-        cf_answer = answer_predictions(varied[k * B :], task)
+        cf_answer = answer_predictions(varied[k * B : (k + 1) * B], task)
         top_used = used.argmax(1)
         unique_top = (used == used.max(1, keepdim=True).values).sum(1) == 1
         out: dict[str, Any] = {
@@ -113,17 +123,20 @@ class RetrievalAudit(Audit):
             "consulted_used_top1": ((consulted.argmax(1) == top_used) & unique_top).float(),
             "distractor_reliance": ((positive * distractor).sum(1) / positive.sum(1).clamp_min(1e-9)).float(),
             "counterfactual_follow": (cf_answer == batch["cf/labels"]).float(),
+            "removed_filled_top1": (used_removed.argmax(1) == top_used).float(),
         }
         for code, kind in enumerate(KINDS):
             present = (kinds == code).float()
             weight = present.sum(1)
             out[f"consulted/{kind}"] = ((consulted * present).sum(1) / weight.clamp_min(1), weight)
             out[f"used/{kind}"] = ((used * present).sum(1) / weight.clamp_min(1), weight)
+            out[f"used_removed/{kind}"] = ((used_removed * present).sum(1) / weight.clamp_min(1), weight)
         for b in range(B):
             for j in range(k):
                 self._records.append({
                     "example": len(self._records) // k, "document": j, "kind": KINDS[int(kinds[b, j])],
                     "consulted": round(float(consulted[b, j]), 6), "used": round(float(used[b, j]), 6),
+                    "used_removed": round(float(used_removed[b, j]), 6),
                     "consulted_by_layer": [round(float(v), 6) for v in consulted_lh[b, :, :, j].mean(1)],
                 })  # fmt: skip
         return out

@@ -139,6 +139,17 @@ class KVRetrieval(Task):
         ids.scatter_(1, (3 * gold + 2)[:, None], (self.first_value + new)[:, None])
         return ids, self.first_value + new
 
+    def removed(self, batch: Batch, doc: int) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)`` with document ``doc`` taken out: its tokens deleted and
+        the row left-padded to the same length (padding is never attended to, and positions
+        count real tokens, so the rest sits where it would without the document)."""
+        ids = batch["input_ids"]
+        keep = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+        keep[3 * doc : 3 * doc + 3] = False
+        pad = torch.full((ids.shape[0], 3), self.filler_token, dtype=ids.dtype, device=ids.device)
+        mask = torch.cat([torch.zeros_like(pad), torch.ones_like(ids[:, keep])], 1)
+        return torch.cat([pad, ids[:, keep]], 1), mask
+
     def filled(self, batch: Batch, doc: int) -> Tensor:
         """``input_ids`` with document ``doc`` replaced by filler tokens of the same length."""
         ids = batch["input_ids"].clone()

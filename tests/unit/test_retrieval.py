@@ -86,6 +86,7 @@ def test_a_reader_uses_what_it_consults():
     assert figures["consulted_used_top1"] == 1.0
     assert figures["consulted/gold"] == pytest.approx(1.0)  # all the mass on its value token
     assert figures["used/gold"] > 5 and figures["used/same_key"] == pytest.approx(0.0)
+    assert figures["used_removed/gold"] > 5 and figures["removed_filled_top1"] == 1.0
     assert figures["distractor_reliance"] == pytest.approx(0.0)
 
 
@@ -120,5 +121,10 @@ def test_on_our_transformer_every_document_runs_in_one_forward():
     audit = RetrievalAudit(n_examples=16, batch_size=16)
     audit.bind(model, task)
     figures = audit.evaluate(model, task)
-    assert calls == [16, 16 * 5]  # the clean forward, then 4 filled documents + 1 counterfactual
+    assert calls == [16, 16 * 9]  # the clean forward, then 4 filled + 1 counterfactual + 4 removed
+    # removing a document equals running the shorter sequence alone (positions close up)
+    batch = task.sample(4, 1)
+    ids, mask = task.removed(batch, 1)
+    short = torch.cat([batch["input_ids"][:, :3], batch["input_ids"][:, 6:]], 1)
+    torch.testing.assert_close(model(ids, attention_mask=mask)[:, -1], model(short)[:, -1], atol=1e-5, rtol=1e-5)
     assert set(figures) == set(audit.metric_names(task))
