@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
 from faithful_train.batches import answer_position
