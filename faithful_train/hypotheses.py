@@ -49,6 +49,15 @@ class Hypothesis:
     figures: dict[str, float] = field(default_factory=dict)
     tensors: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def circuit(cls, label: str, nodes: Any, granularity: str, ablation: str, metric: str, **measured: Any) -> Hypothesis:
+        """A circuit (``SiteRef`` nodes) as tested: universe granularity, ablation, metric, and
+        whatever was measured (hashes, audit set, step, figures)."""
+        return cls(
+            kind="circuit", label=label, nodes=[ref.to_dict() for ref in nodes],
+            granularity=granularity, ablation=ablation, metric=metric, **measured,
+        )  # fmt: skip
+
     def save(self, path: str | Path) -> Path:
         """Write the JSON (and the tensors beside it), each atomically."""
         path = Path(path)

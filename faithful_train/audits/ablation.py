@@ -266,21 +266,11 @@ class AblationAudit(Audit):
 
     def hypothesis(self, model: nn.Module, task: Task, step: int) -> Hypothesis:
         """The circuit as tested, with today's figures."""
-        return Hypothesis(
-            kind="circuit",
-            label=self.label,
-            nodes=[ref.to_dict() for ref in self.nodes],
-            granularity=self.granularity,
-            ablation=self.ablation,
-            metric=self.metric,
-            task=task.name,
-            data_hash=data_hash(self.data(task)),
-            n_examples=self.n_examples,
-            seed=self.seed,
-            weights_hash=weights_hash(model),
-            step=step,
-            figures=dict(self.latest),
-        )
+        return Hypothesis.circuit(
+            self.label, self.nodes, self.granularity, self.ablation, self.metric,
+            task=task.name, data_hash=data_hash(self.data(task)), n_examples=self.n_examples, seed=self.seed,
+            weights_hash=weights_hash(model), step=step, figures=dict(self.latest),
+        )  # fmt: skip
 
     def write_artifacts(self, model: nn.Module, task: Task, run_dir: Path, step: int, loggers: list[Any]) -> None:
         """The hypothesis with today's figures; with the curve, its points (CSV) and the circuit

@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.batches import answer_loss, answer_mask, answer_position, answer_targets
+from faithful_train.batches import (
+    answer_loss,
+    answer_mask,
+    answer_positions,
+    answer_targets,
+    first_answer_logits,
+    gather_positions,
+)
 from faithful_train.causal import check_positions
 from faithful_train.circuits import (
     ABLATIONS,
@@ -94,8 +101,8 @@ class CircuitObjective(Objective):
         if self.sufficiency == "task":
             suff = answer_loss(circuit, answer_targets(batch), answer_mask(batch))
         else:
-            full = ctx.logits.detach().gather(1, _answer_index(batch, ctx.logits)).float().log_softmax(-1)
-            suff = (full.exp() * (full - circuit.float().log_softmax(-1))).sum(-1)[:, 0].mean()
+            full = first_answer_logits(gather_positions(ctx.logits.detach(), answer_positions(batch))).float().log_softmax(-1)
+            suff = (full.exp() * (full - circuit[:, 0].float().log_softmax(-1))).sum(-1).mean()
         self.parts = {"sufficiency": suff.detach()}
         if not self.necessity_weight:
             return suff
@@ -106,17 +113,4 @@ class CircuitObjective(Objective):
         return suff + self.necessity_weight * nec
 
     def hypothesis(self) -> Hypothesis:
-        return Hypothesis(
-            kind="circuit",
-            label=self.label,
-            nodes=[ref.to_dict() for ref in self.nodes],
-            granularity=self.granularity,
-            ablation=self.ablation,
-            metric="logit_diff",
-        )
-
-
-def _answer_index(batch: dict[str, Tensor], logits: Tensor) -> Tensor:
-    """Index for ``logits.gather(1, .)``: the first answer position of each row, ``(B, 1, vocab)``."""
-    position = answer_position(batch)
-    return position[:, None, None].expand(-1, 1, logits.shape[-1])
+        return Hypothesis.circuit(self.label, self.nodes, self.granularity, self.ablation, "logit_diff")

@@ -59,6 +59,18 @@ def test_sufficiency_term_is_the_task_loss_with_the_complement_ablated():
     assert set(objective.parts) == {"sufficiency"}
 
 
+def test_kl_sufficiency_is_zero_for_the_whole_model_and_positive_for_a_part():
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    batch = task.sample(16, 0)
+    everything = ["blocks.0.attn.heads", "blocks.1.attn.heads", "blocks.0.mlp.out", "blocks.1.mlp.out"]
+    for circuit, zero in ((everything, True), (CIRCUIT, False)):
+        objective = CircuitObjective(circuit, ablation="mean", sufficiency="kl")
+        objective.bind(model, task)
+        term = objective.term(_ctx(model, task, batch, objective.sites()))
+        assert (term.abs() < 1e-6) == zero, float(term)
+
+
 def test_necessity_term_is_zero_exactly_at_chance():
     task = HierarchicalEquality()
     model = tiny_transformer(vocab_size=task.vocab_size)
