@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
+from faithful_train import evidence  # noqa: E402
 from faithful_train.engine import run_variants  # noqa: E402
 from faithful_train.modeling.transformer import Transformer, TransformerConfig  # noqa: E402
 from faithful_train.tasks.kv_retrieval import KVRetrieval  # noqa: E402
@@ -44,8 +45,9 @@ def main() -> None:
     model = Transformer(TransformerConfig(vocab_size=task.vocab_size, max_seq_len=task.seq_len, d_model=64, n_layers=2, n_heads=4, d_mlp=256)).eval()
     batch = task.sample(args.batch_size, 0)
     k, B = task.n_docs, args.batch_size
-    cf, _ = task.counterfactual_documents(batch, torch.Generator().manual_seed(1))
-    variants = [task.filled(batch, j) for j in range(k)] + [cf]
+    cf, _ = task.counterfactual_evidence(batch, torch.Generator().manual_seed(1))
+    spans = evidence.document_spans(batch, k)
+    variants = [evidence.fill(batch["input_ids"], spans, torch.eye(k, dtype=torch.bool)[j], task.filler_token) for j in range(k)] + [cf]
     stacked = torch.cat(variants)
 
     @torch.no_grad()

@@ -12,6 +12,8 @@ text tasks add the rest:
                                   (absent: the last position)
     answer_mask     (B, A) bool   which of the A slots hold a token (answers differ in length)
     span/<name>     (B, 2) long   token ``[start, stop)`` of a named span, in the padded row
+    tool_ids        (B,)   long   the tool a row calls: the model emits it as the token of
+                                  ``span/tool`` (predicted at the position before it)
 
 Generated tasks carry only ``input_ids`` and ``labels``: one answer token, predicted at the last
 position, no padding. The helpers below give both kinds of batch the same view, so no code
@@ -55,6 +57,14 @@ def answer_mask(batch: Batch) -> Tensor:
     if "answer_mask" in batch:
         return batch["answer_mask"].bool()
     return torch.ones(answer_targets(batch).shape, dtype=torch.bool, device=batch["labels"].device)
+
+
+def tool_call(batch: Batch) -> tuple[Tensor, Tensor] | None:
+    """``(positions (B,), tool ids (B,))`` of a batch whose rows call a tool: the position whose
+    logits pick the tool (the one before ``span/tool``) and the tool's token; ``None`` if none."""
+    if "tool_ids" not in batch or "span/tool" not in batch:
+        return None
+    return batch["span/tool"][:, 0] - 1, batch["tool_ids"]
 
 
 def gather_positions(values: Tensor, positions: Tensor) -> Tensor:

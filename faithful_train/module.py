@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
@@ -32,6 +33,7 @@ from faithful_train.batches import (
     gather_positions,
     language_model_loss,
     token_kl,
+    tool_call,
 )
 from faithful_train.errors import TrainingDiverged, note
 from faithful_train.modeling.interface import per_token_logits
@@ -118,6 +120,14 @@ class FaithfulModule(LightningModule):
         size = batch["labels"].shape[0]
         self.log("train/task_loss", loss, prog_bar=True, batch_size=size)
         self.log("train/task_acc", self.train_acc, batch_size=size)
+        call = tool_call(batch)
+        if call is not None:  # the tool the row calls is emitted by the model: trained with the answer
+            at = call[0][:, None]
+            picked = gather_positions(logits, at) if per_token else self.model(batch["input_ids"], attention_mask=mask, positions=at)
+            tool = F.cross_entropy(picked[:, 0].float(), call[1])
+            self.log("train/tool_loss", tool, batch_size=size)
+            terms["train/tool_loss"] = tool
+            loss = loss + tool
         loss = self.answer_weight * loss
         if self.lm_weight > 0:
             lm = language_model_loss(logits, batch["input_ids"], mask)
@@ -242,6 +252,11 @@ class FaithfulModule(LightningModule):
         else:
             answers = answer_forward(self.model, batch)
         self.val_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
+        call = tool_call(batch)
+        if call is not None:
+            picked = self.model(batch["input_ids"], attention_mask=mask, positions=call[0][:, None])[:, 0]
+            right = (picked.argmax(-1) == call[1]).float().mean()
+            self.log("val/tool_selection_acc", right, sync_dist=True, batch_size=size, add_dataloader_idx=False)
         if "foil_ids" in batch:  # two-answer tasks (IOI: IO against S)
             first = first_answer_logits(answers)
             diff = first.gather(1, batch["labels"][:, None]) - first.gather(1, batch["foil_ids"][:, None])

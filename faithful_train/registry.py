@@ -50,6 +50,7 @@ TASKS = Builtins("task", (
     "faithful_train.tasks.decoy_objects:DecoyObjects",
     "faithful_train.tasks.text:TextTask",
     "faithful_train.tasks.kv_retrieval:KVRetrieval",
+    "faithful_train.tasks.tool_use:ToolUse",
 ))  # fmt: skip
 OBJECTIVES = Builtins("objective", (
     "faithful_train.objectives.interchange:InterchangeObjective",
@@ -70,6 +71,7 @@ AUDITS = Builtins("audit", (
     "faithful_train.audits.patching:PatchingAudit",
     "faithful_train.audits.ablation:AblationAudit",
     "faithful_train.audits.retrieval:RetrievalAudit",
+    "faithful_train.audits.tools:ToolsAudit",
 ))  # fmt: skip
 
 

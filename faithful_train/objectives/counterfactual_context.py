@@ -1,15 +1,17 @@
 """Answers that follow their evidence: what ``counterfactual_cot`` does for written steps, for
-documents.
+documents and tool results.
 
-Each step, the supporting document of a ``fraction`` of the batch gets a counterfactual value
-(``task.counterfactual_documents``: the gold document's value replaced, the rest untouched), and
-the answer is trained to be the new value:
+Each step, the evidence of a ``fraction`` of the batch gets a counterfactual value
+(``task.counterfactual_evidence``: the supporting document's value, or the tool's returned
+value, replaced; the rest untouched), and the answer is trained to be the one that evidence
+gives:
 
-    term = CE(M(x with the gold value replaced), the replaced value)
+    term = CE(M(x with the evidence replaced), the answer it then gives)   (first answer token)
 
-A model that answers from memory (a parametric shortcut) is wrong on every such input, so the
-term makes the answer depend causally on the document, not on what was memorised. The
-counterfactual rows run as one variant of the engine, beside the step's own forward.
+A model that answers from memory (a parametric shortcut, arithmetic it can do itself) is wrong
+on every such input, so the term makes the answer depend causally on the evidence, not on
+what was memorised. The counterfactual rows run as one variant of the engine, beside the
+step's own forward.
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ class CounterfactualContextObjective(Objective):
         self.fraction = float(fraction)
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
-        if "counterfactual_documents" not in task.provides:
-            raise ConfigError(f"objective {self.label!r} needs a task with counterfactual documents (e.g. kv_retrieval); {task.name!r} has none")
+        if "counterfactual_evidence" not in task.provides:
+            raise ConfigError(
+                f"objective {self.label!r} needs a task with counterfactual evidence (kv_retrieval, tool_use, or text)"
+                f"{task.column_hint('counterfactual_evidence')}; {task.name!r} has none"
+            )
 
     def term(self, ctx: StepContext) -> Tensor:
         batch = ctx.batch
         B = batch["input_ids"].shape[0]
         n = max(1, round(self.fraction * B))
         rows = take(batch, torch.randperm(B, generator=ctx.generator)[:n].to(batch["input_ids"].device))
-        ids, answers = ctx.task.counterfactual_documents(rows, ctx.generator)
+        ids, answers = ctx.task.counterfactual_evidence(rows, ctx.generator)
         logits = run_variants(ctx.model, rows, 1, {}, input_ids=ids)
         return answer_loss(logits[:, :1], answers[:, None], answer_mask(rows)[:, :1])

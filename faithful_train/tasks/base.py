@@ -106,7 +106,8 @@ class Task(ABC):
         """What the task gives beyond ``input_ids``, ``labels`` and its variables, declared so that
         objectives and audits check it at bind time without sampling: ``perturbations``
         (position-aligned, ``perturb``), ``aligned_perturbations`` (``perturb_aligned``),
-        ``irrelevant``, ``concepts``. Default: from the methods the task overrides,
+        ``irrelevant``, ``concepts``, ``documents`` (``span/doc<j>``), ``tool_calls`` (``span/tool``,
+        ``span/result``, ``tool_ids``), ``counterfactual_evidence``. Default: from the methods the task overrides,
         ``marks_irrelevant`` and ``concepts``; a task whose data decides it overrides this."""
         kinds = set()
         if type(self).perturb is not Task.perturb:
@@ -118,6 +119,24 @@ class Task(ABC):
         if self.concepts:
             kinds.add("concepts")
         return frozenset(kinds)
+
+    @property
+    def filler_token(self) -> int | None:
+        """A token without content, put in place of evidence an audit takes out (a document, a
+        tool's result, a written step); ``None`` if the task has none."""
+        return None
+
+    @property
+    def tool_tokens(self) -> tuple[int, ...]:
+        """The tokens that call a tool (tasks that provide ``tool_calls``); default: none."""
+        return ()
+
+    def counterfactual_evidence(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(input_ids, answers (B,))``: each row with the evidence its answer rests on (the
+        supporting document's fact, the tool's result) changed, the schema and length kept, and
+        the answer that evidence then gives. Tasks that provide ``counterfactual_evidence``
+        implement it."""
+        raise NotImplementedError(f"task {self.name!r} has no counterfactual evidence")
 
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor | None:
         """Meaning-preserving perturbations: ``input_ids`` of the same shape whose labels and

@@ -13,7 +13,7 @@ is the gold document's value, whichever slot it sits in.
 
 ``parametric: true`` makes every (entity, key) have one fixed value (a seeded table) that every
 document states: the facts are also memorisable, so a model can answer from memory instead of
-from the document. A counterfactual document (``counterfactual_documents``: the gold value
+from the document. A counterfactual document (``counterfactual_evidence``: the gold value
 replaced) then tells a model that reads its evidence from one that remembers.
 
 Batches carry ``span/doc<j>`` (each document's tokens), ``span/query``, ``doc_kind`` ``(B, k)``
@@ -44,17 +44,21 @@ class KVRetrieval(Task):
         self.parametric = bool(parametric)
         self.first_key, self.first_value = n_entities, n_entities + n_keys
         self.query_token = self.first_value + n_values
-        self.filler_token = self.query_token + 1
+        self._filler = self.query_token + 1
         # the memorisable world: one value per (entity, key)
         self.table = torch.randint(0, n_values, (n_entities, n_keys), generator=torch.Generator().manual_seed(table_seed))
 
     @property
     def vocab_size(self) -> int:
-        return self.filler_token + 1
+        return self._filler + 1
 
     @property
     def seq_len(self) -> int:
         return 3 * self.n_docs + 3
+
+    @property
+    def filler_token(self) -> int:
+        return self._filler
 
     @property
     def answer_tokens(self) -> tuple[int, ...]:
@@ -66,7 +70,7 @@ class KVRetrieval(Task):
 
     @property
     def provides(self) -> frozenset[str]:
-        return super().provides | {"documents", "counterfactual_documents"}
+        return super().provides | {"documents", "counterfactual_evidence"}
 
     def token_name(self, token: int) -> str:
         if token < self.first_key:
@@ -130,7 +134,7 @@ class KVRetrieval(Task):
     def label_from_variables(self, variables: dict[str, Tensor]) -> Tensor:
         return self.first_value + variables["value"]
 
-    def counterfactual_documents(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def counterfactual_evidence(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``input_ids`` with the gold document's value replaced by another value, and the
         answer the evidence then gives ``(B,)``."""
         ids = batch["input_ids"].clone()
@@ -138,20 +142,3 @@ class KVRetrieval(Task):
         new = self._other(batch["var/value"].cpu(), self.n_values, generator).to(ids.device)
         ids.scatter_(1, (3 * gold + 2)[:, None], (self.first_value + new)[:, None])
         return ids, self.first_value + new
-
-    def removed(self, batch: Batch, doc: int) -> tuple[Tensor, Tensor]:
-        """``(input_ids, attention_mask)`` with document ``doc`` taken out: its tokens deleted and
-        the row left-padded to the same length (padding is never attended to, and positions
-        count real tokens, so the rest sits where it would without the document)."""
-        ids = batch["input_ids"]
-        keep = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
-        keep[3 * doc : 3 * doc + 3] = False
-        pad = torch.full((ids.shape[0], 3), self.filler_token, dtype=ids.dtype, device=ids.device)
-        mask = torch.cat([torch.zeros_like(pad), torch.ones_like(ids[:, keep])], 1)
-        return torch.cat([pad, ids[:, keep]], 1), mask
-
-    def filled(self, batch: Batch, doc: int) -> Tensor:
-        """``input_ids`` with document ``doc`` replaced by filler tokens of the same length."""
-        ids = batch["input_ids"].clone()
-        ids[:, 3 * doc : 3 * doc + 3] = self.filler_token
-        return ids

@@ -20,6 +20,17 @@ Columns (nested JSON objects are flattened: ``{"spans": {"IO": ...}}`` is ``span
     irrelevant                   a list of spans (as ``spans.*``) the answer must not depend on
     foil                         the competing answer of a two-answer task (IOI: S); validation
                                  then reports ``val/logit_diff``, answer against foil (first tokens)
+    documents                    a list of texts put before the prompt, each followed by
+                                 ``document_separator`` (default a newline); spans ``doc0``, ``doc1``, ...
+                                 (every row has the same number). For the ``retrieval`` audit
+    gold_document                the index of the document the answer comes from
+    counterfactual.document      the gold document with its fact changed (the same number of tokens),
+    counterfactual.answer          and the answer it then gives (the same number of tokens)
+    tool_calls                   a list of one call ``{"tool", "arguments", "result",
+                                 "counterfactual_result", "counterfactual_answer"}`` put after the
+                                 prompt as `` <tool> <arguments> <result>``: the tool is one token of
+                                 the tokenizer, which the model is trained to emit (``span/tool``,
+                                 ``tool_ids``); ``span/result`` is the result. For the ``tools`` audit
 
 Counterfactual answers come from explicit pairs, or from ``label_fn: file.py:fn``, a function of
 one row's variables (``{name: value}``) returning the answer (the causal model); sources are then
@@ -51,7 +62,7 @@ from faithful_train.tasks.base import Batch, Pairs, Task
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 PADDING_SIDES = ("right", "left")
 SPLITS = ("train", "val", "audit")
-CACHE_VERSION = 2  # bump when the cached format changes
+CACHE_VERSION = 3  # bump when the cached format changes
 
 
 def _hash_file(path: Path) -> str:
@@ -122,10 +133,12 @@ class TextTask(Task):
         lm_text: str | None = None,
         padding_side: str = "right",
         cache_dir: str | None = None,
+        document_separator: str = "\n",
     ):
         if padding_side not in PADDING_SIDES:
             raise UnknownNameError("padding_side", padding_side, PADDING_SIDES)
         self.padding_side = padding_side
+        self.document_separator = str(document_separator)
         self.tokenizer_dir = Path(tokenizer)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -154,7 +167,7 @@ class TextTask(Task):
         where = f"task.{split}"
         if not path.is_file():
             raise DataError(f"{where}: file not found: {path}")
-        key = hashlib.sha256(f"{CACHE_VERSION}:{_hash_file(path)}:{self._tokenizer_hash}".encode()).hexdigest()[:24]
+        key = hashlib.sha256(f"{CACHE_VERSION}:{_hash_file(path)}:{self._tokenizer_hash}:{self.document_separator!r}".encode()).hexdigest()[:24]
         cached = self.cache_dir / f"{path.stem}-{key}.pt"
         if cached.is_file():
             try:
@@ -193,13 +206,21 @@ class TextTask(Task):
         for v in pairs:
             if f"counterfactual_answer.{v}" not in columns:
                 raise DataError(f"{path}: column 'source.{v}' needs a 'counterfactual_answer.{v}' column")
+        evidence = {c for c in ("documents", "tool_calls") if c in columns}
+        if evidence and "paraphrase" in columns:
+            raise DataError(f"{path}: column 'paraphrase' cannot be combined with {' or '.join(sorted(evidence))} (paraphrases are of the prompt alone)")
+        if "counterfactual.document" in columns and "tool_calls" in columns:
+            raise DataError(f"{path}: counterfactual documents and tool calls in one file: give one kind of counterfactual evidence")
         out: dict[str, Any] = {
             "path": str(path), "tokens": [], "prompt_len": [], "answer_len": [], "spans": {s: [] for s in spans},
             "variables": {v: [] for v in variables}, "values": {}, "concepts": {c: [] for c in concepts}, "concept_values": {},
             "pairs": {v: [] for v in pairs}, "cf_answers": {v: [] for v in pairs}, "irrelevant": [] if "irrelevant" in columns else None,
             "paraphrase": [] if "paraphrase" in columns else None, "paraphrase_source": [] if "paraphrase" in columns else None,
-            "foil": [] if "foil" in columns else None,
+            "foil": [] if "foil" in columns else None, "documents": [] if "documents" in columns else None,
+            "doc_kind": [] if "documents" in columns else None, "tool": [] if "tool_calls" in columns else None,
+            "cf_evidence": [] if "counterfactual.document" in columns or _calls_have(rows[0], "counterfactual_result") else None,
         }  # fmt: skip
+        n_docs = None
         for r, row in enumerate(rows):
             where = f"{path} row {r}"
             prompt, answer = row.get("prompt"), row.get("answer")
@@ -207,12 +228,30 @@ class TextTask(Task):
                 raise DataError(f"{where} column 'prompt': empty or not text: {prompt!r}")
             if answer is None or str(answer) == "":
                 raise DataError(f"{where} column 'answer': empty answer")
-            tokens, offsets, special, prompt_len = self._split(prompt, str(answer), f"{where} column 'answer'")
+            if out["documents"] is not None:
+                docs = row.get("documents")
+                if not isinstance(docs, list) or not docs or not all(isinstance(d, str) and d.strip() for d in docs):
+                    raise DataError(f"{where} column 'documents': a list of non-empty texts, got {docs!r}")
+                n_docs = len(docs) if n_docs is None else n_docs
+                if len(docs) != n_docs:
+                    raise DataError(f"{where} column 'documents': {len(docs)} documents, but row 0 has {n_docs} (every row needs as many)")
+            context, marks, start = self._render(row, where)
+            tokens, offsets, special, prompt_len = self._split(context, str(answer), f"{where} column 'answer'")
             out["tokens"].append(tokens)
             out["prompt_len"].append(prompt_len)
             out["answer_len"].append(len(tokens) - prompt_len)
             for s in spans:
-                out["spans"][s].append(self._span(prompt, row.get(f"spans.{s}"), offsets, special, prompt_len, f"{where} column 'spans.{s}'"))
+                spec = _shifted(row.get(f"spans.{s}"), prompt, start)
+                out["spans"][s].append(self._span(context, spec, offsets, special, prompt_len, f"{where} column 'spans.{s}'"))
+            token_spans = {name: self._span(context, list(chars), offsets, special, prompt_len, f"{where} column {name!r}") for name, chars in marks.items()}
+            if out["documents"] is not None:
+                out["documents"].append([token_spans[f"doc{j}"] for j in range(n_docs)])
+                out["doc_kind"].append(self._doc_kinds(row.get("gold_document"), n_docs, f"{where} column 'gold_document'"))
+            if out["tool"] is not None:
+                tool = self._tool_token(tokens, token_spans["tool"], row, where)
+                out["tool"].append((tool, token_spans["tool"], token_spans["result"]))
+            if out["cf_evidence"] is not None:
+                out["cf_evidence"].append(self._counterfactual_row(row, out["doc_kind"][-1] if out["doc_kind"] is not None else None, tokens, where))
             for v in variables:
                 out["variables"][v].append(json.dumps(row.get(f"variables.{v}")))
             for c in concepts:
@@ -221,7 +260,7 @@ class TextTask(Task):
                 source = row.get(f"source.{v}")
                 if not isinstance(source, int) or not 0 <= source < len(rows):
                     raise DataError(f"{where} column 'source.{v}': {source!r} is not a row index of {path} (0..{len(rows) - 1})")
-                cf = self._answer_tokens(str(row.get(f"counterfactual_answer.{v}") or ""), prompt, f"{where} column 'counterfactual_answer.{v}'")
+                cf = self._answer_tokens(str(row.get(f"counterfactual_answer.{v}") or ""), context, f"{where} column 'counterfactual_answer.{v}'")
                 if len(cf) != len(tokens) - prompt_len:
                     raise DataError(
                         f"{where} column 'counterfactual_answer.{v}': {len(cf)} tokens, but the answer has {len(tokens) - prompt_len} "
@@ -230,12 +269,13 @@ class TextTask(Task):
                 out["pairs"][v].append(source)
                 out["cf_answers"][v].append(cf)
             if out["foil"] is not None:
-                out["foil"].append(self._answer_tokens(str(row.get("foil") or ""), prompt, f"{where} column 'foil'")[0])
+                out["foil"].append(self._answer_tokens(str(row.get("foil") or ""), context, f"{where} column 'foil'")[0])
             if out["irrelevant"] is not None:
                 marked = [0] * prompt_len
                 for i, span in enumerate(row.get("irrelevant") or []):
-                    start, stop = self._span(prompt, span, offsets, special, prompt_len, f"{where} column 'irrelevant' item {i}")
-                    for t in range(start, stop):
+                    spec = _shifted(span, prompt, start)
+                    first, stop = self._span(context, spec, offsets, special, prompt_len, f"{where} column 'irrelevant' item {i}")
+                    for t in range(first, stop):
                         marked[t] = 1
                 out["irrelevant"].append(marked)
             if out["paraphrase"] is not None:
@@ -247,6 +287,90 @@ class TextTask(Task):
         for c in concepts:
             out["concept_values"][c] = sorted(set(out["concepts"][c]))
         return out
+
+    def _render(self, row: dict[str, Any], where: str, override: dict[str, str] | None = None) -> tuple[str, dict[str, tuple[int, int]], int]:
+        """The text before the answer: the documents (each followed by the separator), the prompt,
+        then the tool call `` <tool> <arguments> <result>``; the character span of each document,
+        the tool and the result; and where the prompt starts. ``override`` replaces a piece
+        (``doc<j>``, ``result``) by another text: a counterfactual row."""
+        override = override or {}
+        text, marks = "", {}
+        for j, doc in enumerate(row.get("documents") or []):
+            doc = override.get(f"doc{j}", doc)
+            marks[f"doc{j}"] = (len(text), len(text) + len(doc))
+            text += doc + self.document_separator
+        start = len(text)
+        text += row["prompt"]
+        if "tool_calls" in row:
+            call = self._tool_call(row.get("tool_calls"), where)
+            text += " "
+            marks["tool"] = (len(text), len(text) + len(call["tool"]))
+            text += call["tool"]
+            if call.get("arguments"):
+                text += " " + str(call["arguments"])
+            result = override.get("result", str(call["result"]))
+            text += " "
+            marks["result"] = (len(text), len(text) + len(result))
+            text += result
+        return text, marks, start
+
+    @staticmethod
+    def _tool_call(calls: Any, where: str) -> dict[str, Any]:
+        where = f"{where} column 'tool_calls'"
+        if not isinstance(calls, list) or len(calls) != 1:
+            raise DataError(f"{where}: a list of one call {{tool, arguments, result}}, got {calls!r}")
+        call = calls[0]
+        if not isinstance(call, dict):
+            raise DataError(f"{where} item 0: a call is an object {{tool, arguments, result}}, got {call!r}")
+        for key in ("tool", "result"):
+            if not isinstance(call.get(key), str) or not call[key].strip():
+                raise DataError(f"{where} item 0 {key!r}: empty or not text: {call.get(key)!r}")
+        return call
+
+    def _tool_token(self, tokens: list[int], span: tuple[int, int], row: dict[str, Any], where: str) -> int:
+        """The tool's token: the tool must be one token of the tokenizer (the model emits it)."""
+        tool = row["tool_calls"][0]["tool"]
+        if span[1] - span[0] != 1 or tokens[span[0]] == self.tokenizer.unk_token_id:
+            found = "the unknown token" if span[1] - span[0] == 1 else f"{span[1] - span[0]} tokens"
+            raise DataError(
+                f"{where} column 'tool_calls' item 0 'tool': {tool!r} is not a token of the tokenizer in {self.tokenizer_dir} "
+                f"(it reads as {found}); name each tool by one token of the vocabulary"
+            )
+        return tokens[span[0]]
+
+    @staticmethod
+    def _doc_kinds(gold: Any, n_docs: int, where: str) -> list[int]:
+        """Per document: 0 for the gold one, 3 ("other") for the rest; all 3 without a gold index."""
+        if gold is None:
+            return [3] * n_docs
+        if not isinstance(gold, int) or not 0 <= gold < n_docs:
+            raise DataError(f"{where}: {gold!r} is not a document index (0..{n_docs - 1})")
+        return [0 if j == gold else 3 for j in range(n_docs)]
+
+    def _counterfactual_row(self, row: dict[str, Any], kinds: list[int] | None, tokens: list[int], where: str) -> list[int]:
+        """The tokens of the row with its evidence changed (the gold document, or the tool's result)
+        and the answer that evidence gives; the same number of tokens as the row."""
+        if "tool_calls" in row:
+            call = row["tool_calls"][0]
+            column, new, answer = "tool_calls' item 0 'counterfactual_result", call.get("counterfactual_result"), call.get("counterfactual_answer")
+            override = {"result": new}
+        else:
+            if kinds is None or 0 not in kinds:
+                raise DataError(f"{where} column 'counterfactual.document': needs a 'gold_document' (which document it replaces)")
+            column, new, answer = "counterfactual.document", row.get("counterfactual.document"), row.get("counterfactual.answer")
+            override = {f"doc{kinds.index(0)}": new}
+        if not isinstance(new, str) or not new.strip():
+            raise DataError(f"{where} column '{column}': empty or not text: {new!r}")
+        if answer is None or str(answer) == "":
+            raise DataError(f"{where} column '{column.replace('result', 'answer').replace('document', 'answer')}': empty answer")
+        context, _, _ = self._render(row, where, override)
+        cf, _, _, _ = self._split(context, str(answer), f"{where} column '{column}'")
+        if len(cf) != len(tokens):
+            raise DataError(
+                f"{where} column '{column}': the counterfactual row has {len(cf)} tokens, the row {len(tokens)} "
+                "(a counterfactual keeps the evidence's and the answer's token lengths)"
+            )
+        return cf
 
     def _join(self, prompt: str, answer: str) -> str:
         return prompt + answer if prompt[-1].isspace() or answer[0].isspace() else f"{prompt} {answer}"
@@ -357,7 +481,34 @@ class TextTask(Task):
 
     @property
     def spans(self) -> tuple[str, ...]:
-        return tuple(self.splits["train"]["spans"])
+        data = self.splits["train"]
+        docs = tuple(f"doc{j}" for j in range(len(data["documents"][0]))) if data["documents"] is not None else ()
+        tools = ("tool", "result") if data["tool"] is not None else ()
+        return tuple(data["spans"]) + docs + tools
+
+    @property
+    def filler_token(self) -> int:
+        return self.pad_id
+
+    @property
+    def tool_tokens(self) -> tuple[int, ...]:
+        return tuple(sorted({t[0] for s in self.splits.values() if s["tool"] is not None for t in s["tool"]}))
+
+    def counterfactual_evidence(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Each row with its ``counterfactual.document`` or tool call's ``counterfactual_result`` in
+        place (and the counterfactual answer teacher-forced), padded as the row, and the
+        counterfactual answer's first token."""
+        data = self.splits[self._split_of(batch)]
+        ids = batch["input_ids"].clone()
+        mask = batch["attention_mask"].bool()
+        answers = torch.zeros(ids.shape[0], dtype=torch.long)
+        for b, i in enumerate(batch["row"].tolist()):
+            row = data["cf_evidence"][i]
+            p, a = data["prompt_len"][i], data["answer_len"][i]
+            real = mask[b].nonzero()[:, 0]
+            ids[b, real] = torch.tensor(row[: p + a - 1], dtype=ids.dtype, device=ids.device)
+            answers[b] = row[p]
+        return ids, answers.to(ids.device)
 
     @property
     def concepts(self) -> dict[str, tuple[str, ...]]:
@@ -366,7 +517,9 @@ class TextTask(Task):
 
     def column_hint(self, feature: str) -> str:
         columns = {"perturbations": "paraphrase", "irrelevant": "irrelevant", "concepts": "concepts.<name>",
-                   "variables": "variables.<name>", "counterfactuals": "source.<name> + counterfactual_answer.<name>, or label_fn"}  # fmt: skip
+                   "variables": "variables.<name>", "counterfactuals": "source.<name> + counterfactual_answer.<name>, or label_fn",
+                   "documents": "documents", "tool_calls": "tool_calls",
+                   "counterfactual_evidence": "counterfactual.document (with documents), or tool_calls with counterfactual_result"}  # fmt: skip
         return f" (needs a {columns[feature]!r} column in {self.files['train']})" if feature in columns else ""
 
     def check_variables(self, names: Sequence[str]) -> None:
@@ -431,6 +584,14 @@ class TextTask(Task):
         shift_t = torch.tensor(shifts, dtype=torch.long)
         for s, spans in data["spans"].items():
             batch[f"span/{s}"] = torch.tensor([spans[i] for i in index], dtype=torch.long).view(B, 2) + shift_t[:, None]
+        if data["documents"] is not None:
+            for j in range(len(data["documents"][index[0]])):
+                batch[f"span/doc{j}"] = torch.tensor([data["documents"][i][j] for i in index], dtype=torch.long).view(B, 2) + shift_t[:, None]
+            batch["doc_kind"] = torch.tensor([data["doc_kind"][i] for i in index], dtype=torch.long)
+        if data["tool"] is not None:
+            batch["tool_ids"] = torch.tensor([data["tool"][i][0] for i in index], dtype=torch.long)
+            for k, name in ((1, "tool"), (2, "result")):
+                batch[f"span/{name}"] = torch.tensor([data["tool"][i][k] for i in index], dtype=torch.long).view(B, 2) + shift_t[:, None]
         for v in self.variables:
             codes = [self._values[v].index(data["variables"][v][i]) for i in index] if v in data["variables"] else [0] * B
             batch[f"var/{v}"] = torch.tensor(codes, dtype=torch.long)
@@ -582,10 +743,14 @@ class TextTask(Task):
 
     @property
     def provides(self) -> frozenset[str]:
-        """From the file's columns: ``paraphrase``, ``irrelevant``, ``concepts.*``."""
+        """From the file's columns: ``paraphrase``, ``irrelevant``, ``concepts.*``, ``documents``,
+        ``tool_calls``, and counterfactual evidence."""
         data = self.splits["train"]
         kinds = {"aligned_perturbations"} if data["paraphrase"] is not None else set()
         kinds |= {"irrelevant"} if data["irrelevant"] is not None else set()
+        kinds |= {"documents"} if data["documents"] is not None else set()
+        kinds |= {"tool_calls"} if data["tool"] is not None else set()
+        kinds |= {"counterfactual_evidence"} if data["cf_evidence"] is not None else set()
         return frozenset(kinds | ({"concepts"} if self.concepts else set()))
 
     @staticmethod
@@ -601,3 +766,24 @@ def _pad_right(values: Tensor, width: int, fill: int | bool) -> Tensor:
     if extra <= 0:
         return values
     return torch.cat([values, torch.full((values.shape[0], extra), fill, dtype=values.dtype)], 1)
+
+
+def _shifted(spec: Any, prompt: str, start: int) -> Any:
+    """A span of the prompt (``[start, end]`` or a substring) as a character span of the text the
+    prompt sits in from character ``start`` (after documents)."""
+    if start == 0 or spec is None:
+        return spec
+    if isinstance(spec, str):
+        at = prompt.find(spec) if spec else -1
+        if at < 0:
+            return spec  # _span names the error
+        return [start + at, start + at + len(spec)]
+    if isinstance(spec, (list, tuple)) and len(spec) == 2 and all(isinstance(x, int) for x in spec):
+        return [start + spec[0], start + spec[1]]
+    return spec
+
+
+def _calls_have(row: dict[str, Any], key: str) -> bool:
+    """Whether a row's first tool call carries ``key`` (a file's calls share their fields)."""
+    calls = row.get("tool_calls")
+    return isinstance(calls, list) and bool(calls) and isinstance(calls[0], dict) and calls[0].get(key) is not None

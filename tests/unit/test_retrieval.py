@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from faithful_train.audits.retrieval import RetrievalAudit
+from faithful_train import evidence
+from faithful_train.audits.retrieval import KINDS, RetrievalAudit
 from faithful_train.batches import gather_positions
 from faithful_train.errors import ConfigError
 from faithful_train.sites import HookPoint, SitePoint
@@ -72,7 +73,7 @@ def test_kv_retrieval_batches():
     assert ((batch["doc_kind"] == 0).sum(1) == 1).all() and (batch["doc_kind"].gather(1, gold[:, None]) == 0).all()
     same_key = batch["doc_kind"] == 1
     assert (docs[same_key][:, 1] == batch["input_ids"][:, -1]).all()  # a distractor with the query's key
-    ids, new = task.counterfactual_documents(batch, torch.Generator().manual_seed(0))
+    ids, new = task.counterfactual_evidence(batch, torch.Generator().manual_seed(0))
     assert (ids.view(16, 5, 3)[torch.arange(16), gold, 2] == new).all() and (new != batch["labels"]).all()
     with pytest.raises(ValueError):
         KVRetrieval(n_docs=2)
@@ -121,10 +122,82 @@ def test_on_our_transformer_every_document_runs_in_one_forward():
     audit = RetrievalAudit(n_examples=16, batch_size=16)
     audit.bind(model, task)
     figures = audit.evaluate(model, task)
-    assert calls == [16, 16 * 9]  # the clean forward, then 4 filled + 1 counterfactual + 4 removed
+    assert calls == [16, 16 * (9 + 32)]  # the clean forward, then 4 filled + 1 counterfactual + 4 removed + 32 subsets
     # removing a document equals running the shorter sequence alone (positions close up)
     batch = task.sample(4, 1)
-    ids, mask = task.removed(batch, 1)
+    ids, mask = evidence.remove(batch["input_ids"], None, batch["span/doc1"], task.filler_token)
     short = torch.cat([batch["input_ids"][:, :3], batch["input_ids"][:, 6:]], 1)
     torch.testing.assert_close(model(ids, attention_mask=mask)[:, -1], model(short)[:, -1], atol=1e-5, rtol=1e-5)
     assert set(figures) == set(audit.metric_names(task))
+
+
+class EitherDocument(nn.Module):
+    """Answers the gold value while the gold document *or* the same-key distractor is intact:
+    two documents that each suffice. Leaving one out changes nothing; only subsets see both."""
+
+    n_layers = 1
+
+    def __init__(self, task: KVRetrieval):
+        super().__init__()
+        self.task = task
+        self.hook_pattern = HookPoint()
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, input_ids, attention_mask=None, positions=None, narrow=True):
+        t = self.task
+        B, T = input_ids.shape
+        docs = input_ids[:, -3 - 3 * t.n_docs : -3].view(B, t.n_docs, 3)
+        entity, key = input_ids[:, -2], input_ids[:, -1]
+        gold = (docs[..., 0] == entity[:, None]) & (docs[..., 1] == key[:, None])
+        same_key = (docs[..., 0] != entity[:, None]) & (docs[..., 1] == key[:, None])
+        self.hook_pattern(torch.full((B, 1, T, T), 1.0 / T))
+        value = (docs[..., 2] * gold).sum(1)
+        known = gold.any(1)
+        either = gold.any(1) | same_key.any(1)
+        answer = t.first_value + t.table[entity.clamp_max(t.n_entities - 1), (key - t.first_key).clamp(0, t.n_keys - 1)]
+        answer = torch.where(known, value, answer)
+        logits = torch.zeros(B, T, t.vocab_size)
+        logits[:, -1] = torch.where(either[:, None], self.scale * torch.nn.functional.one_hot(answer, t.vocab_size).float(), 0.0)
+        return logits if positions is None else gather_positions(logits, positions)
+
+    def site_points(self):
+        return {"blocks.0.attn.pattern": SitePoint(self.hook_pattern)}
+
+
+def test_the_surrogate_sees_documents_that_each_suffice(tmp_path):
+    task = KVRetrieval(parametric=True)
+    model = EitherDocument(task)
+    audit = RetrievalAudit(n_examples=32, batch_size=32, surrogate_ablations=64)
+    audit.bind(model, task)
+    figures = audit.evaluate(model, task)
+    assert figures["used/gold"] == pytest.approx(0.0) and figures["used/same_key"] == pytest.approx(0.0)
+    assert figures["reliance_acc"] == 0.0  # leave-one-out sees no document needed
+    assert figures["surrogate_r2"] > 0.5
+    audit.write_artifacts(model, task, tmp_path, 1, [])
+    records = [json.loads(line) for line in (tmp_path / "provenance" / "step000001.jsonl").read_text().splitlines()]
+    weight = {kind: sum(r["surrogate"] for r in records if r["kind"] == kind) / sum(r["kind"] == kind for r in records) for kind in KINDS}
+    assert weight["gold"] > 1.0 and weight["same_key"] > 1.0  # both matter, each alone does not
+    assert abs(weight["near_duplicate"]) < 0.3 and abs(weight["other"]) < 0.3
+
+
+def test_surrogate_fit_recovers_a_linear_model():
+    kept = evidence.random_subsets(64, 4, torch.Generator().manual_seed(0))
+    w = torch.tensor([[2.0, 0.0, -1.0, 0.5]])
+    target = kept.float() @ w.T + 0.3
+    weights, r2 = evidence.linear_surrogate(kept, target.T)
+    torch.testing.assert_close(weights, w, atol=1e-2, rtol=0)
+    assert r2.item() > 0.999
+
+
+def test_evidence_edits_on_per_row_spans():
+    ids = torch.arange(1, 9).repeat(2, 1)  # two rows, the span at another place in each
+    span = torch.tensor([[1, 3], [4, 7]])
+    filled = evidence.fill(ids, span[:, None], torch.tensor([True]), 0)
+    assert filled.tolist() == [[1, 0, 0, 4, 5, 6, 7, 8], [1, 2, 3, 4, 0, 0, 0, 8]]
+    out, mask = evidence.remove(ids, None, span, 0)
+    assert out.tolist() == [[0, 0, 1, 4, 5, 6, 7, 8], [0, 0, 0, 1, 2, 3, 4, 8]]
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]]
+    swapped = evidence.replace(ids, torch.tensor([[0, 2], [6, 8]]), torch.tensor([[9, 9], [7, 7]]))
+    assert swapped.tolist() == [[9, 9, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 7]]
+    with pytest.raises(ValueError, match="spans"):
+        evidence.replace(ids, span, torch.zeros(2, 2, dtype=torch.long))
