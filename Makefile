@@ -38,7 +38,12 @@ test-fast: install
 	$(PY) -m pip install --quiet --no-deps --target .bench "transformer-lens==4.3.0" "accelerate==1.15.0" \
 		"beartype==0.23.1" "einops==0.8.2" "fancy-einsum==0.0.3" "jaxtyping==0.3.11" "typeguard==4.6.1" "wadler-lindig==0.1.8"
 
-benchmarks: install .bench/pyvene .bench/transformer_lens
+# sparsify (EleutherAI's SAEs, PyPI eai-sparsify) likewise: a parity and throughput peer only
+.bench/sparsify: | install
+	$(PY) -m pip install --quiet --no-deps --target .bench "eai-sparsify==1.3.3" "simple-parsing==0.1.9" \
+		"natsort==8.4.0" "docstring-parser==0.18.0" "schedulefree==1.4.1" "einops==0.8.2" "accelerate==1.15.0"
+
+benchmarks: install .bench/pyvene .bench/transformer_lens .bench/sparsify
 	PYVENE_LIB=.bench $(PY) benchmarks/interchange_step.py
 	$(PY) benchmarks/router_step.py
 	$(PY) benchmarks/attribution.py
@@ -46,6 +51,7 @@ benchmarks: install .bench/pyvene .bench/transformer_lens
 	$(PY) benchmarks/text_step.py
 	TL_LIB=.bench $(PY) benchmarks/patching.py
 	$(PY) benchmarks/retrieval.py
+	SPARSIFY_LIB=.bench $(PY) benchmarks/sae.py
 
 clean:
 	rm -rf $(VENV) runs wandb .pytest_cache .bench

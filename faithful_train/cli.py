@@ -71,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory (config.yaml, checkpoints/last.ckpt)")
     export.add_argument("--out", required=True, help="directory to write")
     export.add_argument("--ckpt", help="checkpoint (default: <run dir>/checkpoints/last.ckpt)")
+    sweep = sub.add_parser("sweep", help="a multi-objective Optuna sweep over config keys: Pareto front, hypervolume, pruning")
+    sweep.add_argument("-c", "--config", required=True, help="sweep YAML (see configs/sweeps/)")
+    sweep.add_argument("--out", help="the sweep directory (default: runs/sweeps/<name>)")
+    sweep.add_argument("--trials", type=int, help="trials to add (default: the grid's size, or 8)")
+    sweep.add_argument("--workers", type=int, default=1, help="trials run side by side in processes here")
+    sweep.add_argument("--threads", type=int, default=1, help="torch threads per trial")
+    sweep.add_argument("--storage", help="an Optuna database URL shared by workers on many machines (default: SQLite in the sweep directory)")
+    sweep.add_argument("--no-pruning", action="store_true", help="run every trial to the end (the sweep file's pruning off)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial, e.g. trainer.max_steps=200")
     return parser
 
 
@@ -131,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
 
             result = verify(args.hypothesis, args.ckpt, args.config, args.overrides)
             print(format_drift(result, VERIFY_FIGURES[result["kind"]]))
+            return 0
+        if args.command == "sweep":
+            from faithful_train.sweep import format_front, run_sweep
+
+            out = Path(args.out) if args.out else None
+            summary = run_sweep(args.config, out, args.trials, args.workers, args.storage, args.threads, args.overrides, not args.no_pruning)
+            out = out or Path("runs") / "sweeps" / Path(args.config).stem
+            print(format_front(out), end="")
+            print(f"sweep directory: {out} ({summary['complete']} finished, {summary['pruned']} pruned, {summary['fail']} failed)")
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "data":

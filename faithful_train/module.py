@@ -275,15 +275,33 @@ class FaithfulModule(LightningModule):
         # weight decay on the model's matrices only: not on biases, norms or objectives' parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
+        # an objective's module may carry its own learning rate (``lr``, e.g. an SAE's)
+        own_lr = {label: getattr(m, "lr", None) for label, m in self.objective_modules.items()}
         no_decay = [p for p in params if p.dim() < 2] + [
-            p for p in self.objective_modules.parameters() if p.requires_grad
+            p for label, m in self.objective_modules.items() if own_lr[label] is None for p in m.parameters() if p.requires_grad
         ]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups += [
+            {"params": [p for p in self.objective_modules[label].parameters() if p.requires_grad], "weight_decay": 0.0, "lr": lr, "own": True}
+            for label, lr in own_lr.items() if lr is not None
+        ]  # fmt: skip
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         if not self.warmup_steps and self.decay == "none":
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+        """Clip as Lightning does, except that a group with its own learning rate (an SAE trained
+        beside the model) is clipped by its own norm: its gradients never scale the model's."""
+        own = [g for g in optimizer.param_groups if g.get("own")]
+        if not own or gradient_clip_val is None:
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+            return
+        clip = torch.nn.utils.clip_grad_value_ if gradient_clip_algorithm == "value" else torch.nn.utils.clip_grad_norm_
+        shared = [p for g in optimizer.param_groups if not g.get("own") for p in g["params"]]
+        for params in [shared, *(g["params"] for g in own)]:
+            clip(params, gradient_clip_val)
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up over ``warmup_steps``, then constant or cosine decay to ``min_lr_ratio``."""

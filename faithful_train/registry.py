@@ -61,6 +61,7 @@ OBJECTIVES = Builtins("objective", (
     "faithful_train.objectives.preserve:PreserveObjective",
     "faithful_train.objectives.circuit:CircuitObjective",
     "faithful_train.objectives.counterfactual_context:CounterfactualContextObjective",
+    "faithful_train.objectives.sae:SaeObjective",
 ))  # fmt: skip
 AUDITS = Builtins("audit", (
     "faithful_train.audits.interchange:InterchangeAudit",
@@ -72,6 +73,7 @@ AUDITS = Builtins("audit", (
     "faithful_train.audits.ablation:AblationAudit",
     "faithful_train.audits.retrieval:RetrievalAudit",
     "faithful_train.audits.tools:ToolsAudit",
+    "faithful_train.audits.sae:SaeAudit",
 ))  # fmt: skip
 
 

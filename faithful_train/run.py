@@ -113,7 +113,7 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     files = HypothesisFiles(run_dir, {o.label: o.hypothesis for o in objectives if o.hypothesis() is not None})
     for i, audit in enumerate(audits):
         _entry("audits", i, lambda: audit.use_hypotheses(files))  # e.g. the alignment (and rotation) an objective writes
-        audit.attach(module)
+        _entry("audits", i, lambda: audit.attach(module))  # e.g. an SAE read from its files
     data = TaskDataModule(task, cfg.data.batch_size, cfg.seed, cfg.data.val_size, cfg.data.val_batch_size)
     return Run(cfg, Path(run_dir), task, module, data, objectives, audits)
 

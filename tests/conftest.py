@@ -59,3 +59,18 @@ def unperturbed_task(**kw):
             return None
 
     return Unperturbed(**kw)
+
+
+def run_peer(script_args: list[str], lib_variable: str, what: str, timeout: int = 300):
+    """Run ``benchmarks/<script> ...`` in a process of its own with a peer library beside the
+    venv (``$lib_variable`` = ``.bench``), so the peer's packages never enter the test's; skip the
+    test when the peer is not installed (the script exits 3), fail on any other error."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, lib_variable: str(REPO / ".bench"), "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, *script_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode == 3:
+        pytest.skip(f"{what} is not importable: {done.stdout.strip()}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done

@@ -43,12 +43,3 @@ def test_finetune_hf_through_a_concept_bottleneck(tmp_path, repo, monkeypatch):
     assert summary["step"] == 6 and "audit/concepts/leakage/side" in summary["metrics"]
     assert (run_dir / "concepts" / "intervention_step000006.png").is_file()
 
-
-def test_concepts_tradeoff_table(tmp_path, repo, monkeypatch, capsys):
-    monkeypatch.chdir(repo)
-    tiny = [o for o in TINY if not o.startswith("audits.")]  # the baseline has no audit
-    _run("recipes/concepts_tradeoff.py", ["--out", str(tmp_path), *tiny], monkeypatch)
-    table = (tmp_path / "tradeoff.md").read_text().splitlines()
-    assert table[0].startswith("| model | val task acc | concept acc | all concepts set | TTI area | leakage")
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| baseline (no bottleneck)", "| hard", "| hybrid (joint)", "| embedding (CEM)"]
-    assert table[2].count("—") == 4 and "—" not in table[3]

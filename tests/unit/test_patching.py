@@ -381,22 +381,14 @@ def test_maps_equal_transformer_lens_on_the_same_weights(tmp_path, repo):
     """Our four maps (on our transformer, and on the same weights as a Hugging Face GPT-2 behind
     ``HFAdapter``) equal TransformerLens's ``get_act_patch_*`` (run in a process of its own, so
     its packages never enter this one), both directions. Skipped without TransformerLens."""
-    import os
-    import subprocess
-    import sys
-
     from benchmarks.patching import make_inputs, make_models, our_maps
+    from tests.conftest import run_peer
 
     ours, wrapped = make_models(tmp_path / "gpt2", n_layers=2)
     clean, corrupted = make_inputs(batch=4, length=8)
     answers = (3, 7)
     torch.save({"model_dir": str(tmp_path / "gpt2"), "clean": clean, "corrupted": corrupted, "answers": answers}, tmp_path / "in.pt")
-    env = {**os.environ, "TL_LIB": str(repo / ".bench"), "TQDM_DISABLE": "1"}
-    done = subprocess.run([sys.executable, "benchmarks/patching.py", "--tl-maps", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    if done.returncode == 3:
-        pytest.skip(f"TransformerLens is not importable: {done.stdout.strip()}")
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_peer(["benchmarks/patching.py", "--tl-maps", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], "TL_LIB", "TransformerLens")
     theirs = torch.load(tmp_path / "out.pt")
     for direction in ("denoising", "noising"):
         for name, model in (("ours", ours), ("gpt2", wrapped)):

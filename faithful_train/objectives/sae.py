@@ -1,0 +1,134 @@
+"""The ``sae`` objective: a sparse autoencoder (or transcoder) trained beside the model, online,
+from the activations the step's forward already recorded (no second pass, no cache on disk).
+
+    objectives:
+      - name: sae
+        site: blocks.1.resid_post      # what it reads (and, without target, reconstructs)
+        target: blocks.1.mlp.out       # optional: a transcoder, site -> target
+        expansion: 8                   # n_latents = expansion * width (or n_latents: N)
+        k: 16
+        activation: topk               # batch_topk | jumprelu | relu
+        lr: 1.0e-3                     # its own learning rate (default: the model's)
+        auxk_alpha: 0.03125            # AuxK on latents dead for dead_after tokens
+        joint: false                   # true: the model is trained to be reconstructable too
+
+    term = FVU + auxk_alpha * AuxK  (+ l1 * L1 for relu, + l0 * L0 for jumprelu)
+
+Detached by default: the term's gradient reaches the SAE only, and the model trains as without
+it. Padding is masked (only real tokens are rows). Decoder rows stay unit norm (the gradient
+along them removed before each step, the rows renormalised after). ``b_dec`` starts at the
+first batch's mean. The SAE is written in SAELens's layout to ``<run dir>/saes/<label>/`` at
+each checkpoint and at the end (``sae.save_saelens``). Formulas and sources: ``faithful_train/sae.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
+
+from faithful_train.errors import ConfigError
+from faithful_train.objectives.base import Objective, StepContext
+from faithful_train.sae import SparseAutoencoder, save_saelens, site_rows, site_width
+from faithful_train.sites import validate_sites
+from faithful_train.tasks.base import Task
+
+
+class SaeObjective(Objective):
+    name = "sae"
+
+    def __init__(
+        self,
+        site: str,
+        target: str | None = None,
+        expansion: int = 8,
+        n_latents: int | None = None,
+        k: int = 16,
+        activation: str = "topk",
+        lr: float | None = None,
+        auxk_alpha: float = 1 / 32,
+        dead_after: int = 10_000,
+        l1: float = 0.0,
+        l0: float = 0.0,
+        joint: bool = False,
+        normalize_decoder: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.require_non_negative(auxk_alpha=auxk_alpha, l1=l1, l0=l0, dead_after=dead_after)
+        if lr is not None and lr <= 0:
+            raise ConfigError(f"objective {self.label!r}: lr must be > 0, got {lr}")
+        if expansion < 1:
+            raise ConfigError(f"objective {self.label!r}: expansion must be >= 1, got {expansion}")
+        self.site, self.target = site, target
+        self.expansion, self.n_latents, self.k, self.activation = int(expansion), n_latents, int(k), activation
+        self.lr, self.auxk_alpha, self.dead_after = lr, float(auxk_alpha), int(dead_after)
+        self.l1, self.l0, self.joint, self.normalize_decoder = float(l1), float(l0), bool(joint), bool(normalize_decoder)
+        if activation == "relu" and l1 == 0:
+            raise ConfigError(f"objective {self.label!r}: a relu SAE needs an l1 coefficient > 0 (its only sparsity)")
+        self.sae: SparseAutoencoder | None = None
+
+    def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        validate_sites(model, [self.site] + ([self.target] if self.target else []))
+        d_in = site_width(model, task, self.site)
+        d_out = site_width(model, task, self.target) if self.target else None
+        n_latents = self.n_latents or self.expansion * d_in
+        with torch.random.fork_rng():
+            torch.manual_seed(run_seed + 7919)  # the SAE's start depends on the run's seed only
+            self.sae = SparseAutoencoder(d_in, n_latents, k=self.k, activation=self.activation, d_out=d_out, normalize_decoder=self.normalize_decoder)
+        self.sae.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        self.sae.lr = self.lr  # its own parameter group (FaithfulModule.configure_optimizers)
+        self.sae.site, self.sae.target = self.site, self.target  # what the sae audit reads
+
+    def module(self) -> nn.Module | None:
+        return self.sae
+
+    def sites(self) -> list[str]:
+        return [self.site] + ([self.target] if self.target else [])
+
+    def term(self, ctx: StepContext) -> Tensor:
+        sae = self.sae
+        mask = ctx.batch.get("attention_mask")
+        x = site_rows(ctx.cache[self.site], mask)
+        y = site_rows(ctx.cache[self.target], mask) if self.target else None
+        if not self.joint:
+            x, y = x.detach(), None if y is None else y.detach()
+        x, y = x.float(), None if y is None else y.float()
+        sae.initialise_from(x, y)
+        dead = sae.tokens_since_fired > self.dead_after
+        out = sae(x, y, dead_mask=dead if self.auxk_alpha > 0 else None)
+        with torch.no_grad():
+            sae.tokens_since_fired.add_(x.shape[0]).masked_fill_(out.fired(), 0)
+        term = out.fvu + self.auxk_alpha * out.auxk
+        if self.activation == "relu":
+            term = term + self.l1 * out.sparsity
+        elif self.activation == "jumprelu":
+            term = term + self.l0 * out.sparsity
+        self.parts = {"fvu": out.fvu.detach(), "l0": out.l0.detach(), "dead": dead.float().mean(), "auxk": out.auxk.detach()}
+        return term
+
+    # -- unit-norm decoder and files ----------------------------------------------------------
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.sae is not None and self.sae.normalize_decoder:
+            self.sae.remove_gradient_parallel_to_decoder_directions()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self.sae is not None and self.sae.normalize_decoder:
+            self.sae.set_decoder_norm_to_unit_norm()
+
+    def folder(self, trainer: Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "saes" / self.label
+
+    def _save(self, trainer: Trainer) -> None:
+        if self.sae is not None and trainer.is_global_zero:
+            save_saelens(self.sae, self.folder(trainer), self.site)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer)

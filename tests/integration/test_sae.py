@@ -1,0 +1,67 @@
+"""The online SAE from the CLI: train beside the model, write SAELens files, audit them again
+from a checkpoint through the files; a folder in another layout, or an SAE whose width does not
+fit the site, is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from faithful_train.cli import main
+from tests.integration.test_cli import assert_fit_fails_in_one_line
+
+TINY = ["trainer.max_steps=30", "trainer.val_every=15", "trainer.progress_bar=false", "audits.0.every_n_steps=15",
+        "audits.0.n_examples=64", "data.val_size=32", "data.batch_size=16", "logger.wandb.mode=disabled"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+
+
+def test_sae_trains_writes_saelens_files_and_audits_from_them(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY]) == 0
+    metrics = json.loads((run / "summary.json").read_text())["metrics"]
+    for key in ("audit/sae/fvu", "audit/sae/l0", "audit/sae/dead", "audit/sae/ce_recovered", "audit/sae/kl_recovered", "train/objective/sae/fvu"):
+        assert key in metrics, key
+    assert metrics["audit/sae/l0"] <= 16
+    cfg = json.loads((run / "saes" / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["d_sae"] == 128 and cfg["metadata"]["hook_name"] == "blocks.1.resid_post"
+    # the same checkpoint audited through the files, by a config with no objective
+    again = tmp_path / "again"
+    overrides = ["objectives=[]", f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post, n_examples: 64}}]"]
+    assert main(["audit", "-c", "configs/sae.yaml", "--run-dir", str(again), "--ckpt", str(run / "checkpoints" / "last.ckpt"), *overrides]) == 0
+    audited = json.loads((again / "summary.json").read_text())["metrics"]
+    for name in ("fvu", "l0", "dead", "ce_recovered"):
+        assert audited[f"audit/sae/{name}"] == pytest.approx(metrics[f"audit/sae/{name}"], rel=1e-5, abs=1e-6), name
+
+
+def test_sae_files_of_another_layout_or_width_are_one_line(tmp_path, capsys):
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    other = tmp_path / "sparsify_layout"
+    other.mkdir()
+    (other / "sae.safetensors").write_bytes(b"x")
+    (other / "cfg.json").write_text("{}")
+    audit = [f"audits=[{{name: sae, path: {other}, site: blocks.1.resid_post}}]", "objectives=[]"]
+    assert_fit_fails_in_one_line("configs/sae.yaml", tmp_path / "a", capsys, audit, "is not an SAE in SAELens's layout", "sae.safetensors")
+    run = tmp_path / "run"
+    assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=2", "audits.0.every_n_steps=0"]) == 0
+    narrow = [f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post}}]", "objectives=[]", "model={preset: dense-tiny, d_model: 32}"]
+    assert_fit_fails_in_one_line("configs/sae.yaml", tmp_path / "b", capsys, narrow, "reads 64 dimensions, the site has 32", "audits.0")
+
+
+def test_a_detached_sae_leaves_the_model_as_it_would_be(tmp_path):
+    """The same run with and without the sae objective ends with the same model weights."""
+    import torch
+
+    runs = {}
+    for name, extra in (("with", []), ("without", ["objectives=[]", "audits=[]"])):
+        run = tmp_path / name
+        assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=12", "audits.0.every_n_steps=0", *extra]) == 0
+        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        runs[name] = {k: v for k, v in state.items() if k.startswith("model.")}
+    assert runs["with"].keys() == runs["without"].keys()
+    assert all(torch.equal(runs["with"][k], runs["without"][k]) for k in runs["with"])

@@ -1,0 +1,191 @@
+"""Sparse autoencoders: the maths (TopK, BatchTopK, JumpReLU, ReLU; FVU; AuxK; unit-norm
+decoder), SAELens's files, the online ``sae`` objective (detached, padding masked, its own
+learning rate) and the ``sae`` audit on planted SAEs whose figures are known."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from faithful_train.audits.sae import SaeAudit
+from faithful_train.errors import ConfigError, DataError
+from faithful_train.objectives.base import StepContext
+from faithful_train.objectives.sae import SaeObjective
+from faithful_train.sae import SparseAutoencoder, load_saelens, save_saelens
+from faithful_train.sites import run_with
+from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+from tests.conftest import tiny_transformer
+
+
+def test_topk_keeps_k_latents_and_fvu_is_sparsifys():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 32, k=4)
+    x = torch.randn(50, 8)
+    out = sae(x)
+    assert ((out.latents > 0).sum(-1) <= 4).all() and out.l0 <= 4
+    pre = torch.relu((x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
+    values, index = pre.topk(4, dim=-1)
+    recon = torch.zeros_like(pre).scatter(-1, index, values) @ sae.W_dec + sae.b_dec
+    torch.testing.assert_close(out.reconstruction, recon)
+    expected = (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    torch.testing.assert_close(out.fvu, expected)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))  # unit-norm rows from the start
+
+
+def test_auxk_trains_the_decoder_only_and_only_with_dead_latents():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 32, k=2)
+    x = torch.randn(40, 8)
+    assert sae(x).auxk == 0  # no dead mask: no AuxK
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:10] = True
+    out = sae(x, dead_mask=dead)
+    assert out.auxk > 0
+    out.auxk.backward()
+    assert sae.W_dec.grad.abs().sum() > 0 and sae.encoder.weight.grad is None and sae.b_dec.grad is None  # sparsify: decoder weights only
+    assert sae.W_dec.grad[10:].abs().sum() == 0  # only dead latents' rows
+
+
+def test_unit_norm_decoder_upkeep():
+    sae = SparseAutoencoder(8, 16, k=2)
+    sae.W_dec.grad = torch.randn(16, 8)
+    sae.remove_gradient_parallel_to_decoder_directions()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(16), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        sae.W_dec.mul_(3)
+    sae.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
+
+
+def test_batch_topk_jumprelu_and_relu():
+    torch.manual_seed(0)
+    x = torch.randn(30, 8)
+    batch = SparseAutoencoder(8, 32, k=3, activation="batch_topk")
+    z = batch(x).latents
+    assert int((z > 0).sum()) <= 3 * 30 and (z > 0).sum(-1).max() > 3  # k per row on average, not each
+    batch.eval()
+    assert ((batch(x).latents > 0) == (batch.pre_acts(x) > batch.threshold_estimate)).all()
+    jump = SparseAutoencoder(8, 32, k=1, activation="jumprelu", jump_threshold=0.05, jump_bandwidth=0.5)
+    out = jump(x)
+    pre = jump.pre_acts(x)
+    torch.testing.assert_close(out.latents, pre * (pre > 0.05))
+    out.sparsity.backward()  # the L0 estimate reaches the thresholds through the straight-through estimator
+    assert jump.log_threshold.grad is not None and jump.log_threshold.grad.abs().sum() > 0
+    relu = SparseAutoencoder(8, 32, k=1, activation="relu")
+    out = relu(x)
+    torch.testing.assert_close(out.latents, relu.pre_acts(x))
+    torch.testing.assert_close(out.sparsity, (out.latents * relu.W_dec.norm(dim=1)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu", "relu", "batch_topk"])
+def test_saelens_files_round_trip_exactly(tmp_path, activation):
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(8, 24, k=3, activation=activation)
+    x = torch.randn(20, 8)
+    sae.train()
+    sae(x)  # batch_topk: a threshold estimate
+    with torch.no_grad():
+        sae.b_dec.add_(0.1)
+        sae.encoder.bias.add_(0.05)
+    sae.eval()
+    save_saelens(sae, tmp_path / "sae", "blocks.0.resid_post")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.0.resid_post" and cfg["d_sae"] == 24 and cfg["metadata"]["sae_lens_version"].startswith("6.")
+    assert cfg["architecture"] == {"topk": "topk", "jumprelu": "jumprelu", "batch_topk": "jumprelu", "relu": "standard"}[activation]
+    loaded, _ = load_saelens(tmp_path / "sae", d_in=8)
+    loaded.eval()
+    assert torch.equal(loaded(x).reconstruction, sae(x).reconstruction)
+    assert torch.equal(loaded(x).latents, sae(x).latents)
+
+
+def test_bad_sae_files_are_one_line(tmp_path):
+    sae = SparseAutoencoder(8, 16, k=2)
+    save_saelens(sae, tmp_path / "sae", "blocks.0.resid_post")
+    with pytest.raises(DataError, match="reads 8 dimensions, the site has 64"):
+        load_saelens(tmp_path / "sae", d_in=64)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sae.safetensors").write_bytes(b"x")  # sparsify's layout, not SAELens's
+    with pytest.raises(DataError, match="not an SAE in SAELens's layout .*sae.safetensors"):
+        load_saelens(tmp_path / "other")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    cfg["metadata"]["sae_lens_version"] = "5.9.1"
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(DataError, match="not a SAELens 6.x config"):
+        load_saelens(tmp_path / "sae")
+
+
+def _objective(task, model, **kwargs):
+    objective = SaeObjective(site="blocks.0.resid_post", expansion=2, k=4, **kwargs)
+    objective.bind(model, task, 0)
+    return objective
+
+
+def test_the_objective_is_detached_masks_padding_and_learns():
+    torch.manual_seed(0)
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    objective = _objective(task, model, lr=0.01)
+    batch = task.sample(16, 0)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["attention_mask"][:, 0] = 0  # the first token of every row is padding
+    logits, cache = run_with(model, batch["input_ids"], record=objective.sites(), attention_mask=batch["attention_mask"])
+    ctx = StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(0))
+    term = objective.term(ctx)
+    term.backward()
+    assert all(p.grad is None for p in model.parameters())  # detached: the model is untouched
+    assert objective.sae.encoder.weight.grad.abs().sum() > 0
+    rows = int(batch["attention_mask"].sum())
+    assert int(objective.sae.tokens_since_fired.max()) <= rows  # counted real tokens only
+    optimizer = torch.optim.Adam(objective.sae.parameters(), lr=0.01)
+    first = float(term.detach())
+    for _ in range(60):
+        optimizer.zero_grad()
+        objective.term(ctx).backward()
+        objective.sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        objective.sae.set_decoder_norm_to_unit_norm()
+    assert float(objective.term(ctx).detach()) < 0.5 * first
+    with pytest.raises(ConfigError, match="l1"):
+        SaeObjective(site="blocks.0.resid_post", activation="relu")
+
+
+def _identity_sae(width):
+    """Reconstructs exactly: latents are the positive and negative parts of x."""
+    sae = SparseAutoencoder(width, 2 * width, k=2 * width, normalize_decoder=False)
+    eye = torch.eye(width)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.cat([eye, -eye]))
+        sae.encoder.bias.zero_()
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_dec.zero_()
+    return sae
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, model, sae):
+        super().__init__()
+        self.model, self.objective_modules = model, torch.nn.ModuleDict({"sae": sae})
+
+
+@pytest.mark.parametrize("planted, expected", [("identity", {"fvu": 0.0, "ce_recovered": 1.0, "kl_recovered": 1.0}), ("zero", {"ce_recovered": 0.0, "kl_recovered": 0.0})])
+def test_the_audit_on_planted_saes(planted, expected):
+    torch.manual_seed(0)
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    sae = _identity_sae(32)
+    if planted == "zero":
+        with torch.no_grad():
+            sae.W_dec.zero_()  # reconstructs 0: the splice is the zero ablation
+    sae.site, sae.target = "blocks.0.resid_post", None
+    audit = SaeAudit(sae="sae", n_examples=64, batch_size=32)
+    audit.bind(model, task)
+    audit.attach(_Module(model, sae))
+    figures = audit.evaluate(model, task)
+    for name, value in expected.items():
+        assert figures[name] == pytest.approx(value, abs=1e-5), name
+    assert figures["ce_zero"] > figures["ce_clean"] or planted == "zero"
+    assert figures["dead"] == (0.0 if planted == "identity" else figures["dead"])
+    with pytest.raises(ConfigError, match="no sae objective labelled 'other'"):
+        SaeAudit(sae="other").attach(_Module(model, sae))
