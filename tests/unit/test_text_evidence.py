@@ -132,32 +132,19 @@ def test_a_text_file_without_documents_is_named(tmp_path, tok):
 
 
 @pytest.mark.parametrize(
-    "edit, message",
+    "make, edit, message",
     [
-        (lambda r: r[3].update(documents="apple is red"), r"row 3 column 'documents': a list of non-empty texts"),
-        (lambda r: r[2].update(documents=["apple is red"]), r"row 2 column 'documents': 1 documents, but row 0 has 3"),
-        (lambda r: r[1].update(gold_document=7), r"row 1 column 'gold_document': 7 is not a document index"),
-        (lambda r: r[4]["counterfactual"].update(document="sky is very blue"), r"row 4 column 'counterfactual.document': the counterfactual row has"),
+        (document_rows, lambda r: r[3].update(documents="apple is red"), r"row 3 column 'documents': a list of non-empty texts"),
+        (document_rows, lambda r: r[2].update(documents=["apple is red"]), r"row 2 column 'documents': 1 documents, but row 0 has 3"),
+        (document_rows, lambda r: r[1].update(gold_document=7), r"row 1 column 'gold_document': 7 is not a document index"),
+        (document_rows, lambda r: r[4]["counterfactual"].update(document="sky is very blue"), r"row 4 column 'counterfactual.document': the counterfactual row has"),
+        (tool_rows, lambda r: r[5]["tool_calls"][0].update(tool="calculator"), r"row 5 column 'tool_calls' item 0 'tool': 'calculator' is not a token"),
+        (tool_rows, lambda r: r[5]["tool_calls"][0].update(tool="lookup calc"), r"'lookup calc' is not a token of the tokenizer .* 2 tokens"),
+        (tool_rows, lambda r: r[2].update(tool_calls=[]), r"row 2 column 'tool_calls': a list of one call"),
     ],
 )
-def test_bad_documents_are_one_line(tmp_path, tok, edit, message):
-    rows = document_rows()
-    edit(rows)
-    with pytest.raises(DataError, match=message) as info:
-        TextTask(str(write_jsonl(tmp_path / "bad.jsonl", rows)), tok)
-    assert "\n" not in str(info.value)
-
-
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (lambda r: r[5]["tool_calls"][0].update(tool="calculator"), r"row 5 column 'tool_calls' item 0 'tool': 'calculator' is not a token"),
-        (lambda r: r[5]["tool_calls"][0].update(tool="lookup calc"), r"'lookup calc' is not a token of the tokenizer .* 2 tokens"),
-        (lambda r: r[2].update(tool_calls=[]), r"row 2 column 'tool_calls': a list of one call"),
-    ],
-)
-def test_bad_tool_calls_are_one_line(tmp_path, tok, edit, message):
-    rows = tool_rows()
+def test_bad_documents_and_tool_calls_are_one_line(tmp_path, tok, make, edit, message):
+    rows = make()
     edit(rows)
     with pytest.raises(DataError, match=message) as info:
         TextTask(str(write_jsonl(tmp_path / "bad.jsonl", rows)), tok)
