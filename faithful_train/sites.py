@@ -236,11 +236,46 @@ class HookPoint(nn.Identity):
     """An identity module marking a site in our own models (TransformerLens's ``HookPoint``)."""
 
 
+def attach_featurizer(model: nn.Module, site: str, featurizer: Any, suffix: str = "sae") -> str:
+    """Make ``<site>.<suffix>`` a site: ``featurizer.encode`` of the site's values (an SAE's
+    latents, ``(B, T, F)``). Writing features back puts ``decode(features)`` plus the
+    reconstruction error of the clean values at the site, so an edit changes only what the
+    edited features encode (an unedited write gives the clean values back). Returns the name."""
+    resolve_site(model, site)
+    name = f"{site}.{suffix}"
+    model.__dict__.setdefault("_featurized_sites", {})[name] = (site, featurizer)
+    return name
+
+
+def featurized_sites(model: nn.Module) -> dict[str, tuple[str, Any]]:
+    """``{name: (base site, featurizer)}`` of the sites ``attach_featurizer`` added."""
+    return model.__dict__.get("_featurized_sites", {})
+
+
+def _featurized_point(base: SitePoint, featurizer: Any) -> SitePoint:
+    def encode(x: Tensor) -> Tensor:
+        return featurizer.encode(x.float())
+
+    def read(raw: Any) -> Tensor:
+        return encode(base.read(raw))
+
+    def write(raw: Any, features: Tensor) -> Any:
+        x = base.read(raw)
+        error = x.float() - featurizer.decode(encode(x))
+        return base.write(raw, (featurizer.decode(features) + error).to(x.dtype))
+
+    return SitePoint(base.module, base.kind, read, write)
+
+
 def resolve_site(model: nn.Module, name: str) -> SitePoint:
     """The site point for ``name``, or an error that lists the valid site names."""
+    featurized = featurized_sites(model)
+    if name in featurized:
+        site, featurizer = featurized[name]
+        return _featurized_point(resolve_site(model, site), featurizer)
     points = model.site_points()
     if name not in points:
-        raise UnknownNameError("site", name, points)
+        raise UnknownNameError("site", name, [*points, *featurized])
     return points[name]
 
 

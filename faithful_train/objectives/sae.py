@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from faithful_train.errors import ConfigError
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.sae import SparseAutoencoder, save_saelens, site_rows, site_width
-from faithful_train.sites import validate_sites
+from faithful_train.sites import attach_featurizer, validate_sites
 from faithful_train.tasks.base import Task
 
 
@@ -82,6 +82,8 @@ class SaeObjective(Objective):
         self.sae.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
         self.sae.lr = self.lr  # its own parameter group (FaithfulModule.configure_optimizers)
         self.sae.site, self.sae.target = self.site, self.target  # what the sae audit reads
+        if self.target is None:  # its latents become a site: <site>.sae, for any objective or audit
+            attach_featurizer(model, self.site, self.sae)
 
     def module(self) -> nn.Module | None:
         return self.sae

@@ -65,3 +65,14 @@ def test_a_detached_sae_leaves_the_model_as_it_would_be(tmp_path):
         runs[name] = {k: v for k, v in state.items() if k.startswith("model.")}
     assert runs["with"].keys() == runs["without"].keys()
     assert all(torch.equal(runs["with"][k], runs["without"][k]) for k in runs["with"])
+
+
+def test_an_interchange_audit_runs_on_sae_latents(tmp_path):
+    """The objective's latents are a site (``<site>.sae``) that an alignment can name."""
+    run = tmp_path / "run"
+    alignment = "{left: {site: blocks.0.resid_post.sae, positions: [3], dims: [0, 4]}, right: {site: blocks.0.resid_post.sae, positions: [3], dims: [4, 8]}}"
+    audits = f"audits=[{{name: interchange, every_n_steps: 10, n_examples: 32, controls: [], alignment: {alignment}}}]"
+    overrides = ["task={name: hierarchical_equality}", "objectives.0.site=blocks.0.resid_post", audits]
+    assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=10", *overrides]) == 0
+    metrics = json.loads((run / "summary.json").read_text())["metrics"]
+    assert 0 <= metrics["audit/interchange/iia/left"] <= 1 and "audit/interchange/iia/right" in metrics

@@ -189,3 +189,50 @@ def test_the_audit_on_planted_saes(planted, expected):
     assert figures["dead"] == (0.0 if planted == "identity" else figures["dead"])
     with pytest.raises(ConfigError, match="no sae objective labelled 'other'"):
         SaeAudit(sae="other").attach(_Module(model, sae))
+
+
+def test_latents_are_a_site_whose_writes_change_only_what_they_encode():
+    from faithful_train.engine import run_variants
+    from faithful_train.errors import UnknownNameError
+    from faithful_train.sites import attach_featurizer
+
+    torch.manual_seed(0)
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=task.seq_len).eval()
+    sae = SparseAutoencoder(32, 64, k=4)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.1)
+    name = attach_featurizer(model, "blocks.0.resid_post", sae)
+    assert name == "blocks.0.resid_post.sae"
+    ids = task.sample(8, 0)["input_ids"]
+    clean, cache = run_with(model, ids, record=["blocks.0.resid_post", name])
+    torch.testing.assert_close(cache[name], sae.encode(cache["blocks.0.resid_post"]))  # (B, T, F) latents
+    assert cache[name].shape == (8, ids.shape[1], 64)
+    same, _ = run_with(model, ids, edits={name: lambda z: z})
+    torch.testing.assert_close(same, clean, atol=1e-5, rtol=1e-5)  # the error term keeps the rest
+
+    latent = int(cache[name][:, -1].abs().sum(0).argmax())  # an active latent
+
+    def off(z):
+        z = z.clone()
+        z[..., latent] = 0
+        return z
+
+    _, edited = run_with(model, ids, record=["blocks.1.resid_pre"], edits={name: off})  # what flows on
+    expected = cache["blocks.0.resid_post"] - cache[name][..., latent, None] * sae.W_dec[latent]
+    torch.testing.assert_close(edited["blocks.1.resid_pre"], expected, atol=1e-5, rtol=1e-5)  # exactly that latent's part
+    # as a variant of the engine (resumed at block 0), the same logits as the hooked run
+    batch = {"input_ids": ids, "labels": task.sample(8, 0)["labels"]}
+    hooked_logits, _ = run_with(model, ids, edits={name: off})
+    variant = run_variants(model, batch, 1, {name: lambda t, _v: off(t)})
+    torch.testing.assert_close(variant[:, 0], hooked_logits[:, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(UnknownNameError, match="blocks.0.resid_post.sae"):
+        run_with(model, ids, record=["blocks.1.resid_post.sae"])
+
+
+def test_the_objective_makes_its_latents_a_site():
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    objective = _objective(task, model)
+    _, cache = run_with(model, task.sample(4, 0)["input_ids"], record=["blocks.0.resid_post.sae"])
+    assert cache["blocks.0.resid_post.sae"].shape[-1] == objective.sae.n_latents
