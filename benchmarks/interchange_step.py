@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -152,7 +151,7 @@ def main() -> None:
     ms = run(args.batch_size, args.rounds, args.threads, with_pyvene)
     plain = ms["plain training step"]
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, batch {args.batch_size}")
-    print(f"| step | ms/step | × plain |\n|---|---|---|")
+    print("| step | ms/step | × plain |\n|---|---|---|")
     for name, value in ms.items():
         print(f"| {name} | {value:.2f} | {value / plain:.2f} |")
     pairs = [

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.peers import import_peer  # noqa: E402
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
 from faithful_train.patching import activation_patching, attribution_patching, patching_cells  # noqa: E402
 from faithful_train.sites import hooked  # noqa: E402
@@ -57,23 +58,11 @@ COMPONENTS = tuple(TL_FUNCTIONS)
 
 
 def import_transformer_lens() -> Any:
-    """``transformer_lens.patching``; if it is not importable, retry with ``$TL_LIB`` (a ``pip
-    --target`` directory) at the end of ``sys.path`` (so the venv's packages win)."""
+    """``transformer_lens.patching``, from the venv or ``$TL_LIB`` (after the venv's packages)."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # a progress bar per sweep otherwise
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            import transformer_lens.patching as patching
-        return patching
-    except ImportError as err:
-        lib = os.environ.get("TL_LIB")
-        if not lib or lib in sys.path:
-            raise ImportError(
-                f"cannot import transformer_lens ({err}); install it with `make .bench/transformer_lens` and set TL_LIB=.bench"
-            ) from err
-        sys.path.append(lib)
-        return import_transformer_lens()
+    return import_peer("transformer_lens.patching", "TL_LIB", "make .bench/transformer_lens")
 
 
 def tl_bridge(model_dir: str | Path) -> Any:

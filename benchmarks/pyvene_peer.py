@@ -44,39 +44,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import io
 import os
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.peers import import_peer  # noqa: E402
+
 DEFAULT_PARTITION: tuple[tuple[int, int], ...] = ((0, 32), (32, 64))
 MODES = ("vanilla", "rotated")
 
 
 def import_pyvene() -> Any:
-    """Import pyvene; if it is not importable, retry with ``$PYVENE_LIB`` (a ``pip --target``
-    directory) on ``sys.path``. Its import-time notice about nnsight is swallowed."""
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            import pyvene
-        return pyvene
-    except ImportError as err:
-        lib = os.environ.get("PYVENE_LIB")
-        if not lib or lib in sys.path:
-            raise ImportError(
-                f"cannot import pyvene ({err}); install it with `pip install --no-deps --target DIR "
-                "pyvene==0.1.8` and set PYVENE_LIB=DIR"
-            ) from err
-        sys.path.insert(0, lib)
-        return import_pyvene()
+    """Import pyvene, from the venv or ``$PYVENE_LIB`` (first on ``sys.path``); its import-time
+    notice about nnsight is swallowed."""
+    return import_peer("pyvene", "PYVENE_LIB", "pip install --no-deps --target .bench pyvene==0.1.8", first=True)
 
 
 class _PyveneAdapter(nn.Module):

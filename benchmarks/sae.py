@@ -20,7 +20,6 @@ Timings are medians over interleaved rounds (``time_steps``), one thread.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.interchange_step import plain_step  # noqa: E402
+from benchmarks.peers import import_peer  # noqa: E402
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
 from faithful_train.config import find_preset  # noqa: E402
 from faithful_train.modeling import build_model  # noqa: E402
@@ -47,17 +47,9 @@ TASK = DomainMixture()
 def sparsify() -> Any:
     """The ``sparsify`` package, from the environment or ``$SPARSIFY_LIB``; ``None`` if absent."""
     try:
-        import sparsify as peer  # noqa: F401
+        return import_peer("sparsify", "SPARSIFY_LIB", "make .bench/sparsify")
     except ImportError:
-        lib = os.environ.get("SPARSIFY_LIB")
-        if not lib:
-            return None
-        sys.path.insert(0, lib)
-        try:
-            import sparsify as peer  # noqa: F401
-        except ImportError:
-            return None
-    return peer
+        return None
 
 
 def make_model() -> torch.nn.Module:

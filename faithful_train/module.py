@@ -243,20 +243,24 @@ class FaithfulModule(LightningModule):
             self.val_tokens.update(keep.sum())
             return
         size = batch["labels"].shape[0]
+        call = tool_call(batch)
+        # the positions read: the answer's, and the one that picks the tool (one forward for both)
+        read = answer_positions(batch) if call is None else torch.cat([answer_positions(batch), call[0][:, None]], 1)
         if self.reference is not None and per_token_logits(self.model):
             logits = self.model(batch["input_ids"], attention_mask=mask)
             reference = self.reference(batch["input_ids"], attention_mask=mask)
             kl = token_kl(logits, reference, mask)
             self.log("val/kl_to_start", kl, sync_dist=True, batch_size=size, add_dataloader_idx=False)
-            answers = gather_positions(logits, answer_positions(batch))
-        else:
+            answers = gather_positions(logits, read)
+        elif call is None:
             answers = answer_forward(self.model, batch)
-        self.val_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
-        call = tool_call(batch)
+        else:
+            answers = self.model(batch["input_ids"], attention_mask=mask, positions=read, narrow=True)
         if call is not None:
-            picked = self.model(batch["input_ids"], attention_mask=mask, positions=call[0][:, None])[:, 0]
+            answers, picked = answers[:, :-1], answers[:, -1]
             right = (picked.argmax(-1) == call[1]).float().mean()
             self.log("val/tool_selection_acc", right, sync_dist=True, batch_size=size, add_dataloader_idx=False)
+        self.val_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
         if "foil_ids" in batch:  # two-answer tasks (IOI: IO against S)
             first = first_answer_logits(answers)
             diff = first.gather(1, batch["labels"][:, None]) - first.gather(1, batch["foil_ids"][:, None])

@@ -203,7 +203,10 @@ class SparseAutoencoder(nn.Module):
             values, index = flat.topk(min(self.k * pre.shape[0], flat.numel()), sorted=False)
             with torch.no_grad():  # the smallest kept value, averaged: the threshold at evaluation
                 smallest = values[values > 0].min() if (values > 0).any() else values.new_zeros(())
-                self.threshold_estimate.mul_(0.99).add_(0.01 * smallest) if self.initialised else self.threshold_estimate.copy_(smallest)
+                if self.threshold_estimate > 0:  # a running mean once it has a first value
+                    self.threshold_estimate.mul_(0.99).add_(0.01 * smallest)
+                else:
+                    self.threshold_estimate.copy_(smallest)
             return torch.zeros_like(flat).scatter(0, index, values).view_as(pre)
         if self.activation == "jumprelu":
             return _JumpReLU.apply(pre, self.log_threshold.exp(), self.jump_bandwidth)
@@ -376,7 +379,7 @@ def load_saelens(folder: str | Path, d_in: int | None = None, where: str = "sae"
         raise DataError(f"{where}: the SAE in {folder} reads {d_in_file} dimensions, the site has {d_in}")
     activation = (cfg.get("metadata") or {}).get("faithful_train_activation") or {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu"}[architecture]
     d_out = tensors["W_dec"].shape[1]
-    sae = SparseAutoencoder(d_in_file, d_sae, k=int(cfg.get("k", 1) or 1), activation=activation if activation != "batch_topk" else "batch_topk",
+    sae = SparseAutoencoder(d_in_file, d_sae, k=int(cfg.get("k", 1) or 1), activation=activation,
                             d_out=None if d_out == d_in_file and cfg.get("apply_b_dec_to_input", True) else d_out, normalize_decoder=False)  # fmt: skip
     with torch.no_grad():
         sae.encoder.weight.copy_(tensors["W_enc"].T)

@@ -304,7 +304,9 @@ def hooked(
     cache: dict[str, Tensor] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        for name in sorted(names_to_record | set(edits)):
+        # edits first: a site recorded on the module another site edits (a featurized site's
+        # base, ``blocks.0.resid_post`` under ``blocks.0.resid_post.sae``) records what flows on
+        for name in sorted(set(edits)) + sorted(names_to_record - set(edits)):
             point = resolve_site(model, name)
             fns = edits.get(name, ())
             fns = [fns] if callable(fns) else list(fns)

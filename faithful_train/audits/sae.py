@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
 from faithful_train.batches import answer_positions, first_answer_logits, gather_positions
-from faithful_train.engine import run_variants
+from faithful_train.engine import plan_resume, run_variants
 from faithful_train.errors import ConfigError
 from faithful_train.sae import SparseAutoencoder, load_saelens, site_rows, site_width
 from faithful_train.sites import run_with, validate_sites
@@ -90,7 +90,8 @@ class SaeAudit(Audit):
     def _measure(self, model: nn.Module, task: Task, batch: Batch, sae: SparseAutoencoder) -> dict[str, Any]:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         sites = [self.site] + ([self.target] if self.target else [])
-        logits, cache = run_with(model, ids, record=sites, attention_mask=mask)
+        plan = plan_resume(model, [self.site])  # the splice resumes from this forward's activations
+        logits, cache = run_with(model, ids, record=sites + ([plan.site] if plan else []), attention_mask=mask)
         x = site_rows(cache[self.site], mask).float()
         y = site_rows(cache[self.target], mask).float() if self.target else x
         out = sae(x, y)
@@ -112,7 +113,7 @@ class SaeAudit(Audit):
             def splice(t: Tensor, variants: range) -> Tensor:  # variant 0: the SAE's reconstruction; 1: zeros
                 return torch.cat([recon if v == 0 else torch.zeros_like(recon) for v in variants]).view_as(t)
 
-            varied = first_answer_logits(run_variants(model, batch, 2, {self.site: splice})).float()
+            varied = first_answer_logits(run_variants(model, batch, 2, {self.site: splice}, cache=cache)).float()
             clean = first_answer_logits(gather_positions(logits, answer_positions(batch))).float()
             B = ids.shape[0]
             labels = batch["labels"]

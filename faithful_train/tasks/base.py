@@ -114,6 +114,8 @@ class Task(ABC):
             kinds |= {"perturbations", "aligned_perturbations"}
         if type(self).perturb_aligned is not Task.perturb_aligned:
             kinds.add("aligned_perturbations")
+        if type(self).counterfactual_evidence is not Task.counterfactual_evidence:
+            kinds.add("counterfactual_evidence")
         if self.marks_irrelevant:
             kinds.add("irrelevant")
         if self.concepts:
@@ -134,9 +136,9 @@ class Task(ABC):
     def counterfactual_evidence(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``(input_ids, answers (B,))``: each row with the evidence its answer rests on (the
         supporting document's fact, the tool's result) changed, the schema and length kept, and
-        the answer that evidence then gives. Tasks that provide ``counterfactual_evidence``
-        implement it."""
-        raise NotImplementedError(f"task {self.name!r} has no counterfactual evidence")
+        the answer that evidence then gives. A task that overrides this provides
+        ``counterfactual_evidence`` (``provides``); objectives and audits check that first."""
+        raise ConfigError(f"task {self.name!r} has no counterfactual evidence: it does not override Task.counterfactual_evidence")
 
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor | None:
         """Meaning-preserving perturbations: ``input_ids`` of the same shape whose labels and

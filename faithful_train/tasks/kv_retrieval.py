@@ -70,7 +70,7 @@ class KVRetrieval(Task):
 
     @property
     def provides(self) -> frozenset[str]:
-        return super().provides | {"documents", "counterfactual_evidence"}
+        return super().provides | {"documents"}
 
     def token_name(self, token: int) -> str:
         if token < self.first_key:

@@ -499,6 +499,8 @@ class TextTask(Task):
         place (and the counterfactual answer teacher-forced), padded as the row, and the
         counterfactual answer's first token."""
         data = self.splits[self._split_of(batch)]
+        if data["cf_evidence"] is None:
+            raise ConfigError(f"task 'text' has no counterfactual evidence{self.column_hint('counterfactual_evidence')}")
         ids = batch["input_ids"].clone()
         mask = batch["attention_mask"].bool()
         answers = torch.zeros(ids.shape[0], dtype=torch.long)

@@ -86,7 +86,7 @@ class ToolUse(Task):
 
     @property
     def provides(self) -> frozenset[str]:
-        return super().provides | {"tool_calls", "counterfactual_evidence"}
+        return super().provides | {"tool_calls"}
 
     def token_name(self, token: int) -> str:
         token = int(token)

@@ -89,3 +89,26 @@ def test_text_without_documents_or_tool_token_is_one_line(tmp_path, capsys, monk
     malformed[5]["documents"] = "apple is red"
     args = _text_task(tmp_path, malformed, "bad_docs")
     assert_fit_fails_in_one_line("configs/retrieval-baseline.yaml", tmp_path / "c", capsys, args, "row 5 column 'documents'", "a list of non-empty texts")
+
+
+SHORT = ["trainer.max_steps=400", "trainer.val_every=200", "trainer.progress_bar=false", "audits.0.every_n_steps=400",
+         "audits.0.n_examples=256", "data.val_size=256", "logger.wandb.mode=disabled"]  # fmt: skip
+
+
+def _short_fit(config, run_dir, *extra):
+    assert main(["fit", "-c", config, "--run-dir", str(run_dir), *SHORT, *extra]) == 0
+    return json.loads((run_dir / "summary.json").read_text())["metrics"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, figure, trained_at_least, baseline_at_most",
+    [("retrieval", "audit/retrieval/counterfactual_follow", 0.3, 0.05), ("tools", "audit/tools/reliance", 0.6, 0.4)],
+)
+def test_counterfactual_context_makes_answers_follow_the_evidence(kind, figure, trained_at_least, baseline_at_most, tmp_path):
+    """The objective's effect, 400 steps each: with it the answer follows counterfactual
+    evidence (a document or a tool result); without it the model answers from memory."""
+    extra = ["audits.0.surrogate_ablations=0"] if kind == "retrieval" else []
+    trained = _short_fit(f"configs/{kind}-cf.yaml", tmp_path / "cf", *extra)
+    baseline = _short_fit(f"configs/{kind}-baseline.yaml", tmp_path / "baseline", *extra)
+    assert trained[figure] >= trained_at_least and baseline[figure] <= baseline_at_most, (trained[figure], baseline[figure])

@@ -221,6 +221,8 @@ def test_latents_are_a_site_whose_writes_change_only_what_they_encode():
     _, edited = run_with(model, ids, record=["blocks.1.resid_pre"], edits={name: off})  # what flows on
     expected = cache["blocks.0.resid_post"] - cache[name][..., latent, None] * sae.W_dec[latent]
     torch.testing.assert_close(edited["blocks.1.resid_pre"], expected, atol=1e-5, rtol=1e-5)  # exactly that latent's part
+    _, base = run_with(model, ids, record=["blocks.0.resid_post"], edits={name: off})  # the base site, recorded after the edit
+    torch.testing.assert_close(base["blocks.0.resid_post"], expected, atol=1e-5, rtol=1e-5)
     # as a variant of the engine (resumed at block 0), the same logits as the hooked run
     batch = {"input_ids": ids, "labels": task.sample(8, 0)["labels"]}
     hooked_logits, _ = run_with(model, ids, edits={name: off})

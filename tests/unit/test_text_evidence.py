@@ -149,3 +149,22 @@ def test_bad_documents_and_tool_calls_are_one_line(tmp_path, tok, make, edit, me
     with pytest.raises(DataError, match=message) as info:
         TextTask(str(write_jsonl(tmp_path / "bad.jsonl", rows)), tok)
     assert "\n" not in str(info.value)
+
+
+def test_counterfactual_evidence_is_declared_by_what_a_task_implements(tmp_path, tok):
+    from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+    from faithful_train.tasks.kv_retrieval import KVRetrieval
+    from faithful_train.tasks.tool_use import ToolUse
+
+    assert "counterfactual_evidence" in KVRetrieval().provides and "counterfactual_evidence" in ToolUse().provides
+    plain = HierarchicalEquality()
+    assert "counterfactual_evidence" not in plain.provides
+    with pytest.raises(ConfigError, match="no counterfactual evidence"):
+        plain.counterfactual_evidence(plain.sample(2, 0), torch.Generator())
+    rows = document_rows()
+    for row in rows:
+        del row["counterfactual"]
+    task = TextTask(str(write_jsonl(tmp_path / "docs.jsonl", rows)), tok)
+    assert "counterfactual_evidence" not in task.provides
+    with pytest.raises(ConfigError, match="needs a 'counterfactual.document"):
+        task.counterfactual_evidence(task.rows("train", range(2)), torch.Generator())
