@@ -28,6 +28,7 @@ from faithful_train.batches import (
     exact_match,
     first_answer_logits,
     gather_positions,
+    pad_and_stack,
 )
 from faithful_train.engine import per_variant, run_variants
 from faithful_train.errors import ConfigError, UnknownNameError
@@ -98,7 +99,9 @@ class Swap:
             return interchange(base, self.source, cached_mask(ref, base.shape, base.device), self.basis)
         picked = gather_positions(base, self.positions)  # (B, P, ...)
         taken = gather_positions(self.source, self.source_positions)
-        mixed = interchange(picked, taken, cached_mask(replace(ref, positions=None), picked.shape, base.device), self.basis)
+        mixed = interchange(
+            picked, taken, cached_mask(replace(ref, positions=None), picked.shape, base.device), self.basis
+        )
         index = self.positions.view(*self.positions.shape, *([1] * (base.dim() - 2))).expand_as(mixed)
         return base.scatter(1, index, mixed)
 
@@ -166,6 +169,55 @@ def variable_swaps(
     return groups
 
 
+SOURCE = "source."  # the prefix of a paired audit set's source rows (``build_data``)
+
+
+@dataclass
+class PairedRows:
+    """An audit chunk's interchange pairs laid out for one recording forward: ``stacked`` holds
+    the base rows, then each distinct source set's rows (one for generated tasks, one per
+    variable for a file's explicit pairs), then the ``extra`` sets' rows, all padded alike."""
+
+    pairs: Pairs
+    base: Batch
+    sources: dict[str, Batch]
+    stacked: Batch
+    offsets: dict[str, int]  # each variable's first row in ``stacked``
+    extras: list[Batch]  # the extra sets, padded
+    extra_offsets: list[int]
+
+    def rows(self, cache: Mapping[str, Tensor], variable: str) -> dict[str, Tensor]:
+        """The recorded activations of ``variable``'s source rows."""
+        B, start = self.base["input_ids"].shape[0], self.offsets[variable]
+        return {k: a[start : start + B] for k, a in cache.items()}
+
+
+def paired_rows(
+    task: Task, batch: Batch, variables: Sequence[str], extra: Sequence[Batch] = (), other_sets: Sequence[str] = ()
+) -> PairedRows:
+    """The pairs of a chunk whose source rows carry the ``source.`` prefix (or the file's own
+    explicit pairs), padded and stacked with the base rows (``PairedRows``). Keys starting with
+    ``source.`` or one of ``other_sets`` are not base rows."""
+    base = {k: v for k, v in batch.items() if not k.startswith((SOURCE, *other_sets))}
+    pairs = task.explicit_pairs(base, variables)
+    if pairs is None:
+        pairs = task.pairs_from(
+            base, {k.removeprefix(SOURCE): v for k, v in batch.items() if k.startswith(SOURCE)}, variables
+        )
+    source_sets: list[Batch] = []
+    for v in variables:
+        if not any(pairs.sources[v] is s for s in source_sets):
+            source_sets.append(pairs.sources[v])
+    index = {v: next(i for i, s in enumerate(source_sets) if s is pairs.sources[v]) for v in variables}
+    padded, stacked = pad_and_stack([base, *source_sets, *extra])
+    B = base["input_ids"].shape[0]
+    return PairedRows(
+        pairs, padded[0], {v: padded[1 + index[v]] for v in variables}, stacked,
+        {v: B * (1 + index[v]) for v in variables}, padded[1 + len(source_sets) :],
+        [B * (1 + len(source_sets) + j) for j in range(len(extra))],
+    )  # fmt: skip
+
+
 def counterfactual_targets(pairs: Pairs, variables: Sequence[str]) -> tuple[Tensor, Tensor]:
     """``(V * B, A)`` counterfactual answer ids and masks, in the block order of ``variable_swaps``."""
     return torch.cat([pairs.answers[v][0] for v in variables]), torch.cat([pairs.answers[v][1] for v in variables])
@@ -207,7 +259,9 @@ def answer_predictions(answer_logits: Tensor, task: Task) -> Tensor:
     return tokens[answer_logits[..., tokens].argmax(dim=-1)]
 
 
-def interchange_hits(answer_logits: Tensor, targets: Tensor, mask: Tensor | None = None, task: Task | None = None) -> Tensor:
+def interchange_hits(
+    answer_logits: Tensor, targets: Tensor, mask: Tensor | None = None, task: Task | None = None
+) -> Tensor:
     """Per-pair IIA indicator: 1 where the intervened model's answer is the causal model's. A
     one-token answer is the argmax over the task's answer tokens; a longer one counts only
     when every token is the argmax (over the vocabulary). ``(N, A, V)`` logits, ``(N, A)``

@@ -62,6 +62,7 @@ OBJECTIVES = Builtins("objective", (
     "faithful_train.objectives.circuit:CircuitObjective",
     "faithful_train.objectives.counterfactual_context:CounterfactualContextObjective",
     "faithful_train.objectives.sae:SaeObjective",
+    "faithful_train.objectives.caft:CaftObjective",
 ))  # fmt: skip
 AUDITS = Builtins("audit", (
     "faithful_train.audits.interchange:InterchangeAudit",

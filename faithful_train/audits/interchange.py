@@ -41,15 +41,16 @@ from faithful_train.batches import (
     answer_targets,
     first_answer_logits,
     gather_positions,
-    pad_and_stack,
     tile,
 )
 from faithful_train.causal import (
+    SOURCE,
     Alignment,
     Swap,
     answer_predictions,
     counterfactual_targets,
     interchange_hits,
+    paired_rows,
     parse_alignment,
     parse_sites,
     swap_forward,
@@ -65,7 +66,7 @@ from faithful_train.modeling.randomise import randomly_initialised
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task
 
-SOURCE, RESAMPLE = "source.", "resample."
+RESAMPLE = "resample."
 CONTROLS = ("random_subspace", "random_model")
 
 
@@ -149,7 +150,9 @@ class InterchangeAudit(Audit):
         rotations = {k.removeprefix("rotation/"): v for k, v in found.tensors.items() if k.startswith("rotation/")}
         missing = sorted({ref.name for ref in self.alignment.values()} - set(rotations))
         if found.featurizer != "rotation" or missing:
-            raise ConfigError(f"audit {self.label!r}: hypothesis {self.hypothesis_path} holds no learned rotation of {missing[0] if missing else 'its sites'}")
+            raise ConfigError(
+                f"audit {self.label!r}: hypothesis {self.hypothesis_path} holds no learned rotation of {missing[0] if missing else 'its sites'}"
+            )
         return variable_bases(self.alignment, rotations)
 
     def _control_bases(self, widths: dict[str, int], device: torch.device) -> tuple[Alignment, dict[str, Tensor]]:
@@ -161,15 +164,17 @@ class InterchangeAudit(Audit):
                 for name, rank in sorted(ranks.items())
             }
         site_bases = {name: b.to(device) for name, b in self._random_bases.items()}
-        full = {var: (ref if ref.dims is not None else type(ref)(ref.name, ref.positions, ref.heads, (0, widths[ref.name]))) for var, ref in refs.items()}
+        full = {
+            var: (ref if ref.dims is not None else type(ref)(ref.name, ref.positions, ref.heads, (0, widths[ref.name])))
+            for var, ref in refs.items()
+        }
         return full, variable_bases(full, site_bases)
 
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Tensor]:
-        base = {k: v for k, v in batch.items() if not k.startswith((SOURCE, RESAMPLE))}
         variables = list(self.alignment)
-        pairs = task.explicit_pairs(base, variables)
-        if pairs is None:
-            pairs = task.pairs_from(base, {k.removeprefix(SOURCE): v for k, v in batch.items() if k.startswith(SOURCE)}, variables)
+        resample = {k.removeprefix(RESAMPLE): v for k, v in batch.items() if k.startswith(RESAMPLE)}
+        paired = paired_rows(task, batch, variables, [resample] if self.strict else [], other_sets=(RESAMPLE,))
+        pairs, base, sources, stacked = paired.pairs, paired.base, paired.sources, paired.stacked
         V, B = len(variables), base["input_ids"].shape[0]
         targets, masks = counterfactual_targets(pairs, variables)
         changed = (targets != answer_targets(base).repeat(V, 1)).any(1).view(V, -1).float()
@@ -184,15 +189,6 @@ class InterchangeAudit(Audit):
                     values[f"iia_changed/{var}"] = (hits[k], changed[k])
 
         swapped = {ref.name for ref in self.alignment.values()} | {ref.name for ref in self.strict}
-        # every distinct source set (one for generated tasks, one per variable for explicit pairs)
-        source_sets: list[Batch] = []
-        for v in variables:
-            if not any(pairs.sources[v] is s for s in source_sets):
-                source_sets.append(pairs.sources[v])
-        index = {v: next(i for i, s in enumerate(source_sets) if s is pairs.sources[v]) for v in variables}
-        resample = {k.removeprefix(RESAMPLE): v for k, v in batch.items() if k.startswith(RESAMPLE)}
-        padded, stacked = pad_and_stack([base, *source_sets, *([resample] if self.strict else [])])
-        base, sources = padded[0], {v: padded[1 + index[v]] for v in variables}
         models = [("", model)]
         if "random_model" in self.controls:
             if self._random_model is None:
@@ -202,9 +198,11 @@ class InterchangeAudit(Audit):
         for prefix, net in models:
             plan = None if multi_token else plan_resume(net, swapped)
             record_sites = swapped | ({plan.site} if plan else set())
-            logits, cache = run_with(net, stacked["input_ids"], record=record_sites, attention_mask=stacked.get("attention_mask"))
+            logits, cache = run_with(
+                net, stacked["input_ids"], record=record_sites, attention_mask=stacked.get("attention_mask")
+            )
             base_cache = {k: v[:B] for k, v in cache.items()}
-            activations = {v: {k: a[B * (1 + index[v]) : B * (2 + index[v])] for k, a in cache.items()} for v in variables}
+            activations = {v: paired.rows(cache, v) for v in variables}
             groups = variable_swaps(self.alignment, variables, base, sources, activations, self._bases())
             group_targets = [targets]
             if prefix == "":
@@ -214,8 +212,13 @@ class InterchangeAudit(Audit):
                     groups += variable_swaps(refs, variables, base, sources, activations, bases)
                     group_targets.append(targets)
                 if self.strict:
-                    start = B * (1 + len(source_sets))
-                    groups.append([Swap(ref, cache[ref.name][start:], None, *swap_positions(ref, base, padded[-1])) for ref in self.strict])
+                    start = paired.extra_offsets[0]
+                    groups.append(
+                        [
+                            Swap(ref, cache[ref.name][start:], None, *swap_positions(ref, base, paired.extras[0]))
+                            for ref in self.strict
+                        ]
+                    )
                     group_targets.append(answer_targets(base))
             variant_ids = None
             if multi_token:
@@ -228,9 +231,10 @@ class InterchangeAudit(Audit):
             if prefix == "" and "random_subspace" in self.controls:
                 record("control/random_subspace/", answers[V * B : 2 * V * B])
             if prefix == "" and self.strict:
-                clean = answer_predictions(first_answer_logits(gather_positions(logits[:B], answer_positions(base))), task)
+                clean = answer_predictions(
+                    first_answer_logits(gather_positions(logits[:B], answer_positions(base))), task
+                )
                 strict = answer_predictions(first_answer_logits(answers[-B:]), task)
                 values["strict_iia"] = (strict == base["labels"]).float()
                 values["strict_changed"] = (strict != clean).float()
         return values
-

@@ -8,7 +8,8 @@
 
 Figures (over the real tokens of the audit set):
 
-- ``fvu``: ``sum((x - x_hat)^2) / sum((x - mean(x))^2)`` over the whole set;
+- ``fvu``: ``sum((x - x_hat)^2) / sum((x - mean(x))^2)`` over the whole set (its real tokens,
+  or the positions the objective trains on);
 - ``l0``: active latents per token; ``dead``: the share of latents never active on the set;
 - ``ce_recovered``: with the SAE's reconstruction spliced in at the site (every token),
   ``(CE_zero - CE_sae) / (CE_zero - CE_clean)`` on the answer, against zero-ablating the site
@@ -17,10 +18,28 @@ Figures (over the real tokens of the audit set):
 
 The spliced and the zero-ablated forwards run as two variants of one engine call. A
 transcoder (an objective with ``target``) reports ``fvu`` against its target and no splice.
+
+Alignment with the task's variables and concepts (``variables: {name: positions}``, where the
+latents are read; ``faithful_train.latents``), measured on a seeded selection set of its own:
+
+- ``auroc/<v>/<value>``: the best latent's AUROC for telling that value from the rest (either
+  sign: a latent silent for exactly that value tells it too, as a one-latent probe does);
+  ``auroc/<v>`` their mean over the values;
+- ``latent_iia/<v>`` (task variables): interchange intervention accuracy when only the
+  ``max_latents`` latents most aligned with ``v`` are swapped from a source input at ``v``'s
+  positions of ``<site>.sae`` (the rest of the site, reconstruction error included, kept):
+  the variable is *carried* by those few latents if the model then answers as the causal model
+  says (Geiger et al. 2021; latents as the featurizer, Huang et al. 2024, RAVEL);
+- with ``ladder: true``, ``latent_iia/<v>/top<n>`` for n = 1, 2, 4, ... up to every latent, and
+  ``latents_needed/<v>``: the fewest of those that reach ``iia_bar`` (``inf``: none does).
+
+Every swap (variables x ladder) is one variant of the same engine call, resumed at the site.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +48,27 @@ from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
 from faithful_train.batches import answer_positions, first_answer_logits, gather_positions
+from faithful_train.causal import (
+    SOURCE,
+    Swap,
+    counterfactual_targets,
+    interchange_hits,
+    paired_rows,
+    swap_forward,
+    swap_positions,
+)
 from faithful_train.engine import plan_resume, run_variants
 from faithful_train.errors import ConfigError
-from faithful_train.sae import SparseAutoencoder, load_saelens, site_rows, site_width
-from faithful_train.sites import run_with, validate_sites
+from faithful_train.latents import (
+    alignment_ranking,
+    check_labelled,
+    label_values,
+    one_hot_basis,
+    read_scores,
+    value_aurocs,
+)
+from faithful_train.sae import SparseAutoencoder, attach_sae, load_saelens, site_rows, site_width, token_rows
+from faithful_train.sites import SiteRef, run_with, validate_sites
 from faithful_train.tasks.base import Batch, Task
 
 TOTALS = ("sse", "sum", "sum_sq", "rows", "fired", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "examples")
@@ -41,32 +77,70 @@ TOTALS = ("sse", "sum", "sum_sq", "rows", "fired", "ce_clean", "ce_sae", "ce_zer
 class SaeAudit(Audit):
     name = "sae"
 
-    def __init__(self, sae: str | None = None, path: str | None = None, site: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        sae: str | None = None,
+        path: str | None = None,
+        site: str | None = None,
+        variables: dict[str, Any] | None = None,
+        max_latents: int = 4,
+        ladder: bool = False,
+        iia_bar: float = 0.9,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         if (sae is None) == (path is None):
-            raise ConfigError(f"audit {self.label!r}: give sae (an sae objective's label) or path (an SAE folder), one of them")
+            raise ConfigError(
+                f"audit {self.label!r}: give sae (an sae objective's label) or path (an SAE folder), one of them"
+            )
         if path is not None and site is None:
             raise ConfigError(f"audit {self.label!r}: an SAE read from a folder needs the site it reads (site: ...)")
+        if max_latents < 1 or not 0 < iia_bar <= 1:
+            raise ConfigError(
+                f"audit {self.label!r}: max_latents >= 1 and 0 < iia_bar <= 1 required, got {max_latents}, {iia_bar}"
+            )
         self.objective_label, self.path, self.site = sae, path, site
+        # where each variable's latents are read: positions of <site>.sae (the name is filled in on attach)
+        self.variables = {
+            str(v): SiteRef.parse({"site": "", **_positions(spec, f"audit {self.label!r} variables.{v}")})
+            for v, spec in (variables or {}).items()
+        }
+        self.max_latents, self.ladder, self.iia_bar = int(max_latents), bool(ladder), float(iia_bar)
         self.target: str | None = None
         self.sae_module: SparseAutoencoder | None = None
         self._run_dir: Path | None = None
+        self._task_variables: tuple[str, ...] = ()
+        self._chosen: dict[str, Tensor] = {}  # each variable's latents, most aligned first
+        self._alignment: dict[str, float] = {}
 
     def metric_names(self, task: Task) -> list[str]:
-        return ["fvu", "l0", "dead", "ce_recovered", "kl_recovered", "ce_clean", "ce_sae", "ce_zero"]
+        names = ["fvu", "l0", "dead", "ce_recovered", "kl_recovered", "ce_clean", "ce_sae", "ce_zero"]
+        for v in self.variables:
+            names.append(f"auroc/{v}")
+            if v in task.variables:
+                names += [f"latent_iia/{v}"] + ([f"latents_needed/{v}"] if self.ladder else [])
+        return names
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         if self.site is not None:
             validate_sites(model, [self.site])
             self._width = site_width(model, task, self.site)
+        for v, ref in self.variables.items():
+            check_labelled(task, v, f"audit {self.label!r}")
         super().bind(model, task, run_seed)
 
     def attach(self, pl_module: Any) -> None:
         if self.objective_label is not None:
-            module = pl_module.objective_modules[self.objective_label] if self.objective_label in pl_module.objective_modules else None
+            module = (
+                pl_module.objective_modules[self.objective_label]
+                if self.objective_label in pl_module.objective_modules
+                else None
+            )
             if not isinstance(module, SparseAutoencoder):
                 names = sorted(k for k, m in pl_module.objective_modules.items() if isinstance(m, SparseAutoencoder))
-                raise ConfigError(f"audit {self.label!r}: no sae objective labelled {self.objective_label!r}; sae objectives: {names or 'none'}")
+                raise ConfigError(
+                    f"audit {self.label!r}: no sae objective labelled {self.objective_label!r}; sae objectives: {names or 'none'}"
+                )
             self.sae_module, self.site, self.target = module, module.site, module.target
         elif self.sae_module is None:
             folder = Path(self.path)
@@ -74,6 +148,65 @@ class SaeAudit(Audit):
                 folder = self._run_dir / folder
             self.sae_module, _ = load_saelens(folder, self._width, where=f"audit {self.label!r} path")
             self.sae_module.to(next(pl_module.model.parameters()).device)
+        if self.variables:
+            if self.target is not None:
+                raise ConfigError(f"audit {self.label!r}: latent alignment needs an SAE of its site, not a transcoder")
+            name = attach_sae(pl_module.model, self.site, self.sae_module, f"audit {self.label!r}")
+            self.variables = {v: replace(ref, name=name) for v, ref in self.variables.items()}
+
+    @property
+    def iia_variables(self) -> list[str]:
+        return [v for v in self.variables if v in self._task_variables]
+
+    def build_data(self, task: Task, seed: int) -> Batch:
+        self._task_variables = tuple(task.variables)
+        base = task.sample(self.n_examples, seed)
+        if not self.iia_variables:
+            return base
+        return base | {SOURCE + k: v for k, v in task.sample(self.n_examples, seed + 1).items()}
+
+    def evaluate(self, model: nn.Module, task: Task, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+        """The latents most aligned with each variable are chosen first, on the selection set
+        (whole on every rank, so every rank swaps the same latents); then the audit set."""
+        self.data(task)
+        if self.variables:
+            self._align(model, task)
+        results = super().evaluate(model, task, rank, world_size) | self._alignment
+        for v in self.iia_variables if self.ladder else ():
+            reached = [n for n in self._ladder() if results[f"latent_iia/{v}/top{n}"] >= self.iia_bar]
+            results[f"latents_needed/{v}"] = float(min(reached)) if reached else math.inf
+        return dict(sorted(results.items()))
+
+    def _ladder(self) -> list[int]:
+        width = self.sae_module.n_latents
+        counts = {self.max_latents} | (
+            {min(2**i, width) for i in range(width.bit_length() + 1)} if self.ladder else set()
+        )
+        return sorted(n for n in counts if n <= width)
+
+    def _align(self, model: nn.Module, task: Task) -> None:
+        selection = task.sample(
+            self.n_examples, int(self.seed) + 3
+        )  # its own seed: chosen on other examples than measured
+        device = next(model.parameters()).device
+        was_training, sae_training = model.training, self.sae_module.training
+        model.eval(), self.sae_module.eval()
+        try:
+            selection = {k: v.to(device) for k, v in selection.items()}
+            scores = read_scores(model, self.variables, selection, self.batch_size)
+        finally:
+            model.train(was_training), self.sae_module.train(sae_training)
+        figures: dict[str, float] = {}
+        for v, score in scores.items():
+            values = label_values(selection, v)
+            aurocs = value_aurocs(score, values)
+            names = task.concepts.get(v) if v not in task.variables else None
+            best = {c: float(torch.maximum(a, 1 - a).max()) for c, a in aurocs.items()}  # either sign, as a 1-d probe
+            for c, value in best.items():
+                figures[f"auroc/{v}/{names[c] if names else c}"] = value
+            figures[f"auroc/{v}"] = sum(best.values()) / max(len(best), 1)
+            self._chosen[v] = alignment_ranking(aurocs, score, values)[0]
+        self._alignment = figures
 
     def use_hypotheses(self, files: Any) -> None:
         self._run_dir = files.run_dir
@@ -88,26 +221,46 @@ class SaeAudit(Audit):
             sae.train(was_training)
 
     def _measure(self, model: nn.Module, task: Task, batch: Batch, sae: SparseAutoencoder) -> dict[str, Any]:
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        sites = [self.site] + ([self.target] if self.target else [])
-        plan = plan_resume(model, [self.site])  # the splice resumes from this forward's activations
-        logits, cache = run_with(model, ids, record=sites + ([plan.site] if plan else []), attention_mask=mask)
-        x = site_rows(cache[self.site], mask).float()
-        y = site_rows(cache[self.target], mask).float() if self.target else x
+        variables = self.iia_variables
+        paired = paired_rows(task, batch, variables) if variables else None
+        latent_site = [next(iter(self.variables.values())).name] if variables else []
+        sites = [self.site] + ([self.target] if self.target else []) + latent_site
+        plan = plan_resume(model, sites)  # the splice and the swaps resume from this forward's activations
+        stacked = paired.stacked if paired else batch
+        logits, cache = run_with(
+            model,
+            stacked["input_ids"],
+            record=sites + ([plan.site] if plan else []),
+            attention_mask=stacked.get("attention_mask"),
+        )
+        if paired:
+            batch = paired.base
+            B = batch["input_ids"].shape[0]
+            sources, logits, cache = (
+                {v: paired.rows(cache, v) for v in variables},
+                logits[:B],
+                {k: a[:B] for k, a in cache.items()},
+            )
+        ids = batch["input_ids"]
+        rows = token_rows(batch, getattr(sae, "rows_at", None))  # the tokens the SAE reads (and is spliced in at)
+        x = site_rows(cache[self.site], rows).float()
+        y = site_rows(cache[self.target], rows).float() if self.target else x
         out = sae(x, y)
         totals = {
             "sse": (y - out.reconstruction).pow(2).sum(), "sum": y.sum(0), "sum_sq": y.pow(2).sum(0),
             "rows": torch.tensor(float(y.shape[0])), "fired": (out.latents > 0).sum(0).float(),
         }  # fmt: skip
-        values: dict[str, Any] = {"l0": ((out.latents > 0).float().sum(-1).mean()[None], torch.tensor([float(y.shape[0])], device=y.device))}
+        values: dict[str, Any] = {
+            "l0": ((out.latents > 0).float().sum(-1).mean()[None], torch.tensor([float(y.shape[0])], device=y.device))
+        }
         if self.target is None:
             clean_values = cache[self.site]
             recon = torch.zeros_like(clean_values, dtype=out.reconstruction.dtype)
-            if mask is None:
+            if rows is None:
                 recon = out.reconstruction.view(clean_values.shape)
             else:
-                recon[mask.bool()] = out.reconstruction
-                recon = torch.where(mask.bool()[..., None], recon, clean_values.float())
+                recon[rows] = out.reconstruction
+                recon = torch.where(rows[..., None], recon, clean_values.float())
             recon = recon.to(clean_values.dtype)
 
             def splice(t: Tensor, variants: range) -> Tensor:  # variant 0: the SAE's reconstruction; 1: zeros
@@ -128,12 +281,45 @@ class SaeAudit(Audit):
 
             totals |= {"ce_clean": ce(logp), "ce_sae": ce(spliced), "ce_zero": ce(zeroed), "kl_sae": kl(spliced),
                        "kl_zero": kl(zeroed), "examples": torch.tensor(float(B))}  # fmt: skip
+        if paired:
+            values |= self._latent_iia(model, task, batch, paired, sources, cache)
         return values | {k: Total(v.detach().double()) for k, v in totals.items()}
+
+    def _latent_iia(
+        self, model: nn.Module, task: Task, base: Batch, paired: Any, sources: dict, cache: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Per-pair hits of every (variable, latent count) swap, all variants of one engine call."""
+        variables, counts = self.iia_variables, self._ladder()
+        targets, masks = counterfactual_targets(paired.pairs, variables)
+        B, width = base["input_ids"].shape[0], self.sae_module.n_latents
+        groups, keys, rows = [], [], []
+        for k, v in enumerate(variables):
+            ref = self.variables[v]
+            positions, source_positions = swap_positions(ref, base, paired.sources[v])
+            for n in counts:
+                basis = one_hot_basis(self._chosen[v][:n].to(targets.device), width)
+                groups.append([Swap(ref, sources[v][ref.name], basis, positions, source_positions)])
+                keys.append((v, n))
+                rows.append(k)
+        answers = swap_forward(model, base, groups, cache)
+        values: dict[str, Tensor] = {}
+        for g, ((v, n), k) in enumerate(zip(keys, rows)):
+            hits = interchange_hits(
+                answers[g * B : (g + 1) * B], targets[k * B : (k + 1) * B], masks[k * B : (k + 1) * B], task
+            )
+            if self.ladder:
+                values[f"latent_iia/{v}/top{n}"] = hits
+            if n == self.max_latents:
+                values[f"latent_iia/{v}"] = hits
+        return values
 
     def summarise(self, totals: dict[str, Tensor], task: Task) -> dict[str, float]:
         rows = float(totals["rows"])
         variance = (totals["sum_sq"] - totals["sum"].pow(2) / rows).sum()
-        out = {"fvu": float(totals["sse"] / variance.clamp_min(1e-12)), "dead": float((totals["fired"] == 0).double().mean())}
+        out = {
+            "fvu": float(totals["sse"] / variance.clamp_min(1e-12)),
+            "dead": float((totals["fired"] == 0).double().mean()),
+        }
         if "examples" in totals:
             n = float(totals["examples"])
             clean, spliced, zero = (float(totals[k]) / n for k in ("ce_clean", "ce_sae", "ce_zero"))
@@ -142,3 +328,17 @@ class SaeAudit(Audit):
             kl_zero = float(totals["kl_zero"])
             out["kl_recovered"] = 1 - float(totals["kl_sae"]) / kl_zero if kl_zero > 1e-12 else float("nan")
         return out
+
+
+def _positions(spec: Any, where: str) -> dict[str, Any]:
+    """A variable's entry: ``null`` (every position), positions (ints, ``answer``, a span) or ``{positions: ...}``."""
+    if spec is None:
+        return {}
+    if isinstance(spec, dict) or hasattr(spec, "keys"):
+        unknown = set(spec) - {"positions"}
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key {sorted(unknown)[0]!r}; give positions (where its latents are read)"
+            )
+        return dict(spec)
+    return {"positions": spec}

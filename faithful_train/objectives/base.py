@@ -111,6 +111,11 @@ class Objective(Callback, ABC):
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         """Check names against the model and task before training (raise FaithfulError)."""
 
+    def attach(self, pl_module: LightningModule) -> None:
+        """Take what the objective needs from the module before training (e.g. another
+        objective's SAE, ``pl_module.objective_modules[label]``); raise a ``FaithfulError`` if it
+        is not there. Default: nothing."""
+
     def module(self) -> nn.Module | None:
         """Trainable parameters of the objective (e.g. a DAS rotation). The FaithfulModule owns
         them (``objective_modules.<label>``), so the optimizer, checkpoints and DDP see them."""
@@ -119,6 +124,13 @@ class Objective(Callback, ABC):
     def sites(self) -> list[str]:
         """Site names the step's forward must record for this objective."""
         return []
+
+    def step_edits(self, model: nn.Module, task: Task, step: int, batch: Batch) -> dict[str, Any]:
+        """Edits (site name -> function of the activation) applied in the step's own forward on
+        ``batch``, the
+        one the task loss and every term read (e.g. CAFT's ablation); validation and audits run
+        the plain model. Asked only while the objective is active. Default: none."""
+        return {}
 
     @abstractmethod
     def term(self, ctx: StepContext) -> Tensor:

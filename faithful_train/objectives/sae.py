@@ -5,17 +5,23 @@ from the activations the step's forward already recorded (no second pass, no cac
       - name: sae
         site: blocks.1.resid_post      # what it reads (and, without target, reconstructs)
         target: blocks.1.mlp.out       # optional: a transcoder, site -> target
+        positions: null                # optional: train on these positions only (ints,
+                                       # answer, a span): an SAE of the last token, say
         expansion: 8                   # n_latents = expansion * width (or n_latents: N)
         k: 16
         activation: topk               # batch_topk | jumprelu | relu
         lr: 1.0e-3                     # its own learning rate (default: the model's)
         auxk_alpha: 0.03125            # AuxK on latents dead for dead_after tokens
         joint: false                   # true: the model is trained to be reconstructable too
+        # path: saes/elsewhere         # start from an SAE in SAELens's layout (width, k and
+        #                                activation from the file), or keep it as it is:
+        # train: false                 # a fixed SAE: its latents are the site <site>.sae
 
     term = FVU + auxk_alpha * AuxK  (+ l1 * L1 for relu, + l0 * L0 for jumprelu)
 
 Detached by default: the term's gradient reaches the SAE only, and the model trains as without
-it. Padding is masked (only real tokens are rows). Decoder rows stay unit norm (the gradient
+it. A fixed SAE (``train: false``, usually from ``path``) is not trained; its fit is still
+logged. Padding is masked (only real tokens are rows). Decoder rows stay unit norm (the gradient
 along them removed before each step, the rows renormalised after). ``b_dec`` starts at the
 first batch's mean. The SAE is written in SAELens's layout to ``<run dir>/saes/<label>/`` at
 each checkpoint and at the end (``sae.save_saelens``). Formulas and sources: ``faithful_train/sae.py``.
@@ -30,10 +36,19 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
+from faithful_train.causal import check_positions
 from faithful_train.errors import ConfigError
 from faithful_train.objectives.base import Objective, StepContext
-from faithful_train.sae import SparseAutoencoder, save_saelens, site_rows, site_width
-from faithful_train.sites import attach_featurizer, validate_sites
+from faithful_train.sae import (
+    SparseAutoencoder,
+    attach_sae,
+    load_saelens,
+    save_saelens,
+    site_rows,
+    site_width,
+    token_rows,
+)
+from faithful_train.sites import SiteRef, validate_sites
 from faithful_train.tasks.base import Task
 
 
@@ -55,6 +70,9 @@ class SaeObjective(Objective):
         l0: float = 0.0,
         joint: bool = False,
         normalize_decoder: bool = True,
+        path: str | None = None,
+        train: bool = True,
+        positions: Any = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -66,24 +84,52 @@ class SaeObjective(Objective):
         self.site, self.target = site, target
         self.expansion, self.n_latents, self.k, self.activation = int(expansion), n_latents, int(k), activation
         self.lr, self.auxk_alpha, self.dead_after = lr, float(auxk_alpha), int(dead_after)
-        self.l1, self.l0, self.joint, self.normalize_decoder = float(l1), float(l0), bool(joint), bool(normalize_decoder)
+        self.l1, self.l0, self.joint, self.normalize_decoder = (
+            float(l1),
+            float(l0),
+            bool(joint),
+            bool(normalize_decoder),
+        )
         if activation == "relu" and l1 == 0:
             raise ConfigError(f"objective {self.label!r}: a relu SAE needs an l1 coefficient > 0 (its only sparsity)")
+        self.path, self.train = path, bool(train)
+        self.rows_at = None if positions is None else SiteRef.parse({"site": site, "positions": positions})
+        if path is not None and target is not None:
+            raise ConfigError(f"objective {self.label!r}: a transcoder (target) cannot be read from a folder (path)")
         self.sae: SparseAutoencoder | None = None
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         validate_sites(model, [self.site] + ([self.target] if self.target else []))
+        if self.rows_at is not None:
+            check_positions(self.rows_at, task)
         d_in = site_width(model, task, self.site)
         d_out = site_width(model, task, self.target) if self.target else None
-        n_latents = self.n_latents or self.expansion * d_in
-        with torch.random.fork_rng():
-            torch.manual_seed(run_seed + 7919)  # the SAE's start depends on the run's seed only
-            self.sae = SparseAutoencoder(d_in, n_latents, k=self.k, activation=self.activation, d_out=d_out, normalize_decoder=self.normalize_decoder)
-        self.sae.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
-        self.sae.lr = self.lr  # its own parameter group (FaithfulModule.configure_optimizers)
-        self.sae.site, self.sae.target = self.site, self.target  # what the sae audit reads
+        if self.path is not None:
+            self.sae, _ = load_saelens(self.path, d_in, where=f"objective {self.label!r} path")
+            self.sae.initialised.fill_(True)
+            self.k, self.activation = self.sae.k, self.sae.activation
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(run_seed + 7919)  # the SAE's start depends on the run's seed only
+                n_latents = self.n_latents or self.expansion * d_in
+                self.sae = SparseAutoencoder(
+                    d_in,
+                    n_latents,
+                    k=self.k,
+                    activation=self.activation,
+                    d_out=d_out,
+                    normalize_decoder=self.normalize_decoder,
+                )
+        self.sae.register_buffer("tokens_since_fired", torch.zeros(self.sae.n_latents, dtype=torch.long))
+        self.sae.requires_grad_(self.train)
+        self.sae.lr = self.lr if self.train else None  # its own parameter group (FaithfulModule.configure_optimizers)
+        self.sae.site, self.sae.target, self.sae.rows_at = (
+            self.site,
+            self.target,
+            self.rows_at,
+        )  # what the sae audit reads
         if self.target is None:  # its latents become a site: <site>.sae, for any objective or audit
-            attach_featurizer(model, self.site, self.sae)
+            attach_sae(model, self.site, self.sae, f"objective {self.label!r}")
 
     def module(self) -> nn.Module | None:
         return self.sae
@@ -93,12 +139,15 @@ class SaeObjective(Objective):
 
     def term(self, ctx: StepContext) -> Tensor:
         sae = self.sae
-        mask = ctx.batch.get("attention_mask")
-        x = site_rows(ctx.cache[self.site], mask)
-        y = site_rows(ctx.cache[self.target], mask) if self.target else None
+        x, y = self._rows(ctx, self.site), self._rows(ctx, self.target) if self.target else None
         if not self.joint:
             x, y = x.detach(), None if y is None else y.detach()
         x, y = x.float(), None if y is None else y.float()
+        if not self.train:  # fixed: only its fit is logged
+            with torch.no_grad():
+                out = sae(x, y)
+            self.parts = {"fvu": out.fvu, "l0": out.l0}
+            return out.fvu.new_zeros(())
         sae.initialise_from(x, y)
         dead = sae.tokens_since_fired > self.dead_after
         out = sae(x, y, dead_mask=dead if self.auxk_alpha > 0 else None)
@@ -109,8 +158,17 @@ class SaeObjective(Objective):
             term = term + self.l1 * out.sparsity
         elif self.activation == "jumprelu":
             term = term + self.l0 * out.sparsity
-        self.parts = {"fvu": out.fvu.detach(), "l0": out.l0.detach(), "dead": dead.float().mean(), "auxk": out.auxk.detach()}
+        self.parts = {
+            "fvu": out.fvu.detach(),
+            "l0": out.l0.detach(),
+            "dead": dead.float().mean(),
+            "auxk": out.auxk.detach(),
+        }
         return term
+
+    def _rows(self, ctx: StepContext, site: str) -> Tensor:
+        """The site's values at the real tokens (padding left out), or at ``positions`` only."""
+        return site_rows(ctx.cache[site], token_rows(ctx.batch, self.rows_at))
 
     # -- unit-norm decoder and files ----------------------------------------------------------
 
@@ -119,7 +177,7 @@ class SaeObjective(Objective):
             self.sae.remove_gradient_parallel_to_decoder_directions()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self.sae is not None and self.sae.normalize_decoder:
+        if self.sae is not None and self.sae.normalize_decoder and self.train:
             self.sae.set_decoder_norm_to_unit_norm()
 
     def folder(self, trainer: Trainer) -> Path:

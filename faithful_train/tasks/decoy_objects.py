@@ -6,7 +6,9 @@ training stream (``generate``) the tag names the right class with probability ``
 (1: always); in the fixed validation and audit sets (``sample``) it is a random class. A model
 that learns the tag instead of the rule over the concepts scores well in training and near
 chance at test. ``irrelevant`` marks the tag (and the noise), so a "right for the right
-reasons" term can penalise attribution on it.
+reasons" term can penalise attribution on it. The tag's class is the variable ``decoy``
+(``var/decoy``), which the causal model's label ignores: CAFT and the sae audit find the
+latents that carry it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from faithful_train.tasks.concept_objects import ConceptObjects
 
 class DecoyObjects(ConceptObjects):
     name = "decoy_objects"
+    variables = (*ConceptObjects.variables, "decoy")
 
     def __init__(self, decoy_rate: float = 1.0, **kwargs):
         super().__init__(**kwargs)
@@ -56,7 +59,7 @@ class DecoyObjects(ConceptObjects):
         n = len(batch["labels"])
         random = torch.randint(0, self.n_classes, (n,), generator=generator)
         tag = torch.where(torch.rand(n, generator=generator) < rate, batch["labels"], random)
-        batch["decoy"] = tag
+        batch["decoy"] = batch["var/decoy"] = tag
         batch["input_ids"] = self._insert(batch["input_ids"], self.tag_token0 + tag)
         batch["irrelevant"] = self._insert(batch["irrelevant"], torch.ones(n, dtype=torch.bool))
         return batch

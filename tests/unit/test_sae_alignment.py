@@ -1,0 +1,175 @@
+"""Latent–variable alignment (``faithful_train.latents``), the ``sae`` audit's AUROC and latent
+IIA on a planted model whose latents are known, and the ``caft`` objective's ablation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from faithful_train.audits.sae import SaeAudit
+from faithful_train.batches import gather_positions
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.latents import alignment_ranking, one_hot_basis, value_aurocs
+from faithful_train.objectives.caft import CaftObjective
+from faithful_train.sae import SparseAutoencoder, attach_sae
+from faithful_train.sites import HookPoint, SitePoint, run_with
+from faithful_train.tasks.decoy_objects import DecoyObjects
+from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+from tests.conftest import tiny_transformer
+
+
+def test_value_aurocs_and_ranking():
+    values = torch.tensor([0, 0, 1, 1, 2, 2])
+    scores = torch.tensor(
+        [[1.0, 0.0, 0.3], [1.0, 0.0, 0.1], [0.0, 2.0, 0.2], [0.0, 2.0, 0.3], [0.0, 0.0, 0.1], [0.0, 0.0, 0.2]]
+    )  # latent 0 fires for value 0, latent 1 for value 1, latent 2 is noise
+    aurocs = value_aurocs(scores, values)
+    assert set(aurocs) == {0, 1, 2}
+    assert aurocs[0][0] == 1.0 and aurocs[1][1] == 1.0
+    assert aurocs[2][0] == pytest.approx(0.25)  # ties count half: silent for 2, and for 1 too
+    order, strength = alignment_ranking(aurocs)
+    assert order[:2].tolist() == [0, 1] and strength[0] == 0.5 and strength[-1] < 0.5
+    # a one-hot basis swaps exactly the chosen latents
+    from faithful_train.interventions import interchange
+
+    base, source = torch.zeros(2, 5), torch.arange(10.0).view(2, 5)
+    swapped = interchange(base, source, torch.ones(1, 5, dtype=torch.bool), one_hot_basis(torch.tensor([3, 1]), 5))
+    assert torch.equal(swapped, torch.tensor([[0.0, 1, 0, 3, 0], [0, 6, 0, 8, 0]]))
+
+
+class PlantedLatents(nn.Module):
+    """Hierarchical equality by hand: site ``h`` holds ``[copy of left, left, right]`` at every
+    position; the answer reads units 1 and 2 only, so the copy (unit 0) is aligned with left as
+    well as unit 1 is, and changes nothing. Through an identity SAE (latent i = relu(h_i)):
+    swapping the most aligned latent of left (the copy, index 0 first) moves nothing; swapping
+    two moves left; right is carried by one latent."""
+
+    def __init__(self, task: HierarchicalEquality):
+        super().__init__()
+        self.task, self.hook_h = task, HookPoint()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def site_points(self):
+        return {"h": SitePoint(self.hook_h)}
+
+    def forward(self, ids, attention_mask=None, positions=None, narrow=True):
+        w, x, y, z = ids.unbind(1)
+        left, right = (w == x).float(), (y == z).float()
+        h = self.hook_h(torch.stack([left, left, right], -1)[:, None].repeat(1, 4, 1))
+        same = 1 - (h[:, -1, 1] - h[:, -1, 2]).abs()
+        logits = torch.zeros(ids.shape[0], 4, self.task.vocab_size) + self.dummy
+        logits[:, -1, self.task.true_token] = 10 * same
+        logits[:, -1, self.task.false_token] = 10 * (1 - same)
+        return logits if positions is None else gather_positions(logits, positions)
+
+
+def _identity_sae(width: int) -> SparseAutoencoder:
+    sae = SparseAutoencoder(width, 2 * width, k=2 * width, normalize_decoder=False)
+    eye = torch.eye(width)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.cat([eye, -eye]))
+        sae.encoder.bias.zero_()
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_dec.zero_()
+    return sae
+
+
+class _Module(nn.Module):
+    def __init__(self, model, sae):
+        super().__init__()
+        self.model, self.objective_modules = model, nn.ModuleDict({"sae": sae})
+
+
+def _planted():
+    task = HierarchicalEquality()
+    model, sae = PlantedLatents(task), _identity_sae(3)
+    sae.site, sae.target = "h", None
+    attach_sae(model, "h", sae, "test")
+    return task, model, sae
+
+
+def test_the_audit_finds_the_latents_that_carry_each_variable():
+    task, model, sae = _planted()
+    audit = SaeAudit(
+        sae="sae",
+        variables={"left": [3], "right": {"positions": [3]}},
+        max_latents=2,
+        ladder=True,
+        n_examples=256,
+        batch_size=128,
+    )
+    audit.bind(model, task)
+    audit.attach(_Module(model, sae))
+    figures = audit.evaluate(model, task)
+    assert figures["auroc/left/0"] == figures["auroc/left/1"] == figures["auroc/left"] == 1.0
+    assert figures["auroc/right"] == 1.0
+    assert 0.35 < figures["latent_iia/left/top1"] < 0.65  # the copy: right only where the label stays
+    assert figures["latent_iia/left/top2"] == figures["latent_iia/left"] == 1.0
+    assert figures["latent_iia/right/top1"] == 1.0
+    assert figures["latents_needed/left"] == 2 and figures["latents_needed/right"] == 1
+    assert figures["fvu"] == pytest.approx(0.0, abs=1e-6)
+    # a bar no count reaches: inf
+    strict = SaeAudit(sae="sae", variables={"left": [3]}, max_latents=1, ladder=True, iia_bar=1.0, n_examples=64)
+    strict.bind(model, task)
+    strict.attach(_Module(model, sae))
+    with torch.no_grad():
+        sae.W_dec[1].zero_()  # left's real latent no longer decodes: no swap moves left
+    assert math.isinf(strict.evaluate(model, task)["latents_needed/left"])
+
+
+def test_the_audit_checks_its_variables():
+    task, model, sae = _planted()
+    with pytest.raises(UnknownNameError, match="variable or concept"):
+        SaeAudit(sae="sae", variables={"middle": [3]}).bind(model, task)
+    with pytest.raises(ConfigError, match="unknown key 'site'"):
+        SaeAudit(sae="sae", variables={"left": {"site": "h"}})
+    other = _identity_sae(3)
+    with pytest.raises(ConfigError, match="already holds another SAE"):
+        attach_sae(model, "h", other, "audit 'x'")
+
+
+def test_caft_ablates_the_concepts_latents_in_the_steps_forward_only():
+    torch.manual_seed(0)
+    task = DecoyObjects()
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    width = 32
+    sae = SparseAutoencoder(width, 64, k=8)
+    sae.site, sae.target = "blocks.0.resid_post", None
+    attach_sae(model, "blocks.0.resid_post", sae, "test")
+    objective = CaftObjective(concept="decoy", positions=[-2], min_auroc=0.6, probe_examples=256, ablation="latents")
+    objective.bind(model, task)
+    objective.attach(_Module(model, sae))
+    batch = task.sample(16, 5)
+    edits = objective.step_edits(model, task, 0, batch)
+    chosen = objective.ablated
+    assert len(chosen) >= 1 and objective.strength >= 0.6
+    ids = batch["input_ids"]
+    _, clean = run_with(model, ids, record=["blocks.0.resid_post", "blocks.0.resid_post.sae"])
+    logits, edited = run_with(model, ids, record=["blocks.1.resid_pre"], edits=edits)
+    z = clean["blocks.0.resid_post.sae"][..., chosen]
+    expected = clean["blocks.0.resid_post"].clone()
+    expected[:, -2] -= z[:, -2] @ sae.W_dec[chosen]  # at the tag's position only, where they were read
+    torch.testing.assert_close(edited["blocks.1.resid_pre"], expected, atol=1e-5, rtol=1e-5)
+    logits.sum().backward()  # the task loss reaches the model, never the SAE
+    assert all(p.grad is None for p in sae.parameters())
+    assert model.blocks[0].attn.qkv.weight.grad is not None if hasattr(model.blocks[0].attn, "qkv") else True
+    assert objective.step_edits(model, task, 1, batch) and objective.ablated is chosen  # chosen once (refresh_every 0)
+    # the paper's projection: nothing left along the chosen decoder directions, there only
+    projection = CaftObjective(concept="decoy", positions=[-2], min_auroc=0.6, probe_examples=256)
+    projection.bind(model, task)
+    projection.attach(_Module(model, sae))
+    _, projected = run_with(model, ids, record=["blocks.1.resid_pre"], edits=projection.step_edits(model, task, 0, batch))
+    directions = sae.W_dec.detach()[projection.ablated]
+    torch.testing.assert_close(projected["blocks.1.resid_pre"][:, -2] @ directions.T, torch.zeros(16, len(directions)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(projected["blocks.1.resid_pre"][:, :-2], clean["blocks.0.resid_post"][:, :-2])
+    state = objective.state_dict()
+    again = CaftObjective(concept="decoy")
+    again.load_state_dict(state)
+    assert torch.equal(again.ablated, chosen)
+    with pytest.raises(UnknownNameError, match="variable or concept"):
+        CaftObjective(concept="tag").bind(model, task)
+    with pytest.raises(UnknownNameError, match="projection"):
+        CaftObjective(concept="decoy", ablation="zero")
