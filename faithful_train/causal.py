@@ -99,9 +99,7 @@ class Swap:
             return interchange(base, self.source, cached_mask(ref, base.shape, base.device), self.basis)
         picked = gather_positions(base, self.positions)  # (B, P, ...)
         taken = gather_positions(self.source, self.source_positions)
-        mixed = interchange(
-            picked, taken, cached_mask(replace(ref, positions=None), picked.shape, base.device), self.basis
-        )
+        mixed = interchange(picked, taken, cached_mask(replace(ref, positions=None), picked.shape, base.device), self.basis)
         index = self.positions.view(*self.positions.shape, *([1] * (base.dim() - 2))).expand_as(mixed)
         return base.scatter(1, index, mixed)
 
@@ -259,9 +257,7 @@ def answer_predictions(answer_logits: Tensor, task: Task) -> Tensor:
     return tokens[answer_logits[..., tokens].argmax(dim=-1)]
 
 
-def interchange_hits(
-    answer_logits: Tensor, targets: Tensor, mask: Tensor | None = None, task: Task | None = None
-) -> Tensor:
+def interchange_hits(answer_logits: Tensor, targets: Tensor, mask: Tensor | None = None, task: Task | None = None) -> Tensor:
     """Per-pair IIA indicator: 1 where the intervened model's answer is the causal model's. A
     one-token answer is the argmax over the task's answer tokens; a longer one counts only
     when every token is the argmax (over the vocabulary). ``(N, A, V)`` logits, ``(N, A)``

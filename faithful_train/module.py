@@ -129,11 +129,7 @@ class FaithfulModule(LightningModule):
         call = tool_call(batch)
         if call is not None:  # the tool the row calls is emitted by the model: trained with the answer
             at = call[0][:, None]
-            picked = (
-                gather_positions(logits, at)
-                if per_token
-                else self.model(batch["input_ids"], attention_mask=mask, positions=at)
-            )
+            picked = gather_positions(logits, at) if per_token else self.model(batch["input_ids"], attention_mask=mask, positions=at)
             tool = F.cross_entropy(picked[:, 0].float(), call[1])
             self.log("train/tool_loss", tool, batch_size=size)
             terms["train/tool_loss"] = tool
@@ -292,11 +288,7 @@ class FaithfulModule(LightningModule):
         # an objective's module may carry its own learning rate (``lr``, e.g. an SAE's)
         own_lr = {label: getattr(m, "lr", None) for label, m in self.objective_modules.items()}
         no_decay = [p for p in params if p.dim() < 2] + [
-            p
-            for label, m in self.objective_modules.items()
-            if own_lr[label] is None
-            for p in m.parameters()
-            if p.requires_grad
+            p for label, m in self.objective_modules.items() if own_lr[label] is None for p in m.parameters() if p.requires_grad
         ]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups += [
@@ -309,16 +301,12 @@ class FaithfulModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def configure_gradient_clipping(
-        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
-    ) -> None:
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
         """Clip as Lightning does, except that a group with its own learning rate (an SAE trained
         beside the model) is clipped by its own norm: its gradients never scale the model's."""
         own = [g for g in optimizer.param_groups if g.get("own")]
         if not own or gradient_clip_val is None:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
-            )
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
             return
         clip = torch.nn.utils.clip_grad_value_ if gradient_clip_algorithm == "value" else torch.nn.utils.clip_grad_norm_
         shared = [p for g in optimizer.param_groups if not g.get("own") for p in g["params"]]

@@ -114,9 +114,7 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
         _entry("objectives", i, lambda: objective.attach(module))  # e.g. caft takes an sae objective's SAE
     files = HypothesisFiles(run_dir, {o.label: o.hypothesis for o in objectives if o.hypothesis() is not None})
     for i, audit in enumerate(audits):
-        _entry(
-            "audits", i, lambda: audit.use_hypotheses(files)
-        )  # e.g. the alignment (and rotation) an objective writes
+        _entry("audits", i, lambda: audit.use_hypotheses(files))  # e.g. the alignment (and rotation) an objective writes
         _entry("audits", i, lambda: audit.attach(module))  # e.g. an SAE read from its files
     data = TaskDataModule(task, cfg.data.batch_size, cfg.seed, cfg.data.val_size, cfg.data.val_batch_size)
     return Run(cfg, Path(run_dir), task, module, data, objectives, audits)
@@ -183,9 +181,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
-    warnings.filterwarnings(
-        "ignore", message=".*training_step. returned .None.*"
-    )  # on purpose: trainer.on_nonfinite=skip
+    warnings.filterwarnings("ignore", message=".*training_step. returned .None.*")  # on purpose: trainer.on_nonfinite=skip
 
 
 class RunInterrupted(Exception):

@@ -90,9 +90,7 @@ class SaeAudit(Audit):
     ):
         super().__init__(**kwargs)
         if (sae is None) == (path is None):
-            raise ConfigError(
-                f"audit {self.label!r}: give sae (an sae objective's label) or path (an SAE folder), one of them"
-            )
+            raise ConfigError(f"audit {self.label!r}: give sae (an sae objective's label) or path (an SAE folder), one of them")
         if path is not None and site is None:
             raise ConfigError(f"audit {self.label!r}: an SAE read from a folder needs the site it reads (site: ...)")
         if max_latents < 1 or not 0 < iia_bar <= 1:
@@ -131,16 +129,10 @@ class SaeAudit(Audit):
 
     def attach(self, pl_module: Any) -> None:
         if self.objective_label is not None:
-            module = (
-                pl_module.objective_modules[self.objective_label]
-                if self.objective_label in pl_module.objective_modules
-                else None
-            )
+            module = pl_module.objective_modules[self.objective_label] if self.objective_label in pl_module.objective_modules else None
             if not isinstance(module, SparseAutoencoder):
                 names = sorted(k for k, m in pl_module.objective_modules.items() if isinstance(m, SparseAutoencoder))
-                raise ConfigError(
-                    f"audit {self.label!r}: no sae objective labelled {self.objective_label!r}; sae objectives: {names or 'none'}"
-                )
+                raise ConfigError(f"audit {self.label!r}: no sae objective labelled {self.objective_label!r}; sae objectives: {names or 'none'}")
             self.sae_module, self.site, self.target = module, module.site, module.target
         elif self.sae_module is None:
             folder = Path(self.path)
@@ -250,9 +242,7 @@ class SaeAudit(Audit):
             "sse": (y - out.reconstruction).pow(2).sum(), "sum": y.sum(0), "sum_sq": y.pow(2).sum(0),
             "rows": torch.tensor(float(y.shape[0])), "fired": (out.latents > 0).sum(0).float(),
         }  # fmt: skip
-        values: dict[str, Any] = {
-            "l0": ((out.latents > 0).float().sum(-1).mean()[None], torch.tensor([float(y.shape[0])], device=y.device))
-        }
+        values: dict[str, Any] = {"l0": ((out.latents > 0).float().sum(-1).mean()[None], torch.tensor([float(y.shape[0])], device=y.device))}
         if self.target is None:
             clean_values = cache[self.site]
             recon = torch.zeros_like(clean_values, dtype=out.reconstruction.dtype)
@@ -316,10 +306,7 @@ class SaeAudit(Audit):
     def summarise(self, totals: dict[str, Tensor], task: Task) -> dict[str, float]:
         rows = float(totals["rows"])
         variance = (totals["sum_sq"] - totals["sum"].pow(2) / rows).sum()
-        out = {
-            "fvu": float(totals["sse"] / variance.clamp_min(1e-12)),
-            "dead": float((totals["fired"] == 0).double().mean()),
-        }
+        out = {"fvu": float(totals["sse"] / variance.clamp_min(1e-12)), "dead": float((totals["fired"] == 0).double().mean())}
         if "examples" in totals:
             n = float(totals["examples"])
             clean, spliced, zero = (float(totals[k]) / n for k in ("ce_clean", "ce_sae", "ce_zero"))

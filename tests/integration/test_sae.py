@@ -24,44 +24,19 @@ def test_sae_trains_writes_saelens_files_and_audits_from_them(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY]) == 0
     metrics = json.loads((run / "summary.json").read_text())["metrics"]
-    for key in (
-        "audit/sae/fvu",
-        "audit/sae/l0",
-        "audit/sae/dead",
-        "audit/sae/ce_recovered",
-        "audit/sae/kl_recovered",
-        "train/objective/sae/fvu",
-    ):
+    for key in ("audit/sae/fvu", "audit/sae/l0", "audit/sae/dead", "audit/sae/ce_recovered", "audit/sae/kl_recovered", "train/objective/sae/fvu"):
         assert key in metrics, key
     assert metrics["audit/sae/l0"] <= 16
     cfg = json.loads((run / "saes" / "sae" / "cfg.json").read_text())
-    assert (
-        cfg["architecture"] == "topk" and cfg["d_sae"] == 128 and cfg["metadata"]["hook_name"] == "blocks.1.resid_post"
-    )
+    assert cfg["architecture"] == "topk" and cfg["d_sae"] == 128 and cfg["metadata"]["hook_name"] == "blocks.1.resid_post"
     # the same checkpoint audited through the files, by a config with no objective
     again = tmp_path / "again"
-    overrides = [
-        "objectives=[]",
-        f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post, n_examples: 64}}]",
-    ]
-    assert (
-        main(
-            [
-                "audit",
-                "-c",
-                "configs/sae.yaml",
-                "--run-dir",
-                str(again),
-                "--ckpt",
-                str(run / "checkpoints" / "last.ckpt"),
-                *overrides,
-            ]
-        )
-        == 0
-    )
+    overrides = ["objectives=[]", f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post, n_examples: 64, variables: {{domain: [-1]}}}}]"]
+    assert main(["audit", "-c", "configs/sae.yaml", "--run-dir", str(again), "--ckpt", str(run / "checkpoints" / "last.ckpt"), *overrides]) == 0
     audited = json.loads((again / "summary.json").read_text())["metrics"]
     for name in ("fvu", "l0", "dead", "ce_recovered"):
         assert audited[f"audit/sae/{name}"] == pytest.approx(metrics[f"audit/sae/{name}"], rel=1e-5, abs=1e-6), name
+    assert 0.5 <= audited["audit/sae/auroc/domain"] <= 1 and 0 <= audited["audit/sae/latent_iia/domain"] <= 1  # its latents, a site from the files
 
 
 def test_sae_files_of_another_layout_or_width_are_one_line(tmp_path, capsys):
@@ -72,33 +47,11 @@ def test_sae_files_of_another_layout_or_width_are_one_line(tmp_path, capsys):
     (other / "sae.safetensors").write_bytes(b"x")
     (other / "cfg.json").write_text("{}")
     audit = [f"audits=[{{name: sae, path: {other}, site: blocks.1.resid_post}}]", "objectives=[]"]
-    assert_fit_fails_in_one_line(
-        "configs/sae.yaml", tmp_path / "a", capsys, audit, "is not an SAE in SAELens's layout", "sae.safetensors"
-    )
+    assert_fit_fails_in_one_line("configs/sae.yaml", tmp_path / "a", capsys, audit, "is not an SAE in SAELens's layout", "sae.safetensors")
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "fit",
-                "-c",
-                "configs/sae.yaml",
-                "--run-dir",
-                str(run),
-                *TINY,
-                "trainer.max_steps=2",
-                "audits.0.every_n_steps=0",
-            ]
-        )
-        == 0
-    )
-    narrow = [
-        f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post}}]",
-        "objectives=[]",
-        "model={preset: dense-tiny, d_model: 32}",
-    ]
-    assert_fit_fails_in_one_line(
-        "configs/sae.yaml", tmp_path / "b", capsys, narrow, "reads 64 dimensions, the site has 32", "audits.0"
-    )
+    assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=2", "audits.0.every_n_steps=0"]) == 0
+    narrow = [f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post}}]", "objectives=[]", "model={preset: dense-tiny, d_model: 32}"]
+    assert_fit_fails_in_one_line("configs/sae.yaml", tmp_path / "b", capsys, narrow, "reads 64 dimensions, the site has 32", "audits.0")
 
 
 def test_a_detached_sae_leaves_the_model_as_it_would_be(tmp_path):
@@ -108,22 +61,7 @@ def test_a_detached_sae_leaves_the_model_as_it_would_be(tmp_path):
     runs = {}
     for name, extra in (("with", []), ("without", ["objectives=[]", "audits=[]"])):
         run = tmp_path / name
-        assert (
-            main(
-                [
-                    "fit",
-                    "-c",
-                    "configs/sae.yaml",
-                    "--run-dir",
-                    str(run),
-                    *TINY,
-                    "trainer.max_steps=12",
-                    "audits.0.every_n_steps=0",
-                    *extra,
-                ]
-            )
-            == 0
-        )
+        assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=12", "audits.0.every_n_steps=0", *extra]) == 0
         state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         runs[name] = {k: v for k, v in state.items() if k.startswith("model.")}
     assert runs["with"].keys() == runs["without"].keys()
@@ -136,9 +74,7 @@ def test_an_interchange_audit_runs_on_sae_latents(tmp_path):
     alignment = "{left: {site: blocks.0.resid_post.sae, positions: [3], dims: [0, 4]}, right: {site: blocks.0.resid_post.sae, positions: [3], dims: [4, 8]}}"
     audits = f"audits=[{{name: interchange, every_n_steps: 10, n_examples: 32, controls: [], alignment: {alignment}}}]"
     overrides = ["task={name: hierarchical_equality}", "objectives.0.site=blocks.0.resid_post", audits]
-    assert (
-        main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=10", *overrides]) == 0
-    )
+    assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=10", *overrides]) == 0
     metrics = json.loads((run / "summary.json").read_text())["metrics"]
     assert 0 <= metrics["audit/interchange/iia/left"] <= 1 and "audit/interchange/iia/right" in metrics
 

@@ -38,6 +38,10 @@ class PlantedEquality(nn.Module):
         units = [left, right, left] + [torch.zeros_like(left)] * (self.width - 3)
         h = self.hook_h(torch.stack(units, dim=-1)[:, None].repeat(1, 4, 1))  # (B, 4, width)
         same = 1 - (h[:, -1, 0] - h[:, -1, 1]).abs()
+        return self.answer(ids, same, positions)
+
+    def answer(self, ids, same, positions):
+        """+10 on the true token where ``same`` is 1, on the false token where it is 0."""
         logits = torch.zeros(ids.shape[0], 4, self.task.vocab_size) + self.dummy
         logits[:, -1, self.task.true_token] = 10 * same
         logits[:, -1, self.task.false_token] = 10 * (1 - same)

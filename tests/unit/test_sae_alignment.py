@@ -7,18 +7,18 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from faithful_train.audits.sae import SaeAudit
-from faithful_train.batches import gather_positions
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.latents import alignment_ranking, one_hot_basis, value_aurocs
 from faithful_train.objectives.caft import CaftObjective
 from faithful_train.sae import SparseAutoencoder, attach_sae
-from faithful_train.sites import HookPoint, SitePoint, run_with
+from faithful_train.sites import run_with
 from faithful_train.tasks.decoy_objects import DecoyObjects
 from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
 from tests.conftest import tiny_transformer
+from tests.unit.test_interchange import PlantedEquality
+from tests.unit.test_sae import _identity_sae, _Module
 
 
 def test_value_aurocs_and_ranking():
@@ -40,47 +40,19 @@ def test_value_aurocs_and_ranking():
     assert torch.equal(swapped, torch.tensor([[0.0, 1, 0, 3, 0], [0, 6, 0, 8, 0]]))
 
 
-class PlantedLatents(nn.Module):
+class PlantedLatents(PlantedEquality):
     """Hierarchical equality by hand: site ``h`` holds ``[copy of left, left, right]`` at every
     position; the answer reads units 1 and 2 only, so the copy (unit 0) is aligned with left as
     well as unit 1 is, and changes nothing. Through an identity SAE (latent i = relu(h_i)):
     swapping the most aligned latent of left (the copy, index 0 first) moves nothing; swapping
     two moves left; right is carried by one latent."""
 
-    def __init__(self, task: HierarchicalEquality):
-        super().__init__()
-        self.task, self.hook_h = task, HookPoint()
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def site_points(self):
-        return {"h": SitePoint(self.hook_h)}
-
     def forward(self, ids, attention_mask=None, positions=None, narrow=True):
         w, x, y, z = ids.unbind(1)
         left, right = (w == x).float(), (y == z).float()
         h = self.hook_h(torch.stack([left, left, right], -1)[:, None].repeat(1, 4, 1))
         same = 1 - (h[:, -1, 1] - h[:, -1, 2]).abs()
-        logits = torch.zeros(ids.shape[0], 4, self.task.vocab_size) + self.dummy
-        logits[:, -1, self.task.true_token] = 10 * same
-        logits[:, -1, self.task.false_token] = 10 * (1 - same)
-        return logits if positions is None else gather_positions(logits, positions)
-
-
-def _identity_sae(width: int) -> SparseAutoencoder:
-    sae = SparseAutoencoder(width, 2 * width, k=2 * width, normalize_decoder=False)
-    eye = torch.eye(width)
-    with torch.no_grad():
-        sae.encoder.weight.copy_(torch.cat([eye, -eye]))
-        sae.encoder.bias.zero_()
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-        sae.b_dec.zero_()
-    return sae
-
-
-class _Module(nn.Module):
-    def __init__(self, model, sae):
-        super().__init__()
-        self.model, self.objective_modules = model, nn.ModuleDict({"sae": sae})
+        return self.answer(ids, same, positions)
 
 
 def _planted():
