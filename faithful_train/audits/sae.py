@@ -169,12 +169,15 @@ class SaeAudit(Audit):
             results[f"latents_needed/{v}"] = float(min(reached)) if reached else math.inf
         return dict(sorted(results.items()))
 
+    @property
+    def _top(self) -> int:
+        """How many latents ``latent_iia/<v>`` swaps: ``max_latents``, or every latent if fewer."""
+        return min(self.max_latents, self.sae_module.n_latents)
+
     def _ladder(self) -> list[int]:
         width = self.sae_module.n_latents
-        counts = {self.max_latents} | (
-            {min(2**i, width) for i in range(width.bit_length() + 1)} if self.ladder else set()
-        )
-        return sorted(n for n in counts if n <= width)
+        counts = {self._top} | ({min(2**i, width) for i in range(width.bit_length() + 1)} if self.ladder else set())
+        return sorted(counts)
 
     def _align(self, model: nn.Module, task: Task) -> None:
         selection = task.sample(
@@ -299,7 +302,7 @@ class SaeAudit(Audit):
             )
             if self.ladder:
                 values[f"latent_iia/{v}/top{n}"] = hits
-            if n == self.max_latents:
+            if n == self._top:
                 values[f"latent_iia/{v}"] = hits
         return values
 

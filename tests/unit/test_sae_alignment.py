@@ -83,6 +83,11 @@ def test_the_audit_finds_the_latents_that_carry_each_variable():
     assert figures["latent_iia/right/top1"] == 1.0
     assert figures["latents_needed/left"] == 2 and figures["latents_needed/right"] == 1
     assert figures["fvu"] == pytest.approx(0.0, abs=1e-6)
+    # more latents asked for than the SAE has: every latent (6), which also swaps right's
+    wide = SaeAudit(sae="sae", variables={"left": [3]}, max_latents=10, n_examples=64)
+    wide.bind(model, task)
+    wide.attach(_Module(model, sae))
+    assert 0.35 < wide.evaluate(model, task)["latent_iia/left"] < 0.65
     # a bar no count reaches: inf
     strict = SaeAudit(sae="sae", variables={"left": [3]}, max_latents=1, ladder=True, iia_bar=1.0, n_examples=64)
     strict.bind(model, task)
