@@ -5,7 +5,8 @@
 1. **Cost per training step** (``configs/sae.yaml``'s shape: dense-tiny, domain_mixture, batch
    128, a TopK SAE of 128 latents, k 16, on ``blocks.1.resid_post``): a full step with the
    ``sae`` objective (forward recording the site, answer loss, SAE term, backward, AdamW,
-   decoder upkeep) against a plain step, as a ratio.
+   decoder upkeep) against a plain step, as a ratio; and with ``max_rows: 256`` (a random
+   third of the step's 768 tokens).
 2. **Throughput on the same activations** against sparsify's ``SparseCoder`` (a peer only,
    installed beside the venv: ``make .bench/sparsify``): SAE training steps (forward, FVU,
    backward, Adam step, decoder upkeep) on the same fixed rows, same weights, same k, in
@@ -58,8 +59,8 @@ def make_model() -> torch.nn.Module:
     return build_model(OmegaConf.load(find_preset("dense-tiny")), TASK.vocab_size, TASK.seq_len, seed=0).train()
 
 
-def sae_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
-    objective = SaeObjective(site="blocks.1.resid_post", expansion=2, k=16, lr=1e-3, auxk_alpha=0.25, dead_after=2000)
+def sae_step(model: torch.nn.Module, batch: dict, max_rows: int | None = None) -> Callable[[], float]:
+    objective = SaeObjective(site="blocks.1.resid_post", expansion=2, k=16, lr=1e-3, auxk_alpha=0.25, dead_after=2000, max_rows=max_rows)
     objective.bind(model, TASK)
     optimizer = torch.optim.AdamW([{"params": list(model.parameters())}, {"params": list(objective.sae.parameters()), "lr": 1e-3}], lr=2e-3)
     counter = iter(range(10**9))
@@ -148,7 +149,9 @@ def main() -> None:
         sys.exit(parity(*args.parity))
     torch.set_num_threads(args.threads)
     batch = TASK.generate(args.batch_size, torch.Generator().manual_seed(0))
-    times = time_steps({"plain step": plain_step(make_model(), batch), "with the sae objective": sae_step(make_model(), batch)}, rounds=args.rounds)
+    steps = {"plain step": plain_step(make_model(), batch), "with the sae objective": sae_step(make_model(), batch)}
+    steps["with the sae objective, max_rows 256"] = sae_step(make_model(), batch, max_rows=256)
+    times = time_steps(steps, rounds=args.rounds)
     print(f"torch {torch.__version__}, {platform.machine()}, threads {args.threads}, batch {args.batch_size}")
     print("| step (configs/sae.yaml's shape) | ms | × plain |\n|---|---|---|")
     for name, value in times.items():

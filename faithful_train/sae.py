@@ -316,12 +316,12 @@ def site_width(model: nn.Module, task: Task, site: str) -> int:
 
 def attach_sae(model: nn.Module, site: str, sae: SparseAutoencoder, owner: str) -> str:
     """Make ``<site>.sae`` the latents of ``sae`` (``sites.attach_featurizer``); an error if
-    another SAE already holds that name. Returns the name."""
+    another owner's SAE already holds that name (the same owner, bound again, replaces its
+    own). Returns the name."""
     taken = featurized_sites(model).get(f"{site}.sae")
-    if taken is not None and taken[1] is not sae:
-        raise ConfigError(
-            f"{owner}: {site}.sae already holds another SAE's latents (an sae objective's); read that one by its label"
-        )
+    if taken is not None and taken[1] is not sae and getattr(taken[1], "owner", None) != owner:
+        raise ConfigError(f"{owner}: {site}.sae already holds another SAE's latents (an sae objective's); read that one by its label")
+    sae.owner = owner
     return attach_featurizer(model, site, sae)
 
 

@@ -7,6 +7,8 @@ from the activations the step's forward already recorded (no second pass, no cac
         target: blocks.1.mlp.out       # optional: a transcoder, site -> target
         positions: null                # optional: train on these positions only (ints,
                                        # answer, a span): an SAE of the last token, say
+        max_rows: null                 # optional: a random subset of this many tokens per
+                                       # step (the step's generator): a cheaper step
         expansion: 8                   # n_latents = expansion * width (or n_latents: N)
         k: 16
         activation: topk               # batch_topk | jumprelu | relu
@@ -73,6 +75,7 @@ class SaeObjective(Objective):
         path: str | None = None,
         train: bool = True,
         positions: Any = None,
+        max_rows: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -89,6 +92,9 @@ class SaeObjective(Objective):
             raise ConfigError(f"objective {self.label!r}: a relu SAE needs an l1 coefficient > 0 (its only sparsity)")
         self.path, self.train = path, bool(train)
         self.rows_at = None if positions is None else SiteRef.parse({"site": site, "positions": positions})
+        if max_rows is not None and max_rows < 1:
+            raise ConfigError(f"objective {self.label!r}: max_rows must be >= 1, got {max_rows}")
+        self.max_rows = max_rows
         if path is not None and target is not None:
             raise ConfigError(f"objective {self.label!r}: a transcoder (target) cannot be read from a folder (path)")
         self.sae: SparseAutoencoder | None = None
@@ -124,6 +130,9 @@ class SaeObjective(Objective):
     def term(self, ctx: StepContext) -> Tensor:
         sae = self.sae
         x, y = self._rows(ctx, self.site), self._rows(ctx, self.target) if self.target else None
+        if self.max_rows is not None and x.shape[0] > self.max_rows:  # a random subset of the step's tokens
+            keep = torch.randperm(x.shape[0], generator=ctx.generator)[: self.max_rows].to(x.device)
+            x, y = x[keep], None if y is None else y[keep]
         if not self.joint:
             x, y = x.detach(), None if y is None else y.detach()
         x, y = x.float(), None if y is None else y.float()

@@ -151,6 +151,24 @@ def test_the_objective_is_detached_masks_padding_and_learns():
         SaeObjective(site="blocks.0.resid_post", activation="relu")
 
 
+def test_max_rows_trains_on_a_seeded_subset_and_positions_on_those_tokens():
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    batch = task.sample(16, 0)  # 16 x 4 = 64 tokens
+    logits, cache = run_with(model, batch["input_ids"], record=["blocks.0.resid_post"])
+    terms = []
+    for _ in range(2):
+        objective = _objective(task, model, max_rows=10, auxk_alpha=0.0)
+        terms.append(objective.term(StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(3))))
+        assert int(objective.sae.tokens_since_fired.max()) == 10  # ten tokens seen, not 64
+    assert torch.equal(terms[0], terms[1])  # the step's generator picks them: a resumed run picks the same
+    last = _objective(task, model, positions=[3])
+    last.term(StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(3)))
+    assert int(last.sae.tokens_since_fired.max()) == 16  # one token per row
+    with pytest.raises(ConfigError, match="max_rows"):
+        SaeObjective(site="blocks.0.resid_post", max_rows=0)
+
+
 def _identity_sae(width):
     """Reconstructs exactly: latents are the positive and negative parts of x."""
     sae = SparseAutoencoder(width, 2 * width, k=2 * width, normalize_decoder=False)
