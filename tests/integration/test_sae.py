@@ -174,3 +174,17 @@ def test_caft_names_an_sae_objective_in_one_line(tmp_path, capsys):
     assert_fit_fails_in_one_line(
         "configs/caft-decoy.yaml", tmp_path / "b", capsys, [objectives, "audits=[]"], "colour_of_tag", "decoy"
     )
+
+
+@pytest.mark.parametrize("config, extra", [
+    ("configs/caft-decoy.yaml", ["objectives.1.schedule.start=5", "audits.1.n_examples=64", "audits.1.every_n_steps=15"]),
+    ("configs/sae-baseline.yaml", []),
+])  # fmt: skip
+def test_the_sae_configs_run(tmp_path, config, extra):
+    run = tmp_path / "run"
+    assert main(["fit", "-c", config, "--run-dir", str(run), *TINY, *extra]) == 0
+    metrics = json.loads((run / "summary.json").read_text())["metrics"]
+    if "caft" in config:
+        assert metrics["train/objective/caft/ablated"] >= 1 and "audit/sae/latent_iia/decoy" in metrics
+    else:
+        assert "audit/sae/latents_needed/left" in metrics
