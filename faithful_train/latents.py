@@ -45,11 +45,15 @@ def label_values(batch: Batch, name: str) -> Tensor:
 
 def latent_scores(latents: Tensor, ref: SiteRef, batch: Batch) -> Tensor:
     """``(B, F)``: each latent's activation at ``ref``'s positions in each row (mean over them;
-    every position when ``ref`` names none), from latents ``(B, T, F)``."""
+    every real token when ``ref`` names none), from latents ``(B, T, F)``."""
     positions = resolve_positions(ref, batch)
-    if positions is None:
+    if positions is not None:
+        return gather_positions(latents, positions).mean(1)
+    mask = batch.get("attention_mask")
+    if mask is None:
         return latents.mean(1)
-    return gather_positions(latents, positions).mean(1)
+    mask = mask[..., None].to(latents.dtype)  # padding left out
+    return (latents * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 @torch.no_grad()

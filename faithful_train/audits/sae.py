@@ -47,15 +47,17 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
-from faithful_train.batches import answer_positions, first_answer_logits, gather_positions
+from faithful_train.batches import answer_positions, first_answer_logits, gather_positions, tile
 from faithful_train.causal import (
     SOURCE,
     Swap,
+    check_positions,
     counterfactual_targets,
     interchange_hits,
     paired_rows,
     swap_forward,
     swap_positions,
+    teacher_forced,
 )
 from faithful_train.engine import plan_resume, run_variants
 from faithful_train.errors import ConfigError
@@ -70,8 +72,6 @@ from faithful_train.latents import (
 from faithful_train.sae import SparseAutoencoder, attach_sae, load_saelens, site_rows, site_width, token_rows
 from faithful_train.sites import SiteRef, run_with, validate_sites
 from faithful_train.tasks.base import Batch, Task
-
-TOTALS = ("sse", "sum", "sum_sq", "rows", "fired", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "examples")
 
 
 class SaeAudit(Audit):
@@ -125,6 +125,7 @@ class SaeAudit(Audit):
             self._width = site_width(model, task, self.site)
         for v, ref in self.variables.items():
             check_labelled(task, v, f"audit {self.label!r}")
+            check_positions(replace(ref, name=f"variables.{v}"), task)
         super().bind(model, task, run_seed)
 
     def attach(self, pl_module: Any) -> None:
@@ -294,7 +295,11 @@ class SaeAudit(Audit):
                 groups.append([Swap(ref, sources[v][ref.name], basis, positions, source_positions)])
                 keys.append((v, n))
                 rows.append(k)
-        answers = swap_forward(model, base, groups, cache)
+        variant_ids = None
+        if targets.shape[1] > 1:  # a multi-token counterfactual answer is teacher-forced, as the interchange audit does
+            tiled = tile(base, len(groups), ("input_ids", "answer_pos", "answer_mask"))
+            variant_ids = teacher_forced(tiled, torch.cat([targets[k * B : (k + 1) * B] for k in rows]))
+        answers = swap_forward(model, base, groups, cache, variant_ids)
         values: dict[str, Tensor] = {}
         for g, ((v, n), k) in enumerate(zip(keys, rows)):
             hits = interchange_hits(
@@ -321,14 +326,15 @@ class SaeAudit(Audit):
 
 
 def _positions(spec: Any, where: str) -> dict[str, Any]:
-    """A variable's entry: ``null`` (every position), positions (ints, ``answer``, a span) or ``{positions: ...}``."""
+    """A variable's entry: ``null`` (every real token), positions (ints, ``answer``, a span
+    ``{span, token}``) or ``{positions: ...}``."""
     if spec is None:
         return {}
     if isinstance(spec, dict) or hasattr(spec, "keys"):
+        if set(spec) <= {"span", "token"}:
+            return {"positions": dict(spec)}
         unknown = set(spec) - {"positions"}
         if unknown:
-            raise ConfigError(
-                f"{where}: unknown key {sorted(unknown)[0]!r}; give positions (where its latents are read)"
-            )
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; give positions (where its latents are read)")
         return dict(spec)
     return {"positions": spec}

@@ -41,6 +41,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from faithful_train.causal import check_positions
 from faithful_train.engine import frozen_parameters
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.latents import alignment_ranking, check_labelled, label_values, read_scores, value_aurocs
@@ -89,6 +90,8 @@ class CaftObjective(Objective):
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         check_labelled(task, self.concept, f"objective {self.label!r}")
+        if self.positions is not None:
+            check_positions(SiteRef.parse({"site": f"objective {self.label!r} positions", "positions": self.positions}), task)
         task.check_sample_size(self.probe_examples, f"objective {self.label!r}")
         self.probe_seed, self._probe = run_seed + 2_000_029, None
 

@@ -150,3 +150,53 @@ def test_caft_ablates_the_concepts_latents_in_the_steps_forward_only():
         CaftObjective(concept="tag").bind(model, task)
     with pytest.raises(UnknownNameError, match="projection"):
         CaftObjective(concept="decoy", ablation="zero")
+
+
+def test_on_padded_text_with_multi_token_answers_swapping_every_latent_is_the_site_swap(tmp_path, monkeypatch):
+    """Through an identity SAE (no error term), swapping all latents at a span is swapping the
+    site there: latent IIA equals the interchange audit's IIA on the same padded, multi-token,
+    explicit-pair text rows (teacher-forced counterfactual answers included)."""
+    from faithful_train.audits.interchange import InterchangeAudit
+    from faithful_train.batches import answer_forward, answer_loss, answer_mask, answer_targets
+    from faithful_train.latents import latent_scores
+    from faithful_train.sites import SiteRef
+    from faithful_train.tasks.text import TextTask
+    from tests.unit.test_text_task import color_rows, word_tokenizer, write_jsonl
+
+    monkeypatch.setenv("FAITHFUL_TRAIN_CACHE", str(tmp_path / "cache"))
+    rows = color_rows()
+    for row in rows:  # two-token answers "<colour> <colour>": the second follows the first, so teacher forcing matters
+        row["answer"] = " ".join([row["answer"].split()[-1]] * len(row["answer"].split()))
+        row["counterfactual_answer"]["thing"] = " ".join([row["counterfactual_answer"]["thing"].split()[-1]] * len(row["counterfactual_answer"]["thing"].split()))
+    task = TextTask(str(write_jsonl(tmp_path / "train.jsonl", rows)), str(word_tokenizer(tmp_path / "tok")))
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=16)
+    rows = task.sample(16, 0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):  # learn the rows, so that answers (and swapped answers) are not all wrong
+        optimizer.zero_grad()
+        answer_loss(answer_forward(model, rows), answer_targets(rows), answer_mask(rows)).backward()
+        optimizer.step()
+    model.eval()
+    sae = _identity_sae(32)
+    sae.site, sae.target = "blocks.0.resid_pre", None  # the thing's token itself, before any attention
+    attach_sae(model, "blocks.0.resid_pre", sae, "test")
+    at = {"span": "thing", "token": "last"}
+    audit = SaeAudit(sae="sae", variables={"thing": at, "kind": None}, max_latents=64, n_examples=16, batch_size=8, seed=5)
+    audit.bind(model, task)
+    audit.attach(_Module(model, sae))
+    figures = audit.evaluate(model, task)
+    reference = InterchangeAudit({"thing": {"site": "blocks.0.resid_pre", "positions": at}}, controls=[], n_examples=16, batch_size=8, seed=5)
+    reference.bind(model, task)
+    assert figures["latent_iia/thing"] == pytest.approx(reference.evaluate(model, task)["iia/thing"], abs=1e-6)
+    assert figures["latent_iia/thing"] > 0.2, figures["latent_iia/thing"]  # a figure that teacher forcing decides
+    assert 0.5 <= figures["auroc/kind"] <= 1 and "latent_iia/kind" not in figures  # a concept: alignment only
+    # every-position scores leave padding out
+    batch = task.sample(4, 0)
+    latents = torch.ones(*batch["input_ids"].shape, 3)
+    latents[batch["attention_mask"] == 0] = 100.0
+    assert batch["attention_mask"].min() == 0 and torch.equal(latent_scores(latents, SiteRef("x"), batch), torch.ones(4, 3))
+    # positions outside the prompt are one line, before anything runs
+    with pytest.raises(ConfigError, match="position 40 is outside"):
+        SaeAudit(sae="sae", variables={"thing": [40]}).bind(model, task)
+    with pytest.raises(ConfigError, match="position 40 is outside"):
+        CaftObjective(concept="thing", positions=[40]).bind(model, task)
