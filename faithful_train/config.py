@@ -55,6 +55,7 @@ class OptimSection:
     decay: str = "none"  # none | cosine (to min_lr_ratio * lr at schedule_steps)
     min_lr_ratio: float = 0.1
     schedule_steps: int | None = None  # steps the decay spans (default: trainer.max_steps of the run's first start)
+    freeze: list[str] = field(default_factory=list)  # model parameters that never train (fnmatch patterns of their names)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from faithful_train.data import TaskDataModule
 from faithful_train.errors import ConfigError, FaithfulError, TrainingDiverged
 from faithful_train.hypotheses import HypothesisFiles
 from faithful_train.loggers import check_wandb, finish_wandb, make_loggers
-from faithful_train.modeling import build_model, frozen_copy, model_context
+from faithful_train.modeling import build_model, freeze, frozen_copy, model_context
 from faithful_train.module import FaithfulModule
 from faithful_train.objectives.base import Objective
 from faithful_train.registry import AUDITS, OBJECTIVES, TASKS, instantiate
@@ -71,6 +71,7 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = instantiate("task", to_plain(cfg.task), TASKS, Task, config_dir)
     model = build_model(cfg.model, task.vocab_size, task.seq_len, seed=cfg.seed, concepts=task.concepts)
+    freeze(model, list(cfg.optim.freeze))
     context = model_context(model)
     if context is not None:
         task.check_context(context)
@@ -91,7 +92,8 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     _unique_labels(objectives, "objectives")
     _unique_labels(audits, "audits")
     for kind, items in (("objectives", objectives), ("audits", audits)):
-        for i, item in enumerate(items):
+        # objectives that add sites (an SAE's <site>.sae) first: the rest may name those sites
+        for i, item in sorted(enumerate(items), key=lambda entry: not getattr(entry[1], "adds_sites", False)):
             _entry(kind, i, lambda: item.bind(model, task, cfg.seed))
     owned = {o.label: o.module() for o in objectives if o.module() is not None}
     for label in owned:

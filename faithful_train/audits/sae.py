@@ -32,6 +32,12 @@ latents are read; ``faithful_train.latents``), measured on a seeded selection se
   says (Geiger et al. 2021; latents as the featurizer, Huang et al. 2024, RAVEL);
 - with ``ladder: true``, ``latent_iia/<v>/top<n>`` for n = 1, 2, 4, ... up to every latent, and
   ``latents_needed/<v>``: the fewest of those that reach ``iia_bar`` (``inf``: none does).
+- ``select: iia`` chooses the ``max_latents`` by what swapping them does rather than by AUROC:
+  greedy forward selection on the selection set (``latents.greedy_selection``), among the
+  ``candidates`` (default 32; ``null``: every latent) first in the AUROC ranking, which also
+  orders the rest of the ladder. A latent can track a variable the answer never reads (AUROC
+  picks it, the swap does not); conjunction latents (one per combination of two variables)
+  carry neither alone, and no choice can fix that.
 
 Every swap (variables x ladder) is one variant of the same engine call, resumed at the site.
 """
@@ -60,10 +66,11 @@ from faithful_train.causal import (
     teacher_forced,
 )
 from faithful_train.engine import plan_resume, run_variants
-from faithful_train.errors import ConfigError
+from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.latents import (
     alignment_ranking,
     check_labelled,
+    greedy_selection,
     label_values,
     one_hot_basis,
     read_scores,
@@ -72,6 +79,8 @@ from faithful_train.latents import (
 from faithful_train.sae import SparseAutoencoder, attach_sae, load_saelens, site_rows, site_width, token_rows
 from faithful_train.sites import SiteRef, run_with, validate_sites
 from faithful_train.tasks.base import Batch, Task
+
+SELECTIONS = ("auroc", "iia")
 
 
 class SaeAudit(Audit):
@@ -86,6 +95,8 @@ class SaeAudit(Audit):
         max_latents: int = 4,
         ladder: bool = False,
         iia_bar: float = 0.9,
+        select: str = "auroc",
+        candidates: int | None = 32,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -97,6 +108,11 @@ class SaeAudit(Audit):
             raise ConfigError(
                 f"audit {self.label!r}: max_latents >= 1 and 0 < iia_bar <= 1 required, got {max_latents}, {iia_bar}"
             )
+        if select not in SELECTIONS:
+            raise UnknownNameError(f"audit {self.label!r} select", select, SELECTIONS)
+        if candidates is not None and candidates < 1:
+            raise ConfigError(f"audit {self.label!r}: candidates must be >= 1 (or null: every latent), got {candidates}")
+        self.select, self.candidates = select, candidates
         self.objective_label, self.path, self.site = sae, path, site
         # where each variable's latents are read: positions of <site>.sae (the name is filled in on attach)
         self.variables = {
@@ -202,7 +218,54 @@ class SaeAudit(Audit):
                 figures[f"auroc/{v}/{names[c] if names else c}"] = value
             figures[f"auroc/{v}"] = sum(best.values()) / max(len(best), 1)
             self._chosen[v] = alignment_ranking(aurocs, score, values)[0]
+        if self.select == "iia" and self.iia_variables:
+            self._select_causally(model, task, selection)
         self._alignment = figures
+
+    @torch.no_grad()
+    def _select_causally(self, model: nn.Module, task: Task, selection: Batch) -> None:
+        """``select: iia``: each variable's first ``max_latents`` latents chosen by greedy forward
+        selection on the selection set (paired with sources of its own seed): the latent whose
+        swap, with those already chosen, gives the highest IIA (``latents.greedy_selection``);
+        the AUROC ranking orders the candidates and the rest of the ladder."""
+        device = selection["input_ids"].device
+        sources = task.sample(self.n_examples, int(self.seed) + 4)
+        rows = selection | {SOURCE + k: v.to(device) for k, v in sources.items()}
+        n = rows["input_ids"].shape[0]
+        was_training, sae_training = model.training, self.sae_module.training
+        model.eval(), self.sae_module.eval()
+        try:
+            chunks = [self._paired_forward(model, task, {k: t[i : i + self.batch_size] for k, t in rows.items()})[:4]
+                      for i in range(0, n, self.batch_size)]  # fmt: skip
+            for v in self.iia_variables:
+
+                def accuracy(sets: list[Tensor], v: str = v) -> Tensor:
+                    hits = torch.zeros(len(sets))
+                    for chunk in chunks:
+                        step = max(1, 16384 // chunk[0]["input_ids"].shape[0])  # variants per engine call
+                        for i in range(0, len(sets), step):
+                            found = self._swap_hits(model, task, *chunk, [(v, s) for s in sets[i : i + step]])
+                            hits[i : i + len(found)] += torch.stack([h.sum() for h in found]).cpu()
+                    return hits / n
+
+                self._chosen[v] = greedy_selection(self._chosen[v], self._top, accuracy, self.candidates)[0]
+        finally:
+            model.train(was_training), self.sae_module.train(sae_training)
+
+    def _paired_forward(self, model: nn.Module, task: Task, batch: Batch) -> tuple[Batch, Any, dict, dict[str, Tensor], Tensor]:
+        """``(base rows, paired rows, each variable's source activations, base cache, base
+        logits)``: base and source rows in one recording forward, the swaps' starting point."""
+        variables = self.iia_variables
+        paired = paired_rows(task, batch, variables)
+        sites = [self.site, next(iter(self.variables.values())).name]
+        plan = plan_resume(model, sites)
+        stacked = paired.stacked
+        logits, cache = run_with(
+            model, stacked["input_ids"], record=sites + ([plan.site] if plan else []), attention_mask=stacked.get("attention_mask")
+        )
+        B = paired.base["input_ids"].shape[0]
+        sources = {v: paired.rows(cache, v) for v in variables}
+        return paired.base, paired, sources, {k: a[:B] for k, a in cache.items()}, logits[:B]
 
     def use_hypotheses(self, files: Any) -> None:
         self._run_dir = files.run_dir
@@ -217,25 +280,14 @@ class SaeAudit(Audit):
             sae.train(was_training)
 
     def _measure(self, model: nn.Module, task: Task, batch: Batch, sae: SparseAutoencoder) -> dict[str, Any]:
-        variables = self.iia_variables
-        paired = paired_rows(task, batch, variables) if variables else None
-        latent_site = [next(iter(self.variables.values())).name] if variables else []
-        sites = [self.site] + ([self.target] if self.target else []) + latent_site
-        plan = plan_resume(model, sites)  # the splice and the swaps resume from this forward's activations
-        stacked = paired.stacked if paired else batch
-        logits, cache = run_with(
-            model,
-            stacked["input_ids"],
-            record=sites + ([plan.site] if plan else []),
-            attention_mask=stacked.get("attention_mask"),
-        )
-        if paired:
-            batch = paired.base
-            B = batch["input_ids"].shape[0]
-            sources, logits, cache = (
-                {v: paired.rows(cache, v) for v in variables},
-                logits[:B],
-                {k: a[:B] for k, a in cache.items()},
+        paired = None
+        if self.iia_variables:  # the splice and the swaps resume from this forward's activations
+            batch, paired, sources, cache, logits = self._paired_forward(model, task, batch)
+        else:
+            sites = [self.site] + ([self.target] if self.target else [])
+            plan = plan_resume(model, sites)
+            logits, cache = run_with(
+                model, batch["input_ids"], record=sites + ([plan.site] if plan else []), attention_mask=batch.get("attention_mask")
             )
         ids = batch["input_ids"]
         rows = token_rows(batch, getattr(sae, "rows_at", None))  # the tokens the SAE reads (and is spliced in at)
@@ -283,33 +335,42 @@ class SaeAudit(Audit):
         self, model: nn.Module, task: Task, base: Batch, paired: Any, sources: dict, cache: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         """Per-pair hits of every (variable, latent count) swap, all variants of one engine call."""
-        variables, counts = self.iia_variables, self._ladder()
-        targets, masks = counterfactual_targets(paired.pairs, variables)
-        B, width = base["input_ids"].shape[0], self.sae_module.n_latents
-        groups, keys, rows = [], [], []
-        for k, v in enumerate(variables):
-            ref = self.variables[v]
-            positions, source_positions = swap_positions(ref, base, paired.sources[v])
-            for n in counts:
-                basis = one_hot_basis(self._chosen[v][:n].to(targets.device), width)
-                groups.append([Swap(ref, sources[v][ref.name], basis, positions, source_positions)])
-                keys.append((v, n))
-                rows.append(k)
-        variant_ids = None
-        if targets.shape[1] > 1:  # a multi-token counterfactual answer is teacher-forced, as the interchange audit does
-            tiled = tile(base, len(groups), ("input_ids", "answer_pos", "answer_mask"))
-            variant_ids = teacher_forced(tiled, torch.cat([targets[k * B : (k + 1) * B] for k in rows]))
-        answers = swap_forward(model, base, groups, cache, variant_ids)
+        keys = [(v, n) for v in self.iia_variables for n in self._ladder()]
+        found = self._swap_hits(model, task, base, paired, sources, cache, [(v, self._chosen[v][:n]) for v, n in keys])
         values: dict[str, Tensor] = {}
-        for g, ((v, n), k) in enumerate(zip(keys, rows)):
-            hits = interchange_hits(
-                answers[g * B : (g + 1) * B], targets[k * B : (k + 1) * B], masks[k * B : (k + 1) * B], task
-            )
+        for (v, n), hits in zip(keys, found):
             if self.ladder:
                 values[f"latent_iia/{v}/top{n}"] = hits
             if n == self._top:
                 values[f"latent_iia/{v}"] = hits
         return values
+
+    def _swap_hits(
+        self, model: nn.Module, task: Task, base: Batch, paired: Any, sources: dict, cache: dict[str, Tensor],
+        sets: list[tuple[str, Tensor]],
+    ) -> list[Tensor]:  # fmt: skip
+        """Per-pair IIA hits ``(B,)`` of swapping each ``(variable, latents)`` set of ``<site>.sae``
+        from that variable's source rows (the rest kept, reconstruction error included), each
+        set one variant of one engine call."""
+        variables = self.iia_variables
+        targets, masks = counterfactual_targets(paired.pairs, variables)
+        B, width = base["input_ids"].shape[0], self.sae_module.n_latents
+        where = {v: swap_positions(self.variables[v], base, paired.sources[v]) for v in {v for v, _ in sets}}
+        groups, rows = [], []
+        for v, latents in sets:
+            ref = self.variables[v]
+            basis = one_hot_basis(latents.to(targets.device), width)
+            groups.append([Swap(ref, sources[v][ref.name], basis, *where[v])])
+            rows.append(variables.index(v))
+        variant_ids = None
+        if targets.shape[1] > 1:  # a multi-token counterfactual answer is teacher-forced, as the interchange audit does
+            tiled = tile(base, len(groups), ("input_ids", "answer_pos", "answer_mask"))
+            variant_ids = teacher_forced(tiled, torch.cat([targets[k * B : (k + 1) * B] for k in rows]))
+        answers = swap_forward(model, base, groups, cache, variant_ids)
+        return [
+            interchange_hits(answers[g * B : (g + 1) * B], targets[k * B : (k + 1) * B], masks[k * B : (k + 1) * B], task)
+            for g, k in enumerate(rows)
+        ]
 
     def summarise(self, totals: dict[str, Tensor], task: Task) -> dict[str, float]:
         rows = float(totals["rows"])

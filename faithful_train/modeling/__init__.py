@@ -75,6 +75,23 @@ def model_context(model: nn.Module) -> int | None:
     return None
 
 
+def freeze(model: nn.Module, patterns: Sequence[str], key: str = "optim.freeze") -> list[str]:
+    """Stop the parameters whose names match any of ``patterns`` (``fnmatch``: ``tok_emb.*``,
+    ``blocks.0.*``) from training, as when fine-tuning with fixed embeddings; returns their names.
+    A pattern that names no parameter is a config error (one line, with names that exist)."""
+    from fnmatch import fnmatchcase
+
+    names = [name for name, _ in model.named_parameters()]
+    for i, pattern in enumerate(patterns):
+        if not any(fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(f"config key '{key}.{i}' ({pattern!r}) names no parameter of the model; it has {', '.join(names[:6])}, ...")
+    frozen = [name for name in names if any(fnmatchcase(name, pattern) for pattern in patterns)]
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
+    return frozen
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` that never trains (eval mode, no gradients): the starting point that
     capability preservation compares with."""

@@ -85,6 +85,9 @@ class Objective(Callback, ABC):
     name: str = "objective"
     # whether the term needs a frozen copy of the starting model (``StepContext.reference``)
     needs_reference: bool = False
+    # whether binding adds sites to the model (an SAE's ``<site>.sae``): such objectives are
+    # bound first, so the others may name those sites wherever they sit in the list
+    adds_sites: bool = False
 
     def __init__(self, weight: float = 1.0, schedule: Any = None, label: str | None = None):
         if weight < 0:

@@ -112,6 +112,31 @@ def test_latent_alignment_and_latent_iia_from_a_config(tmp_path):
         assert 0.5 <= metrics[f"audit/sae/auroc/{v}"] <= 1 and 0 <= metrics[f"audit/sae/latent_iia/{v}"] <= 1
 
 
+def test_interchange_training_on_sae_latents_trains_the_model_and_the_sae(tmp_path):
+    """configs/sae-iit.yaml aligns IIT with the SAE's latents (blocks.0.resid_post.sae): its
+    loss reaches the model and the SAE (both differ from the same run with the IIT weight 0),
+    and the objectives may come in either order (the sae objective, which adds the site, binds first)."""
+    import torch
+
+    short = [*TINY, "trainer.max_steps=4", "audits=[]"]
+    states = {}
+    for name, extra in (("iit", []), ("off", ["objectives.1.weight=0"])):
+        run = tmp_path / name
+        assert main(["fit", "-c", "configs/sae-iit.yaml", "--run-dir", str(run), *short, *extra]) == 0
+        states[name] = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    model = [k for k in states["iit"] if k.startswith("model.blocks.0.")]
+    sae = [k for k in states["iit"] if k.startswith("objective_modules.sae.")]
+    assert model and sae
+    for keys in (model, sae):
+        assert any(not torch.equal(states["iit"][k], states["off"][k]) for k in keys), keys[0]
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load("configs/sae-iit.yaml")
+    cfg.objectives = [cfg.objectives[1], cfg.objectives[0]]
+    OmegaConf.save(cfg, tmp_path / "swapped.yaml")
+    assert main(["fit", "-c", str(tmp_path / "swapped.yaml"), "--run-dir", str(tmp_path / "swapped"), *short]) == 0
+
+
 def test_an_sae_from_files_is_a_fixed_site_and_caft_ablates_its_latents(tmp_path):
     """An SAE brought from files (``path``, ``train: false``) stays as it was, its latents are a
     site (an interchange audit names them), and CAFT ablates the latents aligned with the tag."""
@@ -179,12 +204,35 @@ def test_caft_names_an_sae_objective_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("config, extra", [
     ("configs/caft-decoy.yaml", ["objectives.1.schedule.start=5", "audits.1.n_examples=64", "audits.1.every_n_steps=15"]),
     ("configs/sae-baseline.yaml", []),
+    ("configs/caft-decoy-baseline.yaml", []),
 ])  # fmt: skip
 def test_the_sae_configs_run(tmp_path, config, extra):
     run = tmp_path / "run"
     assert main(["fit", "-c", config, "--run-dir", str(run), *TINY, *extra]) == 0
     metrics = json.loads((run / "summary.json").read_text())["metrics"]
-    if "caft" in config:
+    if config.endswith("caft-decoy-baseline.yaml"):
+        assert "val/task_acc" in metrics and not any(k.startswith("train/objective") for k in metrics)
+    elif "caft" in config:
         assert metrics["train/objective/caft/ablated"] >= 1 and "audit/sae/latent_iia/decoy" in metrics
     else:
         assert "audit/sae/latents_needed/left" in metrics
+
+
+def test_optim_freeze_keeps_the_named_parameters_fixed(tmp_path, capsys):
+    """CAFT's configs fix the token embeddings: after 1 and after 6 steps they are the same,
+    while the rest of the model moved; a pattern that names no parameter is one line and exit 2."""
+    import torch
+
+    states = []
+    for steps in (1, 6):
+        run = tmp_path / f"run{steps}"
+        args = ["fit", "-c", "configs/caft-decoy-baseline.yaml", "--run-dir", str(run), *TINY, f"trainer.max_steps={steps}", "audits=[]"]
+        assert main(args) == 0
+        states.append(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+    assert torch.equal(states[0]["model.tok_emb.weight"], states[1]["model.tok_emb.weight"])
+    assert not torch.equal(states[0]["model.pos_emb.weight"], states[1]["model.pos_emb.weight"])
+    (tmp_path / "bad").mkdir()
+    assert_fit_fails_in_one_line(
+        "configs/caft-decoy-baseline.yaml", tmp_path / "bad", capsys, ["optim.freeze=[tok_emb.weight, embeddings.*]"],
+        "optim.freeze.1", "tok_emb.weight",
+    )  # fmt: skip

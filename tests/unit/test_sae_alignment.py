@@ -10,7 +10,7 @@ import torch
 
 from faithful_train.audits.sae import SaeAudit
 from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.latents import alignment_ranking, one_hot_basis, value_aurocs
+from faithful_train.latents import alignment_ranking, greedy_selection, one_hot_basis, value_aurocs
 from faithful_train.objectives.caft import CaftObjective
 from faithful_train.sae import SparseAutoencoder, attach_sae
 from faithful_train.sites import run_with
@@ -95,6 +95,36 @@ def test_the_audit_finds_the_latents_that_carry_each_variable():
     with torch.no_grad():
         sae.W_dec[1].zero_()  # left's real latent no longer decodes: no swap moves left
     assert math.isinf(strict.evaluate(model, task)["latents_needed/left"])
+
+
+def test_greedy_selection_picks_by_what_the_swap_does():
+    ranked = torch.tensor([4, 0, 1, 2, 3])
+    carriers = {1: 0.5, 3: 0.4}  # latents 1 and 3 carry the variable (their IIAs add); the rest do nothing
+
+    def accuracy(sets):
+        return torch.tensor([sum(carriers.get(int(i), 0.0) for i in s) for s in sets])
+
+    order, scores = greedy_selection(ranked, 2, accuracy)
+    assert order.tolist() == [1, 3, 4, 0, 2] and scores.tolist() == pytest.approx([0.5, 0.9])
+    narrow, _ = greedy_selection(ranked, 2, accuracy, candidates=3)  # 3 is not among the 3 first ranked
+    assert narrow.tolist() == [1, 4, 0, 2, 3]  # the tie after 1 (all 0.5) goes to the earlier-ranked
+
+
+def test_the_audit_selects_latents_causally_with_select_iia():
+    """The planted copy of left ranks first by AUROC and moves nothing; chosen by what swapping
+    does, one latent (the real one) carries left."""
+    task, model, sae = _planted()
+    audit = SaeAudit(sae="sae", variables={"left": [3]}, max_latents=1, ladder=True, select="iia", n_examples=256)
+    audit.bind(model, task)
+    audit.attach(_Module(model, sae))
+    figures = audit.evaluate(model, task)
+    assert figures["latent_iia/left"] == figures["latent_iia/left/top1"] == 1.0
+    assert figures["latents_needed/left"] == 1
+    assert audit._chosen["left"][0] == 1  # the unit the answer reads
+    with pytest.raises(UnknownNameError, match="select"):
+        SaeAudit(sae="sae", select="probe")
+    with pytest.raises(ConfigError, match="candidates"):
+        SaeAudit(sae="sae", candidates=0)
 
 
 def test_the_audit_checks_its_variables():
