@@ -85,10 +85,11 @@ def freeze(model: nn.Module, patterns: Sequence[str], key: str = "optim.freeze")
     for i, pattern in enumerate(patterns):
         if not any(fnmatchcase(name, pattern) for name in names):
             raise ConfigError(f"config key '{key}.{i}' ({pattern!r}) names no parameter of the model; it has {', '.join(names[:6])}, ...")
-    frozen = [name for name in names if any(fnmatchcase(name, pattern) for pattern in patterns)]
+    frozen = []
     for name, parameter in model.named_parameters():
-        if name in frozen:
+        if any(fnmatchcase(name, pattern) for pattern in patterns):
             parameter.requires_grad_(False)
+            frozen.append(name)
     return frozen
 
 

@@ -220,6 +220,14 @@ def test_on_padded_text_with_multi_token_answers_swapping_every_latent_is_the_si
     assert figures["latent_iia/thing"] == pytest.approx(reference.evaluate(model, task)["iia/thing"], abs=1e-6)
     assert figures["latent_iia/thing"] > 0.2, figures["latent_iia/thing"]  # a figure that teacher forcing decides
     assert 0.5 <= figures["auroc/kind"] <= 1 and "latent_iia/kind" not in figures  # a concept: alignment only
+    # select: iia on the same padded, multi-token rows: the greedy choice scores on its selection
+    # set what the chosen latents then score there (same pairs, same teacher forcing)
+    causal = SaeAudit(sae="sae", variables={"thing": at}, max_latents=2, candidates=8, select="iia", n_examples=16, batch_size=8, seed=5)
+    causal.bind(model, task)
+    causal.attach(_Module(model, sae))
+    assert 0 <= causal.evaluate(model, task)["latent_iia/thing"] <= 1
+    order = causal._chosen["thing"].tolist()
+    assert sorted(order) == list(range(sae.n_latents))  # every latent once: the 2 chosen, then the ranking
     # every-position scores leave padding out
     batch = task.sample(4, 0)
     latents = torch.ones(*batch["input_ids"].shape, 3)
