@@ -114,15 +114,17 @@ def test_latent_alignment_and_latent_iia_from_a_config(tmp_path):
 
 def test_interchange_training_on_sae_latents_trains_the_model_and_the_sae(tmp_path):
     """configs/sae-iit.yaml aligns IIT with the SAE's latents (blocks.0.resid_post.sae): its
-    loss reaches the model and the SAE (both differ from the same run with the IIT weight 0),
-    and the objectives may come in either order (the sae objective, which adds the site, binds first)."""
+    loss reaches the model and the SAE (after one step, both differ from the same run with that
+    IIT's weight 0, the residual IIT off in both), and the objectives may come in any
+    order (the sae objective, which adds the site, binds first)."""
     import torch
 
     short = [*TINY, "trainer.max_steps=4", "audits=[]"]
+    one_step = [*short, "trainer.max_steps=1", "objectives.2.weight=0"]  # the residual IIT off
     states = {}
     for name, extra in (("iit", []), ("off", ["objectives.1.weight=0"])):
         run = tmp_path / name
-        assert main(["fit", "-c", "configs/sae-iit.yaml", "--run-dir", str(run), *short, *extra]) == 0
+        assert main(["fit", "-c", "configs/sae-iit.yaml", "--run-dir", str(run), *one_step, *extra]) == 0
         states[name] = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     model = [k for k in states["iit"] if k.startswith("model.blocks.0.")]
     sae = [k for k in states["iit"] if k.startswith("objective_modules.sae.")]
@@ -132,7 +134,8 @@ def test_interchange_training_on_sae_latents_trains_the_model_and_the_sae(tmp_pa
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load("configs/sae-iit.yaml")
-    cfg.objectives = [cfg.objectives[1], cfg.objectives[0]]
+    assert [o.get("label", o.name) for o in cfg.objectives] == ["sae", "interchange", "residual"]
+    cfg.objectives = list(reversed(cfg.objectives))
     OmegaConf.save(cfg, tmp_path / "swapped.yaml")
     assert main(["fit", "-c", str(tmp_path / "swapped.yaml"), "--run-dir", str(tmp_path / "swapped"), *short]) == 0
 
