@@ -72,6 +72,7 @@ from faithful_train.latents import (
     check_labelled,
     greedy_selection,
     label_values,
+    latent_scores,
     one_hot_basis,
     read_scores,
     value_aurocs,
@@ -201,56 +202,66 @@ class SaeAudit(Audit):
             self.n_examples, int(self.seed) + 3
         )  # its own seed: chosen on other examples than measured
         device = next(model.parameters()).device
+        selection = {k: v.to(device) for k, v in selection.items()}
+        causal = self.select == "iia" and bool(self.iia_variables)
         was_training, sae_training = model.training, self.sae_module.training
         model.eval(), self.sae_module.eval()
         try:
-            selection = {k: v.to(device) for k, v in selection.items()}
-            scores = read_scores(model, self.variables, selection, self.batch_size)
+            if causal:  # base and source rows in one forward per chunk: the scores and every swap read it
+                chunks = self._selection_forwards(model, task, selection)
+                scores = {
+                    v: torch.cat([latent_scores(cache[ref.name].float(), ref, base) for base, _, _, cache in chunks])
+                    for v, ref in self.variables.items()
+                }
+            else:
+                scores = read_scores(model, self.variables, selection, self.batch_size)
+            figures: dict[str, float] = {}
+            for v, score in scores.items():
+                values = label_values(selection, v)
+                aurocs = value_aurocs(score, values)
+                names = task.concepts.get(v) if v not in task.variables else None
+                # either sign, as a 1-d probe
+                best = {c: float(torch.maximum(a, 1 - a).max()) for c, a in aurocs.items()}
+                for c, value in best.items():
+                    figures[f"auroc/{v}/{names[c] if names else c}"] = value
+                figures[f"auroc/{v}"] = sum(best.values()) / max(len(best), 1)
+                self._chosen[v] = alignment_ranking(aurocs, score, values)[0]
+            if causal:
+                self._select_causally(model, task, chunks, selection["input_ids"].shape[0])
         finally:
             model.train(was_training), self.sae_module.train(sae_training)
-        figures: dict[str, float] = {}
-        for v, score in scores.items():
-            values = label_values(selection, v)
-            aurocs = value_aurocs(score, values)
-            names = task.concepts.get(v) if v not in task.variables else None
-            best = {c: float(torch.maximum(a, 1 - a).max()) for c, a in aurocs.items()}  # either sign, as a 1-d probe
-            for c, value in best.items():
-                figures[f"auroc/{v}/{names[c] if names else c}"] = value
-            figures[f"auroc/{v}"] = sum(best.values()) / max(len(best), 1)
-            self._chosen[v] = alignment_ranking(aurocs, score, values)[0]
-        if self.select == "iia" and self.iia_variables:
-            self._select_causally(model, task, selection)
         self._alignment = figures
 
     @torch.no_grad()
-    def _select_causally(self, model: nn.Module, task: Task, selection: Batch) -> None:
-        """``select: iia``: each variable's first ``max_latents`` latents chosen by greedy forward
-        selection on the selection set (paired with sources of its own seed): the latent whose
-        swap, with those already chosen, gives the highest IIA (``latents.greedy_selection``);
-        the AUROC ranking orders the candidates and the rest of the ladder."""
+    def _selection_forwards(self, model: nn.Module, task: Task, selection: Batch) -> list[tuple]:
+        """The selection set paired with sources of their own seed: ``(base rows, paired rows,
+        source activations, base cache)`` per chunk of ``batch_size`` rows."""
         device = selection["input_ids"].device
         sources = task.sample(self.n_examples, int(self.seed) + 4)
         rows = selection | {SOURCE + k: v.to(device) for k, v in sources.items()}
         n = rows["input_ids"].shape[0]
-        was_training, sae_training = model.training, self.sae_module.training
-        model.eval(), self.sae_module.eval()
-        try:
-            chunks = [self._paired_forward(model, task, {k: t[i : i + self.batch_size] for k, t in rows.items()})[:4]
-                      for i in range(0, n, self.batch_size)]  # fmt: skip
-            for v in self.iia_variables:
+        return [self._paired_forward(model, task, {k: t[i : i + self.batch_size] for k, t in rows.items()})[:4]
+                for i in range(0, n, self.batch_size)]  # fmt: skip
 
-                def accuracy(sets: list[Tensor], v: str = v) -> Tensor:
-                    hits = torch.zeros(len(sets))
-                    for chunk in chunks:
-                        step = max(1, 16384 // chunk[0]["input_ids"].shape[0])  # variants per engine call
-                        for i in range(0, len(sets), step):
-                            found = self._swap_hits(model, task, *chunk, [(v, s) for s in sets[i : i + step]])
-                            hits[i : i + len(found)] += torch.stack([h.sum() for h in found]).cpu()
-                    return hits / n
+    @torch.no_grad()
+    def _select_causally(self, model: nn.Module, task: Task, chunks: list[tuple], n: int) -> None:
+        """``select: iia``: each variable's first ``max_latents`` latents chosen by greedy forward
+        selection on the selection set's ``n`` pairs (``chunks``, ``_selection_forwards``): the
+        latent whose swap, with those already chosen, gives the highest IIA
+        (``latents.greedy_selection``); the AUROC ranking orders the candidates and the rest of
+        the ladder."""
+        for v in self.iia_variables:
 
-                self._chosen[v] = greedy_selection(self._chosen[v], self._top, accuracy, self.candidates)[0]
-        finally:
-            model.train(was_training), self.sae_module.train(sae_training)
+            def accuracy(sets: list[Tensor], v: str = v) -> Tensor:
+                hits = torch.zeros(len(sets))
+                for chunk in chunks:
+                    step = max(1, 16384 // chunk[0]["input_ids"].shape[0])  # variants per engine call
+                    for i in range(0, len(sets), step):
+                        found = self._swap_hits(model, task, *chunk, [(v, s) for s in sets[i : i + step]])
+                        hits[i : i + len(found)] += torch.stack([h.sum() for h in found]).cpu()
+                return hits / n
+
+            self._chosen[v] = greedy_selection(self._chosen[v], self._top, accuracy, self.candidates)[0]
 
     def _paired_forward(self, model: nn.Module, task: Task, batch: Batch) -> tuple[Batch, Any, dict, dict[str, Tensor], Tensor]:
         """``(base rows, paired rows, each variable's source activations, base cache, base
