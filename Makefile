@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # An existing torch (CUDA or CPU) is kept; otherwise this pinned CPU build is installed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart baseline test test-fast benchmarks clean
+.PHONY: install quickstart baseline test test-fast benchmarks benchmark-scale clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
@@ -52,6 +52,10 @@ benchmarks: install .bench/pyvene .bench/transformer_lens .bench/sparsify
 	TL_LIB=.bench $(PY) benchmarks/patching.py
 	$(PY) benchmarks/retrieval.py
 	SPARSIFY_LIB=.bench $(PY) benchmarks/sae.py
+
+# steps of every objective on a GPT-2-small shape and a 1B llama (about an hour on 2 CPU cores)
+benchmark-scale: install
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) runs wandb .pytest_cache .bench

@@ -5,7 +5,7 @@ export a trained model.
     faithful-train audit -c CONFIG --ckpt PATH [--run-dir DIR] [--strict] [key=value ...]
     faithful-train data ioi --out DIR [--seed N]
     faithful-train data show -c CONFIG [-n N] [key=value ...]
-    faithful-train export RUN_DIR --out DIR [--ckpt CKPT]
+    faithful-train export RUN_DIR --out DIR [--ckpt CKPT] [--merge]
     faithful-train verify HYPOTHESIS --ckpt CKPT [-c CONFIG] [key=value ...]
 
 Exit status: 0 done; 1 a pre-registered threshold failed under ``--strict``; 2 a user error
@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory (config.yaml, checkpoints/last.ckpt)")
     export.add_argument("--out", required=True, help="directory to write")
     export.add_argument("--ckpt", help="checkpoint (default: <run dir>/checkpoints/last.ckpt)")
+    export.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapters into the weights and write the merged model (default: the adapter, in peft's format)")
     sweep = sub.add_parser("sweep", help="a multi-objective Optuna sweep over config keys: Pareto front, hypervolume, pruning")
     sweep.add_argument("-c", "--config", required=True, help="sweep YAML (see configs/sweeps/)")
     sweep.add_argument("--out", help="the sweep directory (default: runs/sweeps/<name>)")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from faithful_train.export import export_run
 
-            print(f"exported to {export_run(args.run_dir, args.out, args.ckpt)}")
+            print(f"exported to {export_run(args.run_dir, args.out, args.ckpt, merge=args.merge)}")
             return 0
         if args.command == "verify":
             from faithful_train.verify import format_drift, verify

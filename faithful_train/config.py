@@ -120,6 +120,16 @@ class BottleneckSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (``peft``) on the model's linear layers; everything else is frozen."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # default: qkv (ours), c_attn (gpt2), q_proj + v_proj (others)
+
+
+@dataclass
 class TransformerModelSection:
     arch: str = "transformer"
     d_model: int = 64
@@ -132,6 +142,8 @@ class TransformerModelSection:
     vocab_size: int | None = None  # default: the task's
     max_seq_len: int | None = None  # default: the task's
     bottleneck: BottleneckSection | None = None
+    lora: LoraSection | None = None
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
 
 @dataclass
@@ -141,6 +153,8 @@ class HFModelSection:
     config: dict[str, Any] = field(default_factory=dict)  # the family's HF config arguments
     path: str | None = None  # a local directory saved with save_pretrained
     bottleneck: BottleneckSection | None = None
+    lora: LoraSection | None = None
+    activation_checkpointing: bool = False  # transformers' checkpointing of the decoder layers (non-reentrant)
 
 
 MODEL_SECTIONS = {"transformer": TransformerModelSection, "hf": HFModelSection}
@@ -225,12 +239,19 @@ def _load_yaml(path: Path) -> DictConfig:
     return data
 
 
+# sections a config may give as a name (``model: dense-tiny``, ``task: hierarchical_equality``): the mapping it stands for
+_NAMED_BY = {"model": "preset", "task": "name"}
+
+
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
     """``key=value`` (dotted keys, list indices allowed; values parsed as YAML)."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value")
+        top, _, rest = key.partition(".")
+        if rest and top in _NAMED_BY and isinstance(cfg.get(top), str):  # model=cbm-tiny model.lora=...: keep the preset
+            OmegaConf.update(cfg, top, {_NAMED_BY[top]: cfg.get(top)}, merge=False, force_add=True)
         try:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
@@ -354,6 +375,11 @@ def _check_numbers(cfg: DictConfig) -> None:
             )
     if str(cfg.trainer.precision) not in PRECISIONS:
         raise UnknownNameError("trainer.precision", cfg.trainer.precision, PRECISIONS)
+    if str(cfg.trainer.precision).startswith("16") and not _on_cuda(cfg.trainer.accelerator):
+        raise ConfigError(
+            f"config key 'trainer.precision' is {cfg.trainer.precision!r}: fp16 needs a CUDA device (this run is on "
+            f"{cfg.trainer.accelerator!r}); on a CPU use bf16-mixed"
+        )
     from lightning.pytorch.strategies import StrategyRegistry
 
     strategies = ["auto", *StrategyRegistry.available_strategies()]
@@ -367,6 +393,17 @@ def _check_numbers(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"config key 'trainer.accelerator' is {accelerator!r}, but this machine has no CUDA device"
             )
+
+
+def _on_cuda(accelerator: str) -> bool:
+    """Whether the run's accelerator is a CUDA device (``auto`` picks one when there is one)."""
+    if accelerator in ("gpu", "cuda"):
+        return True
+    if accelerator == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
 
 
 def to_plain(cfg: DictConfig | ListConfig) -> Any:

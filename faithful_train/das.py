@@ -37,7 +37,9 @@ class OrthonormalBasis(nn.Module):
 
     @property
     def basis(self) -> Tensor:
-        return self.map.weight.T  # (d, k)
+        """``(d, k)``, computed in float32 (autocast off): orthonormal under mixed precision too."""
+        with torch.autocast(self.map.parametrizations.weight.original.device.type, enabled=False):
+            return self.map.weight.T
 
     def forward(self) -> Tensor:
         return self.basis

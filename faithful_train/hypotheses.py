@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError
+from faithful_train.modeling.sharding import is_distributed_tensor
 from faithful_train.rundir import atomic_write_text
 
 KINDS = ("circuit", "alignment")
@@ -104,9 +105,19 @@ class Hypothesis:
 
 
 def weights_hash(model: nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) of the model's parameters and buffers, in name order."""
+    """SHA-256 (first 16 hex digits) of the model's parameters and buffers, in name order. With
+    LoRA adapters: of the frozen base's hash (computed once) and the rest, so a large base is
+    not hashed again at every checkpoint."""
     digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
+    state = model.state_dict()
+    base = model.__dict__.get("lora_base_hash")
+    if base is not None:
+        digest.update(base.encode())
+        frozen = {name for name, p in model.named_parameters() if "lora_" not in name}
+        state = {k: v for k, v in state.items() if k not in frozen}
+    for name, value in sorted(state.items()):
+        if is_distributed_tensor(value):  # a sharded model: every rank gathers, in the same order
+            value = value.full_tensor()
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -44,14 +44,16 @@ def interchange(
 
     which is DAS's ``R^T (where(first k, R s, R b))`` with the rotation's first ``k`` rows
     ``Q^T``; here ``mask`` selects positions (and heads), not dimensions. Entries outside
-    ``mask`` are returned exactly.
+    ``mask`` are returned exactly. The rotation is applied in float32 (autocast off), whatever
+    precision the activations have: in bf16 its projection would not be one.
     """
     if basis is None:
         return patch(base, source, mask, rows)
     part = base if rows is None else base[rows]
-    basis = basis.to(part.dtype)
-    delta = ((source.to(part.dtype) - part) @ basis) @ basis.T
-    return _on_rows(base, part + delta * mask, rows)
+    with torch.autocast(part.device.type, enabled=False):
+        basis = basis.float()
+        delta = ((source.float() - part.float()) @ basis) @ basis.T
+    return _on_rows(base, part + (delta * mask).to(part.dtype), rows)
 
 
 def zero_ablate(base: Tensor, mask: Tensor, rows: slice | None = None) -> Tensor:

@@ -63,13 +63,13 @@ def load_run(run_dir: str | os.PathLike, ckpt: str | os.PathLike | None = None) 
     cfg.objectives, cfg.audits = [], []  # only the model and the task are needed
     cfg.logger.wandb.mode = "disabled"  # nothing is logged (an online run's config loads offline)
     run = runs.build(cfg, run_dir)
-    load_weights(run.module.model, state)
+    load_weights(run.module.model, state, Path(ckpt) if ckpt else run_dir / "checkpoints" / "last.ckpt")
     return run.module.model, run.task
 
 
-def load_weights(model: nn.Module, state: dict[str, Any]) -> None:
-    """The model's weights from a loaded checkpoint; a checkpoint of another model is one line."""
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"the checkpoint does not fit the run's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | os.PathLike = "the checkpoint") -> None:
+    """The model's weights from a loaded checkpoint; a checkpoint of another model (another size,
+    another base, adapters or not) is one line (``rundir.model_weights``)."""
+    from faithful_train.rundir import model_weights
+
+    model.load_state_dict(model_weights(model, state, Path(path)), strict=False)

@@ -37,6 +37,8 @@ from faithful_train.batches import (
 )
 from faithful_train.errors import TrainingDiverged, note
 from faithful_train.modeling.interface import per_token_logits
+from faithful_train.modeling.lora import has_adapters
+from faithful_train.modeling.sharding import average_gradients, clip_grad_norm, is_sharded, local, meta_replica, shard_model
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task, batch_seed
@@ -83,6 +85,8 @@ class FaithfulModule(LightningModule):
         self.skipped_in_row = self.skipped_steps = 0
         # on resume, keep the decay schedule the run started with (trainer.max_steps may have grown)
         self.keep_schedule = keep_schedule
+        # a LoRA run's checkpoints hold the trainable weights only (checked by ``run.fitting_weights``)
+        self.strict_loading = not has_adapters(model)
         self.train_acc, self.val_acc = MeanMetric(), MeanMetric()
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()
 
@@ -196,7 +200,11 @@ class FaithfulModule(LightningModule):
         if str(self.trainer.precision).startswith("16"):  # fp16's grad scaler skips overflowing steps itself
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).all()):
+        if "replica" in self.__dict__:  # sharded: each rank sees its shards; all must agree
+            finite = all(bool(torch.isfinite(local(g)).all()) for g in grads)
+            if not self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
+                return
+        elif not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).all()):
             return
         self._nonfinite(f"the gradient is non-finite at step {self.global_step}")
         optimizer.zero_grad(set_to_none=True)
@@ -226,6 +234,11 @@ class FaithfulModule(LightningModule):
             "skipped_steps": self.skipped_steps,
             "skipped_in_row": self.skipped_in_row,
         }
+        if has_adapters(self.model):  # the frozen base stays where it came from; the checkpoint names it
+            for name, parameter in self.model.named_parameters():
+                if "lora_" not in name:
+                    checkpoint["state_dict"].pop(f"model.{name}", None)
+            checkpoint["faithful_train"]["base"] = self.model.__dict__["lora_base_hash"]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("faithful_train", {})
@@ -301,10 +314,31 @@ class FaithfulModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- sharded training (trainer.strategy: fsdp; modeling.sharding) ----------------------------
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``trainer.strategy: fsdp``): keep a meta replica for
+        audits, then shard the model (blocks, their adapters apart, the root)."""
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.model):
+            return
+        self.__dict__["replica"] = meta_replica(self.model)
+        shard_model(self.model, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)
+
+    def on_after_backward(self) -> None:
+        if "replica" in self.__dict__:  # sharded model: the objectives' own modules are replicated
+            average_gradients(self.objective_modules.parameters())
+
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
         """Clip as Lightning does, except that a group with its own learning rate (an SAE trained
-        beside the model) is clipped by its own norm: its gradients never scale the model's."""
+        beside the model) is clipped by its own norm: its gradients never scale the model's. A
+        sharded model's norm counts every rank's shards (``sharding.clip_grad_norm``)."""
         own = [g for g in optimizer.param_groups if g.get("own")]
+        sharded = "replica" in self.__dict__
+        if gradient_clip_val is not None and sharded and gradient_clip_algorithm != "value":
+            for params in [[p for g in optimizer.param_groups if not g.get("own") for p in g["params"]], *(g["params"] for g in own)]:
+                clip_grad_norm(params, gradient_clip_val)
+            return
         if not own or gradient_clip_val is None:
             self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
             return

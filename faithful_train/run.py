@@ -21,7 +21,7 @@ from faithful_train.data import TaskDataModule
 from faithful_train.errors import ConfigError, FaithfulError, TrainingDiverged
 from faithful_train.hypotheses import HypothesisFiles
 from faithful_train.loggers import check_wandb, finish_wandb, make_loggers
-from faithful_train.modeling import build_model, freeze, frozen_copy, model_context
+from faithful_train.modeling import build_model, freeze, model_context, starting_point
 from faithful_train.module import FaithfulModule
 from faithful_train.objectives.base import Objective
 from faithful_train.registry import AUDITS, OBJECTIVES, TASKS, instantiate
@@ -33,6 +33,7 @@ from faithful_train.rundir import (
     build_summary,
     first_nonfinite,
     load_checkpoint,
+    model_weights,
     preregister,
     truncate_jsonl,
 )
@@ -91,6 +92,14 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     ]
     _unique_labels(objectives, "objectives")
     _unique_labels(audits, "audits")
+    if cfg.model.get("activation_checkpointing"):
+        for i, objective in enumerate(objectives):
+            if not objective.supports_activation_checkpointing:
+                raise ConfigError(
+                    f"objectives.{i}: objective {objective.label!r} ({type(objective).__name__}) does not declare that it supports "
+                    "model.activation_checkpointing (supports_activation_checkpointing = True: its edits are the same when a block "
+                    "is recomputed); turn model.activation_checkpointing off"
+                )
     for kind, items in (("objectives", objectives), ("audits", audits)):
         # objectives that add sites (an SAE's <site>.sae) first: the rest may name those sites
         for i, item in sorted(enumerate(items), key=lambda entry: not getattr(entry[1], "adds_sites", False)):
@@ -108,7 +117,7 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
         model, task, optim.lr, optim.weight_decay, tuple(optim.betas), optim.warmup_steps, cfg.seed,
         decay=optim.decay, total_steps=optim.schedule_steps or cfg.trainer.max_steps, min_lr_ratio=optim.min_lr_ratio,
         objective_modules=owned, answer_weight=cfg.loss.answer, lm_weight=cfg.loss.lm,
-        reference=frozen_copy(model) if wants_reference else None,
+        reference=starting_point(model) if wants_reference else None,
         on_nonfinite=cfg.trainer.on_nonfinite, max_skipped_steps=cfg.trainer.max_skipped_steps,
         keep_schedule=optim.schedule_steps is None,
     )  # fmt: skip
@@ -143,7 +152,7 @@ def make_trainer(
         log_every_n_steps=t.log_every,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=fsdp_strategy(t) if t.strategy == "fsdp" else t.strategy,
         num_nodes=t.num_nodes,
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val,
@@ -155,6 +164,22 @@ def make_trainer(
         logger=make_loggers(run.cfg, run.run_dir, resume_step, csv_rows),
         callbacks=[*run.objectives, *run.audits, checkpoint, *_progress_bars(run.cfg), *extra_callbacks],
     )
+
+
+def fsdp_strategy(t: DictConfig) -> Any:
+    """``trainer.strategy: fsdp``: FSDP2 through Lightning's ``ModelParallelStrategy`` (data parallel
+    over every process, no tensor parallelism; ``FaithfulModule.configure_model`` shards), saving
+    whole checkpoints that ``audit``, ``verify`` and ``export`` read (``modeling.sharding``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    devices = t.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if not isinstance(devices, int) or devices < 1:  # auto / -1 / a list of device ids
+        cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+        devices = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else (torch.cuda.device_count() if cuda else 1)
+    world = devices * t.num_nodes
+    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False)
 
 
 def _progress_bars(cfg: DictConfig) -> list[Any]:
@@ -212,6 +237,7 @@ def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) ->
     resume_step = csv_rows = None
     if resume is not None:
         state = load_checkpoint(Path(resume))  # refused if it would run code
+        fitting_weights(run, state, Path(resume))  # one line if it is another model's
         resume_step, csv_rows = int(state.get("global_step", 0)), state.get("metrics_csv_rows")
     trainer = make_trainer(run, list(extra_callbacks), resume_step, csv_rows)
     if trainer.is_global_zero:
@@ -249,17 +275,32 @@ def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) ->
         finish_wandb(trainer)
 
 
+def fitting_weights(run: Run, state: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoint's model weights and its objectives' own (``objective_modules``), each checked
+    against the run's before anything loads (``rundir.model_weights``); weights of an objective
+    the config lacks are left out."""
+    weights = model_weights(run.module.model, state, path)
+    mine = run.module.objective_modules.state_dict()
+    prefix = "objective_modules."
+    owned = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix) and k[len(prefix) :].split(".")[0] in run.module.objective_modules}
+    for key, value in owned.items():
+        if key in mine and tuple(mine[key].shape) != tuple(value.shape):
+            raise ConfigError(
+                f"checkpoint {path} does not fit the config's objectives: {prefix}{key} is {list(value.shape)} there and {list(mine[key].shape)} here"
+            )
+    missing = [k for k in mine if k not in owned]
+    if missing:
+        raise ConfigError(f"checkpoint {path} does not fit the config's objectives: missing {prefix}{missing[0]}")
+    return weights, owned
+
+
 def audit_checkpoint(run: Run, ckpt: str | Path) -> dict[str, Any]:
     """Re-run the config's audits on a checkpoint's weights, without training."""
     path = Path(ckpt)
     state = load_checkpoint(path)
-    missing, unexpected = run.module.load_state_dict(state["state_dict"], strict=False)
-    missing = [k for k in missing if k.startswith(("model.", "objective_modules."))]
-    unexpected = [k for k in unexpected if not k.startswith("objective_modules.")]  # a config without that objective
-    if missing or unexpected:
-        raise ConfigError(
-            f"checkpoint {path} does not fit the config's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    weights, owned = fitting_weights(run, state, path)
+    run.module.model.load_state_dict(weights, strict=False)
+    run.module.objective_modules.load_state_dict(owned, strict=False)
     bad = first_nonfinite(run.module)
     if bad is not None:
         raise ConfigError(

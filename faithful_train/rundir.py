@@ -291,7 +291,9 @@ class RunCSVLogger(CSVLogger):
 
 
 def first_nonfinite(module: torch.nn.Module) -> str | None:
+    """The first parameter or buffer with a non-finite value (of this rank's shard, when sharded)."""
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
     return None
@@ -348,3 +350,39 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return state
+
+
+def model_weights(model: torch.nn.Module, state: Mapping[str, Any], path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The model's weights in checkpoint ``state`` (its keys under ``prefix``), checked against
+    ``model`` before anything loads, each mismatch one line: a weight of another shape (another
+    size or vocabulary), weights missing or unexpected. A LoRA run's checkpoint holds the
+    trainable weights only and names its base by hash (``faithful_train.base``): the base's
+    weights are then the model's own, which must be that base."""
+    from faithful_train.modeling.lora import has_adapters
+
+    saved = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    own = model.state_dict()
+    for key, value in saved.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise ConfigError(
+                f"checkpoint {path} does not fit the config's model: {prefix}{key} is {list(value.shape)} there and "
+                f"{list(own[key].shape)} here (a model of another size or vocabulary?)"
+            )
+    base = (state.get("faithful_train") or {}).get("base")
+    adapters = has_adapters(model)
+    if base is not None and not adapters:
+        raise ConfigError(f"checkpoint {path} holds LoRA adapters only (trained on base {base}); the config has no model.lora")
+    optional: set[str] = set()
+    if base is not None:
+        if base != model.__dict__["lora_base_hash"]:
+            raise ConfigError(
+                f"checkpoint {path} holds adapters trained on another base model (base {base}; this config's model is "
+                f"{model.__dict__['lora_base_hash']}): point model.path at the model that run started from"
+            )
+        optional = {name for name, p in model.named_parameters() if "lora_" not in name}
+    missing = [k for k in own if k not in saved and k not in optional]
+    unexpected = [k for k in saved if k not in own]
+    if missing or unexpected:
+        hint = " (the config adds LoRA adapters; the checkpoint has none)" if adapters and base is None else ""
+        raise ConfigError(f"checkpoint {path} does not fit the config's model{hint}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return saved

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError, DataError, UnknownNameError, first_line
-from faithful_train.sites import attach_featurizer, featurized_sites, resolve_positions, run_with
+from faithful_train.sites import attach_featurizer, featurized_sites, recording_suspended, resolve_positions, run_with
 from faithful_train.tasks.base import Task
 
 ACTIVATIONS = ("topk", "batch_topk", "jumprelu", "relu")
@@ -137,8 +137,15 @@ class _JumpReLU(torch.autograd.Function):
         return grad * (pre > threshold).to(pre.dtype), (-(threshold / ctx.bandwidth) * near * grad).sum(0), None
 
 
+def _full_precision(sae: nn.Module) -> Any:
+    """The SAE computes in float32 under mixed precision (autocast off): its weights and its
+    TopK selection stay fp32 whatever the model's matmuls run in."""
+    return torch.autocast(sae.W_dec.device.type, enabled=False)
+
+
 class SparseAutoencoder(nn.Module):
-    """An SAE (``d_out`` = ``d_in``) or a transcoder (``d_out`` given: another site's output)."""
+    """An SAE (``d_out`` = ``d_in``) or a transcoder (``d_out`` given: another site's output).
+    It computes in float32 under mixed precision (``_full_precision``)."""
 
     def __init__(
         self,
@@ -203,7 +210,9 @@ class SparseAutoencoder(nn.Module):
             values, index = flat.topk(min(self.k * pre.shape[0], flat.numel()), sorted=False)
             with torch.no_grad():  # the smallest kept value, averaged: the threshold at evaluation
                 smallest = values[values > 0].min() if (values > 0).any() else values.new_zeros(())
-                if self.threshold_estimate > 0:  # a running mean once it has a first value
+                if recording_suspended():  # a checkpoint's recomputation: counted in the forward already
+                    pass
+                elif self.threshold_estimate > 0:  # a running mean once it has a first value
                     self.threshold_estimate.mul_(0.99).add_(0.01 * smallest)
                 else:
                     self.threshold_estimate.copy_(smallest)
@@ -213,12 +222,18 @@ class SparseAutoencoder(nn.Module):
         return pre
 
     def decode(self, latents: Tensor) -> Tensor:
-        return latents @ self.W_dec + self.b_dec
+        with _full_precision(self):
+            return latents.float() @ self.W_dec + self.b_dec
 
     def encode(self, x: Tensor) -> Tensor:
-        return self.latents(self.pre_acts(x))
+        with _full_precision(self):
+            return self.latents(self.pre_acts(x.float()))
 
     def forward(self, x: Tensor, y: Tensor | None = None, dead_mask: Tensor | None = None) -> SaeOutput:
+        with _full_precision(self):
+            return self._forward(x.float(), None if y is None else y.float(), dead_mask)
+
+    def _forward(self, x: Tensor, y: Tensor | None = None, dead_mask: Tensor | None = None) -> SaeOutput:
         """Reconstruct ``y`` (default ``x``) from ``x`` ``(N, d_in)``; the loss terms of the batch.
         A wide TopK SAE runs sparse (``sparse``: the encoder's backward and the decode touch the
         ``k`` selected latents of each row); a narrow one runs dense matmuls, faster there."""

@@ -17,6 +17,7 @@ applies edits in the forward pass, and removes exactly the hooks it added.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -317,12 +318,31 @@ def hooked(
             handle.remove()
 
 
+_records = threading.local()
+
+
+def recording_suspended() -> bool:
+    """Whether recording hooks are off (an activation checkpoint's recomputation is running)."""
+    return getattr(_records, "suspended", 0) > 0
+
+
+@contextmanager
+def records_suspended() -> Iterator[None]:
+    """Recording hooks record nothing inside: a site is recorded once per logical forward, not again
+    when activation checkpointing recomputes it (``modeling.checkpointing``)."""
+    _records.suspended = getattr(_records, "suspended", 0) + 1
+    try:
+        yield
+    finally:
+        _records.suspended -= 1
+
+
 def _register(point: SitePoint, name: str, fns: list[Edit], keep: bool, cache: dict[str, Tensor]):
     def apply(raw: Any) -> Any:
         value = point.read(raw)
         for fn in fns:
             value = fn(value)
-        if keep:
+        if keep and not recording_suspended():  # a checkpoint's recomputation records nothing again
             cache[name] = value
         return point.write(raw, value) if fns else None
 

@@ -33,7 +33,7 @@ def verify(hypothesis: str | Path, ckpt: str | Path, config: str | Path | None =
     else:
         raise ConfigError(f"--ckpt {ckpt} is not inside a run directory (no {run_config}); name its config with -c")
     model = _model(cfg, config_dir)
-    load_weights(model, state)
+    load_weights(model, state, ckpt)
     task = _model_task(cfg, config_dir) if shifted is None else _model_task(shifted, Path(config).parent)
     vocab = model.eval()(task.sample(1, 0)["input_ids"]).shape[-1]
     if vocab < task.vocab_size:

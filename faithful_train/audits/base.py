@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric, Metric
 from faithful_train.batches import trim_padding
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.hypotheses import HypothesisFiles
+from faithful_train.modeling.sharding import whole_model
 from faithful_train.rundir import append_jsonl
 from faithful_train.tasks.base import Batch, Task, take
 
@@ -188,14 +189,15 @@ class Audit(Callback, ABC):
     def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         step = trainer.global_step
         self.attach(pl_module)
-        results = self.evaluate(pl_module.model, pl_module.task, trainer.global_rank, trainer.world_size)
-        record = self.remember(results, step)
-        logged = {f"audit/{self.label}/{k}": v for k, v in results.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=step)
-        if trainer.is_global_zero:
-            append_jsonl(Path(trainer.default_root_dir) / "audits.jsonl", record)
-            self.write_artifacts(pl_module.model, pl_module.task, Path(trainer.default_root_dir), step, trainer.loggers)
+        with whole_model(pl_module) as model:  # a sharded model's weights, gathered on every rank
+            results = self.evaluate(model, pl_module.task, trainer.global_rank, trainer.world_size)
+            record = self.remember(results, step)
+            logged = {f"audit/{self.label}/{k}": v for k, v in results.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=step)
+            if trainer.is_global_zero:
+                append_jsonl(Path(trainer.default_root_dir) / "audits.jsonl", record)
+                self.write_artifacts(model, pl_module.task, Path(trainer.default_root_dir), step, trainer.loggers)
         return results
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

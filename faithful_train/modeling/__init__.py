@@ -19,7 +19,17 @@ def build_model(
     with a ``bottleneck`` key, wrapped in a concept bottleneck over the task's ``concepts``."""
     spec = dict(section)
     bottleneck = spec.pop("bottleneck", None)
+    lora = spec.pop("lora", None)
+    checkpointing = spec.pop("activation_checkpointing", False)
     backbone = _build_backbone(spec, vocab_size, seq_len, seed)
+    if lora is not None:
+        from faithful_train.modeling.lora import add_lora
+
+        if bottleneck is not None:
+            raise ConfigError("model.lora: a concept-bottleneck model cannot take LoRA adapters (its bottleneck and head train in full)")
+        add_lora(backbone, **dict(lora))
+    if checkpointing:
+        backbone.enable_activation_checkpointing()
     if bottleneck is None:
         return backbone
     return _with_bottleneck(backbone, dict(bottleneck), vocab_size, seed, concepts or {})
@@ -91,6 +101,14 @@ def freeze(model: nn.Module, patterns: Sequence[str], key: str = "optim.freeze")
             parameter.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+def starting_point(model: nn.Module) -> Any:
+    """What capability preservation compares with: with LoRA adapters, the same model with its
+    adapters off (no second copy); otherwise a frozen copy of the model as it is now."""
+    from faithful_train.modeling.lora import AdapterFreeReference, has_adapters
+
+    return AdapterFreeReference(model) if has_adapters(model) else frozen_copy(model)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

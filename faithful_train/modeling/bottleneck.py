@@ -39,8 +39,7 @@ from torch import Tensor, nn
 from faithful_train.batches import gather_positions, last_real_position
 from faithful_train.concepts import ConceptLayout
 from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.modeling.interface import hidden_size
-from faithful_train.modeling.transformer import Transformer
+from faithful_train.modeling.interface import can_resume, hidden_size
 from faithful_train.sites import HookPoint, SitePoint, resolve_site
 
 MODES = ("hard", "hybrid", "embedding")
@@ -204,9 +203,9 @@ class BottleneckModel(nn.Module):
         if positions is None:
             B, T = input_ids.shape
             positions = last_real_position(attention_mask, T, B, input_ids.device)[:, None]
-        if isinstance(self.backbone, Transformer):
+        if can_resume(self.backbone):
             return gather_positions(self.backbone.forward_to(self.layer + 1, input_ids, attention_mask), positions)
-        # other backbones (Hugging Face) run until the site is computed, then stop
+        # other backbones run until the site is computed, then stop
         point = resolve_site(self.backbone, f"blocks.{self.layer}.resid_post")
 
         def stop(_module: nn.Module, _args: tuple, out: Any) -> None:
@@ -221,18 +220,22 @@ class BottleneckModel(nn.Module):
             handle.remove()
         raise RuntimeError(f"blocks.{self.layer}.resid_post was never computed")
 
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """The backbone's blocks recompute their activations in the backward pass."""
+        self.backbone.enable_activation_checkpointing(enabled)
+
     @property
     def forward_to(self):
-        """The residual entering block ``layer`` (the backbone's; only for our transformer)."""
-        if not isinstance(self.backbone, Transformer):
+        """The residual entering block ``layer`` (the backbone's, where it can resume)."""
+        if not can_resume(self.backbone):
             raise AttributeError("forward_to")
         return self.backbone.forward_to
 
     @property
     def forward_from(self):
-        """Resume at block ``layer`` from its input residual (partial forwards); only for our
-        transformer, so ``hasattr(model, "forward_from")`` is False for Hugging Face backbones."""
-        if not isinstance(self.backbone, Transformer):
+        """Resume at block ``layer`` from its input residual (partial forwards), where the
+        backbone can, so ``hasattr(model, "forward_from")`` is False where it cannot."""
+        if not can_resume(self.backbone):
             raise AttributeError("forward_from")
 
         def forward_from(
@@ -243,8 +246,7 @@ class BottleneckModel(nn.Module):
             narrow: bool = True,
             last_only: bool = False,
         ) -> Tensor:
-            for block in self.backbone.blocks[layer : self.layer + 1]:
-                resid = block(resid, attention_mask)
+            resid = self.backbone.run_layers(layer, self.layer + 1, resid, attention_mask)
             if positions is None:
                 positions = last_real_position(attention_mask, resid.shape[1], resid.shape[0], resid.device)[:, None]
             return self.bottleneck(gather_positions(resid, positions))

@@ -19,9 +19,15 @@ of the wrapped model (see ``faithful_train.sites``):
 Writing ``moe.router`` recomputes the routing (top-k experts and their weights) from the
 edited logits exactly as the family's router does, so patching router logits changes which
 experts run. An edit of ``moe.weights`` may leave at most top-k nonzero weights per token
-(HF experts run exactly top-k experts per token; more raises ``ConfigError``). The ``moe.*``
-sites need the forward to go through ``HFAdapter.forward``, which tells them the (B, T)
-shape that the router's flattened ``(B*T, E)`` output comes from.
+(HF experts run exactly top-k experts per token; more raises ``ConfigError``). The sparse
+block's input tells the ``moe.*`` sites the (B, T) shape that the router's flattened
+``(B*T, E)`` output comes from (in the forward and in a checkpoint's recomputation alike).
+
+Resuming (``forward_to`` / ``forward_from``, what the engine runs edited variants with): the
+residual stream entering a decoder layer, and each layer called as the family's model calls it
+(the same causal or sliding-window mask, position ids counted over real tokens, rotary
+position embeddings, no KV cache). A forward that reads a few positions runs the last layer's
+attention at every position but its MLP (and everything after) at those positions only.
 
 Absent on purpose: ``blocks.{i}.resid_mid``. HF decoder layers add the attention output to
 the residual stream inline (no module boundary), so a hook could read it (the input of the
@@ -37,8 +43,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +57,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from faithful_train.batches import gather_positions, position_ids
 from faithful_train.errors import ConfigError, UnknownNameError, first_line
+from faithful_train.modeling.checkpointing import checkpoint_block, should_checkpoint
+from faithful_train.modeling.sharding import is_shard_unit
 from faithful_train.sites import HookPoint, SitePoint
 
 Route = Callable[[nn.Module, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
@@ -91,6 +101,8 @@ class _Family:
     attn: str  # attention module; output[0] is (B, T, D)
     o_proj: str  # attention output projection; its input holds the per-head outputs
     mlp: str  # MLP or sparse MoE block
+    norm_attn: str = "input_layernorm"  # the layer's norm before attention
+    norm_mlp: str = "post_attention_layernorm"  # and before the MLP
     router: str | None = None  # router of a sparse MoE block, missing on dense layers
     route: Route | None = None  # the router's logits -> (scores, indices) computation
 
@@ -112,6 +124,8 @@ FAMILIES: dict[str, _Family] = {
         attn="attn",
         o_proj="attn.c_proj",
         mlp="mlp",
+        norm_attn="ln_1",
+        norm_mlp="ln_2",
     ),
     "llama": _Family(**_LLAMA_STYLE),
     "mixtral": _Family(**_LLAMA_STYLE, router="mlp.gate", route=_route_mixtral),
@@ -167,6 +181,35 @@ def _replace_first(raw: Any, new: Tensor) -> Any:
     return (new, *raw[1:]) if isinstance(raw, tuple) else new
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """``transformers``' progress bars off (loading and saving), as they were after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _through_resid_pre(layer: nn.Module, args: tuple) -> tuple:
+    """A decoder layer's input through its ``resid_pre`` hook point."""
+    return (layer.hook_resid_pre(args[0]), *args[1:])
+
+
+def _through_resid_post(layer: nn.Module, _args: tuple, out: Any) -> Any:
+    """A decoder layer's output (its hidden states) through its ``resid_post`` hook point."""
+    return _replace_first(out, layer.hook_resid_post(_first(out)))
+
+
+def _remember_tokens_shape(block: nn.Module, args: tuple) -> None:
+    """The (B, T) of a sparse MoE block's input, for the router sites that see (B*T, E)."""
+    block.tokens_shape = tuple(args[0].shape[:2])
+
+
 def _submodule(root: nn.Module, path: str) -> nn.Module | None:
     try:
         return root.get_submodule(path)
@@ -184,18 +227,24 @@ class HFAdapter(nn.Module):
         self.family = hf_model.config.model_type
         self._spec = _family(self.family)
         self.hf_model = hf_model
+        self.activation_checkpointing = False
         # attention through our eager function, so each layer's pattern is a site (hook_pattern)
         _register_pattern_attention()
         hf_model.set_attn_implementation(PATTERN_ATTENTION)
         for layer in self.decoder_layers():
             layer.get_submodule(self._spec.attn).hook_pattern = HookPoint()
-        # (batch, seq) of the current forward: the router sees tokens flattened to (B*T, D)
-        self._tokens_shape: tuple[int, int] | None = None
+            # the layer's input and output pass through hook points (the resid_pre / resid_post
+            # sites), which a resumed forward that narrows the last layer calls itself
+            layer.hook_resid_pre, layer.hook_resid_post = HookPoint(), HookPoint()
+            layer.register_forward_pre_hook(_through_resid_pre)
+            layer.register_forward_hook(_through_resid_post)
         # per-expert selection bias of each sparse MoE layer (bias balancing); zero = the
         # family's own routing. Saved in our checkpoints, not by save_pretrained.
         for i, gate in self._gates().items():
             self.register_buffer(f"selection_bias_{i}", torch.zeros(gate.weight.shape[0]))
             gate.register_forward_hook(self._biased_routing(gate, i))
+            # (batch, seq) of the block's input: the router sees its tokens flattened to (B*T, D)
+            self.decoder_layers()[i].get_submodule(self._spec.mlp).register_forward_pre_hook(_remember_tokens_shape)
 
     def _gates(self) -> dict[int, nn.Module]:
         spec = self._spec
@@ -266,15 +315,17 @@ class HFAdapter(nn.Module):
             raise ConfigError(f"model.path {str(path)!r}: {first_line(e)}") from None
         _family(hf_config.model_type)
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                where, config=hf_config, local_files_only=True, **_LOAD_KWARGS
-            )
+            with quiet_progress():  # transformers 5 draws a bar per load: not on our terminal
+                hf_model = AutoModelForCausalLM.from_pretrained(
+                    where, config=hf_config, local_files_only=True, **_LOAD_KWARGS
+                )
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.path {str(path)!r} holds no loadable weights: {first_line(e)}") from None
         return cls(hf_model)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        self.hf_model.save_pretrained(path)
+        with quiet_progress():
+            self.hf_model.save_pretrained(path)
 
     @property
     def n_layers(self) -> int:
@@ -284,6 +335,23 @@ class HFAdapter(nn.Module):
         """The wrapped model's decoder layers, in order."""
         return self.hf_model.get_submodule(self._spec.layers)
 
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """``transformers``' activation checkpointing (non-reentrant), with our checkpoint function
+        per layer (``modeling.checkpointing``): edits act the same in the recomputation, records
+        once, and the layer's own hooks stay outside the checkpoint as ``transformers`` keeps them."""
+        hf = self.hf_model
+        if enabled:  # transformers 5 renamed gradient_checkpointing_enable (deprecated, same arguments)
+            enable = getattr(hf, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for layer in self.decoder_layers():
+                layer._gradient_checkpointing_func = partial(checkpoint_block, layer)
+        else:
+            getattr(hf, "activation_checkpointing_disable", hf.gradient_checkpointing_disable)()
+        self.activation_checkpointing = enabled
+
     def forward(
         self,
         input_ids: Tensor,
@@ -291,14 +359,14 @@ class HFAdapter(nn.Module):
         positions: Tensor | None = None,
         narrow: bool = True,
     ) -> Tensor:
-        """Next-token logits ``(B, T, vocab)``, or ``(B, P, vocab)`` at ``positions`` (B, P) (every
-        position runs; ``narrow`` is accepted for interface parity with ours).
+        """Next-token logits ``(B, T, vocab)``, or ``(B, P, vocab)`` at ``positions`` (B, P); with
+        ``narrow`` the last layer's MLP, the final norm and the unembedding run at those positions only.
 
         With an ``attention_mask``, position ids count real tokens only (Hugging Face models
         count from the start of the row otherwise), so left padding does not shift positions.
         """
-        # kept after the forward: gradient checkpointing re-runs layers (and hooks) in backward
-        self._tokens_shape = (input_ids.shape[0], input_ids.shape[1])
+        if positions is not None and narrow:
+            return self.forward_from(0, self.embed(input_ids, attention_mask), attention_mask, positions)
         kwargs = {}
         if attention_mask is not None:
             kwargs["position_ids"] = position_ids(attention_mask, input_ids.shape[1], input_ids.device)
@@ -308,6 +376,98 @@ class HFAdapter(nn.Module):
         if positions is not None:
             hidden = gather_positions(hidden, positions)
         return self.hf_model.get_output_embeddings()(hidden)
+
+    # -- resuming a forward at a layer (the engine) --------------------------------------------
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The residual stream entering layer 0 (the ``embed`` site), as the family computes it."""
+        base = self.hf_model.base_model
+        if self.family == "gpt2":
+            positions = position_ids(attention_mask, input_ids.shape[1], input_ids.device)
+            return base.drop(base.wte(input_ids) + base.wpe(positions))
+        return base.embed_tokens(input_ids)
+
+    def _layer_inputs(self, resid: Tensor, attention_mask: Tensor | None) -> list[dict[str, Any]]:
+        """The keyword arguments the family's model passes each decoder layer for a residual
+        stream ``resid`` (B, T, D) with padding ``attention_mask``: its causal (or sliding-window)
+        mask, position ids over real tokens, rotary embeddings; never a cache."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        base, config = self.hf_model.base_model, self.hf_model.config
+        ids = position_ids(attention_mask, resid.shape[1], resid.device)
+        makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        kinds = list(getattr(config, "layer_types", None) or [])[: self.n_layers]
+        if not kinds:
+            sliding = self.family == "mixtral" and getattr(config, "sliding_window", None) is not None
+            kinds = ["sliding_attention" if sliding else "full_attention"] * self.n_layers
+        masks = {
+            kind: makers[kind](config=config, inputs_embeds=resid, attention_mask=attention_mask, cache=None, position_ids=ids)
+            for kind in set(kinds)
+        }
+        shared: dict[str, Any] = {"position_ids": ids, "use_cache": False}
+        if self.family != "gpt2":
+            shared["position_embeddings"] = base.rotary_emb(resid, ids)
+        return [{**shared, "attention_mask": masks[kind]} for kind in kinds]
+
+    def forward_to(self, layer: int, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The residual stream entering decoder layer ``layer`` (``blocks.{layer}.resid_pre``)."""
+        return self.run_layers(0, layer, self.embed(input_ids, attention_mask), attention_mask)
+
+    def run_layers(self, start: int, stop: int, resid: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Decoder layers ``start .. stop - 1`` on the residual stream entering layer ``start``."""
+        inputs = self._layer_inputs(resid, attention_mask)
+        layers = self.decoder_layers()
+        for i in range(start, stop):
+            resid = layers[i](resid, **inputs[i])
+        return resid
+
+    def forward_from(
+        self,
+        layer: int,
+        resid: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        narrow: bool = True,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Resume the forward at decoder layer ``layer`` from its input residual stream ``resid``.
+
+        ``positions`` (B, P): the caller needs only these positions' logits ``(B, P, vocab)``;
+        with ``narrow`` the last layer's MLP (and the sites after its attention, the final norm
+        and the unembedding) runs at those positions only. ``last_only``: the last position.
+        """
+        if last_only and positions is None:
+            positions = torch.full((resid.shape[0], 1), resid.shape[1] - 1, dtype=torch.long, device=resid.device)
+        layers = self.decoder_layers()
+        last = len(layers) - 1
+        inputs = self._layer_inputs(resid, attention_mask)
+        # the last layer narrowed calls its submodules itself: not a sharded layer (FSDP gathers in its own forward)
+        narrowed = positions is not None and narrow and layer <= last and not is_shard_unit(layers[last])
+        for i in range(layer, last + 1 if not narrowed else last):
+            resid = layers[i](resid, **inputs[i])
+        if narrowed:
+            resid = self._narrowed_layer(layers[last], resid, positions, inputs[last])
+        elif positions is not None:
+            resid = gather_positions(resid, positions)
+        return self.hf_model.get_output_embeddings()(self.hf_model.get_submodule(self._spec.final)(resid))
+
+    def _narrowed_layer(self, layer: nn.Module, resid: Tensor, positions: Tensor, inputs: dict[str, Any]) -> Tensor:
+        """A decoder layer whose attention runs at every position and the rest at ``positions``
+        only: the family's layer written out (pre-norm attention, residual, pre-norm MLP,
+        residual), its ``resid_pre``/``resid_post`` hook points called as the layer's hooks would."""
+        spec = self._spec
+
+        def body(x: Tensor) -> Tensor:
+            attended = layer.get_submodule(spec.attn)(layer.get_submodule(spec.norm_attn)(x), **inputs)[0]
+            x = gather_positions(x + attended, positions)
+            return x + layer.get_submodule(spec.mlp)(layer.get_submodule(spec.norm_mlp)(x))
+
+        resid = layer.hook_resid_pre(resid)
+        if should_checkpoint(layer, getattr(layer, "gradient_checkpointing", False)):
+            out = checkpoint_block(layer, body, resid)
+        else:
+            out = body(resid)
+        return layer.hook_resid_post(out)
 
     def site_points(self) -> dict[str, SitePoint]:
         spec = self._spec
@@ -323,7 +483,7 @@ class HFAdapter(nn.Module):
         spec = self._spec
         n_heads = self.hf_model.config.num_attention_heads
         points = {
-            "resid_pre": SitePoint(layer, kind="input"),
+            "resid_pre": SitePoint(layer.hook_resid_pre),
             "attn.pattern": SitePoint(layer.get_submodule(spec.attn).hook_pattern),
             "attn.heads": SitePoint(
                 layer.get_submodule(spec.o_proj),
@@ -333,7 +493,7 @@ class HFAdapter(nn.Module):
             ),
             "attn.out": SitePoint(layer.get_submodule(spec.attn), read=_first, write=_replace_first),
             "mlp.out": SitePoint(layer.get_submodule(spec.mlp)),
-            "resid_post": SitePoint(layer, read=_first, write=_replace_first),
+            "resid_post": SitePoint(layer.hook_resid_post),
         }
         gate = _submodule(layer, spec.router) if spec.router else None
         if gate is not None:
@@ -344,10 +504,13 @@ class HFAdapter(nn.Module):
         """``moe.router`` and ``moe.weights`` on the router's ``(logits, scores, indices)`` output."""
         route = self._spec.route
 
+        block = self.decoder_layers()[layer].get_submodule(self._spec.mlp)
+
         def unflatten(flat: Tensor) -> Tensor:  # (B*T, E) -> (B, T, E)
-            if self._tokens_shape is None or flat.shape[0] != self._tokens_shape[0] * self._tokens_shape[1]:
-                raise RuntimeError("moe sites are only available in forwards run through HFAdapter.forward")
-            return flat.view(*self._tokens_shape, flat.shape[-1])
+            shape = getattr(block, "tokens_shape", None)
+            if shape is None or flat.shape[0] != shape[0] * shape[1]:
+                raise RuntimeError(f"moe sites of layer {layer}: the router's input is not the sparse block's tokens")
+            return flat.view(*shape, flat.shape[-1])
 
         def write_router(raw: tuple, new: Tensor) -> tuple:
             logits = new.reshape(-1, new.shape[-1]).to(raw[0].dtype)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faithful_train.batches import gather_positions, position_ids
+from faithful_train.modeling.checkpointing import checkpoint_block, should_checkpoint
 from faithful_train.sites import HookPoint, SitePoint
 
 
@@ -148,7 +149,7 @@ class MoE(nn.Module):
             rows = flat_w[:, e].nonzero(as_tuple=True)[0]  # tokens routed to expert e
             # an expert with no tokens still runs (on zero rows), so it gets a (zero) gradient:
             # DDP needs every parameter in every step's graph
-            out = out.index_add(0, rows, expert(flat_x[rows]) * flat_w[rows, e, None])
+            out = out.index_add(0, rows, (expert(flat_x[rows]) * flat_w[rows, e, None]).to(out.dtype))  # autocast: bf16 experts
         return out.view_as(x)
 
 
@@ -160,10 +161,19 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg.d_model, cfg.d_mlp)
         self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
+        self.activation_checkpointing = False
 
     def forward(self, x: Tensor, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """``positions`` (B, P): this block computes only those positions (the last block of a
-        forward whose caller reads only them); its sites past ``resid_pre`` then have P positions."""
+        forward whose caller reads only them); its sites past ``resid_pre`` then have P positions.
+
+        With activation checkpointing the body runs under ``checkpoint_block`` (hooks on the
+        block itself, e.g. a sharding wrapper's, stay outside it, as ``transformers`` keeps them)."""
+        if should_checkpoint(self, self.activation_checkpointing):
+            return checkpoint_block(self, self._forward, x, mask, positions)
+        return self._forward(x, mask, positions)
+
+    def _forward(self, x: Tensor, mask: Tensor | None, positions: Tensor | None) -> Tensor:
         x = self.hook_resid_pre(x)
         attended = self.attn(self.ln1(x), mask, positions)
         x = self.hook_resid_mid((x if positions is None else gather_positions(x, positions)) + attended)
@@ -200,6 +210,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.unembed.weight = self.tok_emb.weight
         self.hook_embed, self.hook_final = HookPoint(), HookPoint()
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("attn.proj.weight", "down.weight")):
@@ -226,11 +237,21 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence length {longest} exceeds max_seq_len {self.cfg.max_seq_len}")
         return self.hook_embed(self.tok_emb(input_ids) + self.pos_emb(position_ids(attention_mask, T, input_ids.device)))
 
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (``modeling.checkpointing``: edits act the same in the recomputation, records once)."""
+        self.activation_checkpointing = enabled
+        for block in self.blocks:
+            block.activation_checkpointing = enabled
+
     def forward_to(self, layer: int, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The residual stream entering block ``layer`` (``blocks.{layer}.resid_pre``): the clean
         prefix a resumed forward starts from."""
-        resid = self.embed(input_ids, attention_mask)
-        for block in self.blocks[:layer]:
+        return self.run_layers(0, layer, self.embed(input_ids, attention_mask), attention_mask)
+
+    def run_layers(self, start: int, stop: int, resid: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Blocks ``start .. stop - 1`` on the residual stream entering block ``start``."""
+        for block in self.blocks[start:stop]:
             resid = block(resid, attention_mask)
         return resid
 

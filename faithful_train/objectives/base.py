@@ -88,6 +88,12 @@ class Objective(Callback, ABC):
     # whether binding adds sites to the model (an SAE's ``<site>.sae``): such objectives are
     # bound first, so the others may name those sites wherever they sit in the list
     adds_sites: bool = False
+    # whether the term is the same under activation checkpointing (``model.activation_checkpointing``):
+    # its edits are functions of what the forward saw (no random draw inside a hook, no state
+    # that changes before the backward pass), so a recomputed block is edited the same way.
+    # Built-in objectives declare it (and are tested, tests/unit/test_activation_checkpointing.py);
+    # an objective that does not declare it is refused with checkpointing on.
+    supports_activation_checkpointing: bool = False
 
     def __init__(self, weight: float = 1.0, schedule: Any = None, label: str | None = None):
         if weight < 0:
@@ -147,8 +153,11 @@ class Objective(Callback, ABC):
 
     def _write_hypothesis(self, trainer: Trainer, pl_module: LightningModule) -> None:
         hypothesis = self.hypothesis()
-        if hypothesis is not None and trainer.is_global_zero:
-            hypothesis.step, hypothesis.weights_hash = trainer.global_step, weights_hash(pl_module.model)
+        if hypothesis is None:
+            return
+        digest = weights_hash(pl_module.model)  # on every rank: a sharded model's weights are gathered
+        if trainer.is_global_zero:
+            hypothesis.step, hypothesis.weights_hash = trainer.global_step, digest
             hypothesis.save(Path(trainer.default_root_dir) / "hypotheses" / f"{self.label}.json")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -55,6 +55,7 @@ ABLATIONS = ("projection", "latents")
 
 class CaftObjective(Objective):
     name = "caft"
+    supports_activation_checkpointing = True
 
     def __init__(
         self,

@@ -54,6 +54,7 @@ SUFFICIENCY = ("task", "kl")
 
 class CircuitObjective(Objective):
     name = "circuit"
+    supports_activation_checkpointing = True
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from faithful_train.tasks.base import Task
 
 class ConceptsObjective(Objective):
     name = "concepts"
+    supports_activation_checkpointing = True
 
     def __init__(
         self,

@@ -30,6 +30,7 @@ from faithful_train.tasks.base import Task, take
 
 class CounterfactualContextObjective(Objective):
     name = "counterfactual_context"
+    supports_activation_checkpointing = True
 
     def __init__(self, fraction: float = 0.5, **kwargs: Any):
         super().__init__(**kwargs)

@@ -26,6 +26,7 @@ from faithful_train.tasks.reasoning import ReasoningTask, require_reasoning_task
 
 class CounterfactualCotObjective(Objective):
     name = "counterfactual_cot"
+    supports_activation_checkpointing = True
 
     def __init__(self, fraction: float = 1.0, steps: str = "any", weight: float = 1.0, schedule: Any = None, label: str | None = None):
         super().__init__(weight, schedule, label)

@@ -64,6 +64,7 @@ def site_widths(model: nn.Module, task: Task, names: list[str]) -> dict[str, int
 
 class InterchangeObjective(Objective):
     name = "interchange"
+    supports_activation_checkpointing = True
     VARIABLE_MODES = ("all", "sample")
 
     def __init__(

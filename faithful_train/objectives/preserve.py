@@ -28,6 +28,7 @@ from faithful_train.tasks.base import Task
 
 class PreserveObjective(Objective):
     name = "preserve"
+    supports_activation_checkpointing = True
     needs_reference = True
 
     def __init__(self, text: str | None = None, batch_size: int = 32, weight: float = 1.0, schedule: Any = None, label: str | None = None):

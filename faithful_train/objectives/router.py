@@ -67,6 +67,7 @@ def parse_mapping(mapping: Mapping[str, Any], values: Sequence[str], n_experts: 
 
 class RouterObjective(Objective):
     name = "router"
+    supports_activation_checkpointing = True
 
     def __init__(
         self,

@@ -56,6 +56,7 @@ from faithful_train.tasks.base import Task
 
 class SaeObjective(Objective):
     name = "sae"
+    supports_activation_checkpointing = True
     adds_sites = True  # <site>.sae, for the other objectives and audits
 
     def __init__(

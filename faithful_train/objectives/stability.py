@@ -40,6 +40,7 @@ from faithful_train.tasks.base import Task, take
 
 class StabilityObjective(Objective):
     name = "stability"
+    supports_activation_checkpointing = True
 
     def __init__(
         self,

@@ -120,7 +120,7 @@ def test_side_noise_only_in_training_and_resumable():
     torch.testing.assert_close(model(ids), model(ids))
 
 
-def test_hugging_face_backbone_stops_at_the_bottleneck_layer():
+def test_hugging_face_backbone_stops_at_the_bottleneck_layer_and_resumes():
     backbone = HFAdapter.from_config(
         "llama",
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16),
@@ -137,7 +137,10 @@ def test_hugging_face_backbone_stops_at_the_bottleneck_layer():
     assert not ran and out.shape == (16, 1, TASK.vocab_size)
     hidden = backbone.hf_model(ids, output_hidden_states=True).hidden_states[2][:, -1:]  # after layer 1
     torch.testing.assert_close(out, model.bottleneck(hidden))
-    assert not hasattr(model, "forward_from") and plan_resume(model, ["blocks.0.resid_post"]) is None
+    plan = plan_resume(model, ["blocks.0.resid_post"])  # a Hugging Face backbone resumes too
+    assert plan is not None and plan.layer == 1
+    resumed = model.forward_from(1, model.forward_to(1, ids))
+    torch.testing.assert_close(resumed, out, atol=1e-5, rtol=0)
     # an edit below the bottleneck still reaches it
     with hooked(model, edits={"blocks.0.resid_post": lambda v: torch.zeros_like(v)}):
         assert not torch.allclose(model(ids), out)
