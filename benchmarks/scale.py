@@ -17,7 +17,8 @@ position.
 Runs, each a real ``faithful-train`` run (``run.build`` and Lightning's loop, no audits, no
 validation, no checkpoints) in a process of its own, timed from ``on_train_batch_start`` to
 ``on_train_batch_end`` (forward, every term, backward, optimizer step): the median of the
-measured steps after the warm-up ones. Memory, two figures: ``peak`` is the process's peak (its
+measured steps after the warm-up ones, and of that over ``--rounds`` interleaved rounds, so a
+drift in the machine's speed hits every configuration alike (ratios are taken within a round). Memory, two figures: ``peak`` is the process's peak (its
 resident set's high-water mark, VmHWM, on a CPU; ``torch.cuda.max_memory_allocated`` on a GPU)
 over the measured steps, weights and optimizer state included; ``step`` is what a step adds on
 top of the memory it starts with (the peak less the resident set or allocation at the step's
@@ -104,7 +105,7 @@ class KeyCopy(Task):
 
 def _objectives(run: str, shape: dict[str, Any]) -> list[dict[str, Any]]:
     middle, width, heads = shape["layers"] // 2, shape["width"], shape["heads"]
-    site = f"blocks.{middle - 1}.resid_post"
+    site = f"blocks.{middle}.resid_post"  # gpt2-124m: blocks.6 (the issue's site); llama-1b: blocks.11
     key = {"site": site, "positions": [1], "dims": [0, width // 2]}
     kind = run.split("+")[-1]
     if kind == "interchange":
@@ -210,35 +211,58 @@ def _save_model(name: str, root: Path) -> Path:
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
+    """Every configuration, ``--rounds`` times over, interleaved (round r runs every configuration
+    once), so a drift in the machine's speed hits every configuration alike; each figure is the
+    median over rounds, a ratio the median of each round's ratio to its plain run."""
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as root:
-        for name in args.models:
-            path = _save_model(name, Path(root))
-            runs_of = args.runs or (LORA_RUNS if name == "llama-1b" else FULL_RUNS)
-            for precision in args.precisions:
-                for checkpointing in (False, True):
-                    for kind in runs_of:
-                        spec = {
-                            "model": name, "path": str(path), "run": kind, "checkpointing": checkpointing, "precision": precision,
-                            "threads": args.threads, "batch": args.batch, "length": args.length,
-                            "warmup": args.warmup, "steps": args.steps if name != "llama-1b" else max(1, args.steps - 1),
-                        }  # fmt: skip
-                        done = subprocess.run([sys.executable, str(HERE), "--one", json.dumps(spec)], capture_output=True, text=True)
-                        if done.returncode != 0:
-                            print(done.stderr[-2000:], file=sys.stderr)
-                            raise SystemExit(f"{name} {kind} failed")
-                        result = json.loads(done.stdout.strip().splitlines()[-1])
-                        rows.append({**{k: spec[k] for k in ("model", "run", "checkpointing", "precision")}, **result})
-                        print(_row(rows[-1], rows), flush=True)
+        paths = {name: _save_model(name, Path(root)) for name in args.models}
+        for round_ in range(args.rounds):
+            for name in args.models:
+                for precision in args.precisions:
+                    for checkpointing in (False, True):
+                        for kind in args.runs or (LORA_RUNS if name == "llama-1b" else FULL_RUNS):
+                            spec = {
+                                "model": name, "path": str(paths[name]), "run": kind, "checkpointing": checkpointing,
+                                "precision": precision, "threads": args.threads, "batch": args.batch, "length": args.length,
+                                "warmup": args.warmup, "steps": args.steps if name != "llama-1b" else max(1, args.steps - 1),
+                            }  # fmt: skip
+                            done = subprocess.run([sys.executable, str(HERE), "--one", json.dumps(spec)], capture_output=True, text=True)
+                            if done.returncode != 0:
+                                print(done.stderr[-2000:], file=sys.stderr)
+                                raise SystemExit(f"{name} {kind} failed")
+                            result = json.loads(done.stdout.strip().splitlines()[-1])
+                            results.append({**{k: spec[k] for k in ("model", "run", "checkpointing", "precision")}, "round": round_, **result})
+                            print(f"round {round_}: {name} {kind} {precision} checkpointing={checkpointing}: {result['seconds']:.2f} s", file=sys.stderr, flush=True)
+    return summarise(results)
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration: medians over rounds, ratios to the same round's plain run."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r["model"], r["run"], r["checkpointing"], r["precision"]
+
+    def plain(r: dict[str, Any]) -> dict[str, Any] | None:
+        name = "lora" if r["model"] == "llama-1b" else "plain"
+        return next((p for p in results if key(p) == (r["model"], name, r["checkpointing"], r["precision"]) and p["round"] == r["round"]), None)
+
+    rows = []
+    for k in dict.fromkeys(key(r) for r in results):
+        mine = [r for r in results if key(r) == k]
+        bases = [plain(r) for r in mine]
+        row = dict(zip(("model", "run", "checkpointing", "precision"), k))
+        row |= {f: statistics.median(r[f] for r in mine) for f in ("seconds", "peak_gb", "step_gb")}
+        row |= {"trainable": mine[0]["trainable"], "parameters": mine[0]["parameters"], "rounds": len(mine)}
+        if all(b is not None for b in bases):
+            row["time_ratio"] = statistics.median(r["seconds"] / b["seconds"] for r, b in zip(mine, bases))
+            row["memory_ratio"] = statistics.median(r["step_gb"] / b["step_gb"] for r, b in zip(mine, bases))
+        rows.append(row)
     return rows
 
 
-def _row(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    plain_name = "lora" if row["run"].startswith("lora") and row["model"] == "llama-1b" else "plain"
-    base = next((r for r in rows if r["model"] == row["model"] and r["run"] == plain_name and r["precision"] == row["precision"]
-                 and r["checkpointing"] == row["checkpointing"]), None)  # fmt: skip
-    ratio = f"{row['seconds'] / base['seconds']:.2f}x" if base else "-"
-    memory = f"{row['step_gb'] / base['step_gb']:.2f}x" if base else "-"
+def _row(row: dict[str, Any]) -> str:
+    ratio = f"{row['time_ratio']:.2f}x" if "time_ratio" in row else "-"
+    memory = f"{row['memory_ratio']:.2f}x" if "memory_ratio" in row else "-"
     share = 100 * row["trainable"] / row["parameters"]
     return (
         f"| {row['model']} | {row['run']} | {row['precision']} | {'on' if row['checkpointing'] else 'off'} "
@@ -251,11 +275,15 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--runs", nargs="+", choices=FULL_RUNS, help="default: every run (llama-1b: the LoRA ones)")
-    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument(
+        "--precisions", nargs="+", default=["32-true", "bf16-mixed"] if torch.cuda.is_available() else ["32-true"],
+        help="default: fp32 and bf16-mixed on a GPU; fp32 on a CPU (without bf16 units a bf16-mixed step is ~28x slower)",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", default=None, help="where the models are written (default: the system's temp)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -268,6 +296,8 @@ def main() -> None:
     print("| model | run | precision | checkpointing | s/step | vs plain | peak GB | step GB | vs plain | trainable |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = run_all(args)
+    for row in rows:
+        print(_row(row))
     if args.json:
         args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=2))
 

@@ -22,9 +22,12 @@ outside this module indexes the last position.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 Batch = dict[str, Tensor]
 
@@ -248,3 +251,32 @@ def token_kl(logits: Tensor, reference_logits: Tensor, mask: Tensor | None) -> T
         return kl.mean()
     weights = mask.float()
     return (kl * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def token_kl_from_states(
+    states: Tensor,
+    reference_states: Tensor,
+    mask: Tensor | None,
+    unembed: Callable[[Tensor], Tensor],
+    reference_unembed: Callable[[Tensor], Tensor],
+    chunk_tokens: int = 512,
+) -> Tensor:
+    """``token_kl`` from final hidden states ``(B, T, D)`` instead of logits: the real tokens are
+    unembedded ``chunk_tokens`` at a time, each chunk under activation checkpointing, so no more
+    than one chunk's ``(chunk, vocab)`` logits exist at once, in the forward or the backward (at a
+    real vocabulary, every position's logits are gigabytes). The reference side gets no gradient."""
+    flat, reference = states.flatten(0, 1), reference_states.flatten(0, 1)
+    rows = torch.arange(flat.shape[0], device=flat.device) if mask is None else mask.flatten().nonzero()[:, 0]
+
+    def kl_sum(h: Tensor, h0: Tensor) -> Tensor:
+        log_p = unembed(h).float().log_softmax(-1)
+        with torch.no_grad():
+            log_q = reference_unembed(h0).float().log_softmax(-1)
+        return (log_p.exp() * (log_p - log_q)).sum()
+
+    total = states.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_tokens):
+        chosen = rows[start : start + chunk_tokens]
+        part = (flat[chosen], reference[chosen])
+        total = total + (checkpoint(kl_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else kl_sum(*part))
+    return total / max(1, rows.shape[0])

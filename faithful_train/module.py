@@ -13,6 +13,7 @@ gradients are reduced like any other.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,11 +33,11 @@ from faithful_train.batches import (
     first_answer_logits,
     gather_positions,
     language_model_loss,
-    token_kl,
+    token_kl_from_states,
     tool_call,
 )
 from faithful_train.errors import TrainingDiverged, note
-from faithful_train.modeling.interface import per_token_logits
+from faithful_train.modeling.interface import per_token_logits, unembed
 from faithful_train.modeling.lora import has_adapters
 from faithful_train.modeling.sharding import average_gradients, clip_grad_norm, is_sharded, local, meta_replica, shard_model
 from faithful_train.objectives.base import Objective, StepContext
@@ -111,30 +112,33 @@ class FaithfulModule(LightningModule):
         active = [(obj, w) for obj, w in zip(self.objectives, weights) if w > 0]
         sites = sorted({site for obj, _ in active for site in obj.sites()})
         mask = attention_mask(batch)
-        # every position's logits (the LM loss and KL to the start read them; the plain step stays
-        # bit for bit what it was before answers had positions), except from a model that answers
-        # only where it reads (a concept bottleneck: `per_token_logits = False`)
-        per_token = per_token_logits(self.model)
-        positions = None if per_token else answer_positions(batch)
+        call = tool_call(batch)
+        # the positions the step reads: the answer's, and the one that picks the tool
+        read = answer_positions(batch) if call is None else torch.cat([answer_positions(batch), call[0][:, None]], 1)
+        answered = answer_positions(batch).shape[1]
+        # every position's logits only when something reads them (the LM loss, an objective that
+        # declares needs_token_logits); else the unembedding runs at the read positions alone (at a
+        # real vocabulary it is a third of a step). A model that answers only where it reads (a
+        # concept bottleneck) answers there.
+        every = per_token_logits(self.model) and (self.lm_weight > 0 or any(obj.needs_token_logits for obj, _ in active))
         edits: dict[str, list] = {}  # what objectives change in the step's own forward (CAFT's ablation)
         for obj, _ in active:
             for name, fn in obj.step_edits(self.model, self.task, step, batch).items():
                 edits.setdefault(name, []).append(fn)
         logits, cache = run_with(
-            self.model, batch["input_ids"], record=sites, edits=edits, attention_mask=mask, positions=positions
-        )
-        answers = gather_positions(logits, answer_positions(batch)) if per_token else logits
+            self.model, batch["input_ids"], record=sites, edits=edits, attention_mask=mask,
+            positions=None if every else read, narrow=False,
+        )  # fmt: skip
+        picked = gather_positions(logits, read) if every else logits
+        answers = picked[:, :answered]
         loss = task_loss(answers, batch)
         terms = {"train/task_loss": loss}
         self.train_acc(exact_match(answers, answer_targets(batch), answer_mask(batch)))
         size = batch["labels"].shape[0]
         self.log("train/task_loss", loss, prog_bar=True, batch_size=size)
         self.log("train/task_acc", self.train_acc, batch_size=size)
-        call = tool_call(batch)
         if call is not None:  # the tool the row calls is emitted by the model: trained with the answer
-            at = call[0][:, None]
-            picked = gather_positions(logits, at) if per_token else self.model(batch["input_ids"], attention_mask=mask, positions=at)
-            tool = F.cross_entropy(picked[:, 0].float(), call[1])
+            tool = F.cross_entropy(picked[:, answered].float(), call[1])
             self.log("train/tool_loss", tool, batch_size=size)
             terms["train/tool_loss"] = tool
             loss = loss + tool
@@ -165,6 +169,7 @@ class FaithfulModule(LightningModule):
                 step,
                 torch.Generator().manual_seed(seed),
                 reference=self.reference,
+                answer_logits=answers,
             )
             for objective, weight in active:
                 term = objective.term(ctx)
@@ -266,11 +271,10 @@ class FaithfulModule(LightningModule):
         # the positions read: the answer's, and the one that picks the tool (one forward for both)
         read = answer_positions(batch) if call is None else torch.cat([answer_positions(batch), call[0][:, None]], 1)
         if self.reference is not None and per_token_logits(self.model):
-            logits = self.model(batch["input_ids"], attention_mask=mask)
-            reference = self.reference(batch["input_ids"], attention_mask=mask)
-            kl = token_kl(logits, reference, mask)
+            answers, cache = run_with(self.model, batch["input_ids"], record=["final"], attention_mask=mask, positions=read, narrow=False)
+            reference = self.reference.final_states(batch["input_ids"], mask)
+            kl = token_kl_from_states(cache["final"], reference, mask, partial(unembed, self.model), self.reference.unembed)
             self.log("val/kl_to_start", kl, sync_dist=True, batch_size=size, add_dataloader_idx=False)
-            answers = gather_positions(logits, read)
         elif call is None:
             answers = answer_forward(self.model, batch)
         else:

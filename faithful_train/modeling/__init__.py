@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.modeling.reference import starting_point  # noqa: F401  (re-exported)
 from faithful_train.modeling.transformer import Transformer, TransformerConfig
 
 
@@ -101,21 +102,3 @@ def freeze(model: nn.Module, patterns: Sequence[str], key: str = "optim.freeze")
             parameter.requires_grad_(False)
             frozen.append(name)
     return frozen
-
-
-def starting_point(model: nn.Module) -> Any:
-    """What capability preservation compares with: with LoRA adapters, the same model with its
-    adapters off (no second copy); otherwise a frozen copy of the model as it is now."""
-    from faithful_train.modeling.lora import AdapterFreeReference, has_adapters
-
-    return AdapterFreeReference(model) if has_adapters(model) else frozen_copy(model)
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` that never trains (eval mode, no gradients): the starting point that
-    capability preservation compares with."""
-    import copy
-
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError, UnknownNameError
@@ -56,6 +57,31 @@ def per_token_logits(model: nn.Module) -> bool:
 def can_resume(model: nn.Module) -> bool:
     """Whether the model can resume a forward at a block (``forward_from``): our transformer can."""
     return callable(getattr(model, "forward_from", None)) and callable(getattr(model, "forward_to", None))
+
+
+def unembed(model: nn.Module, states: Tensor) -> Tensor:
+    """Logits from final hidden states (the ``final`` site, after the last norm): ``(..., vocab)``."""
+    hf = getattr(model, "hf_model", None)
+    return hf.get_output_embeddings()(states) if hf is not None else model.unembed(states)
+
+
+def final_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """The ``final`` site's values at every position ``(B, T, D)``, from a forward that unembeds
+    only the last position: what a per-token loss over the whole vocabulary starts from without
+    holding every position's logits at once (``functional`` losses unembed them in chunks)."""
+    point = model.site_points()["final"]
+    kept: dict[str, Tensor] = {}
+
+    def keep(_module: nn.Module, args: tuple, out: Any) -> None:
+        kept["final"] = point.read(args[0] if point.kind == "input" else out)
+
+    handle = point.module.register_forward_hook(keep)
+    try:
+        last = torch.full((input_ids.shape[0], 1), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+        model(input_ids, attention_mask=attention_mask, positions=last, narrow=False)
+    finally:
+        handle.remove()
+    return kept["final"]
 
 
 def hidden_size(model: nn.Module) -> int | None:

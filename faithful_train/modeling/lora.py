@@ -11,7 +11,7 @@ base without any ``enable_input_require_grads`` (that workaround is for reentran
 checkpointing, transformers #21598; ours is non-reentrant).
 
 ``adapters_disabled(model)`` runs the base alone, which is ``preserve``'s reference with
-adapters (``AdapterFreeReference``): no second copy of the model. ``base_hash`` names the
+adapters (``modeling.reference.AdapterFreeReference``): no second copy of the model. ``base_hash`` names the
 frozen base, so a checkpoint can hold the trainable weights only and still refuse another base.
 """
 
@@ -128,36 +128,6 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, state in zip(layers, before):
             layer._disable_adapters = state
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode (no dropout), each module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-class AdapterFreeReference:
-    """The model with its adapters off, in eval mode and without gradients: the starting point
-    ``preserve`` and ``val/kl_to_start`` compare with, without a second copy of the weights."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        with adapters_disabled(self.model), evaluating(self.model), torch.no_grad():
-            return self.model(input_ids, attention_mask=attention_mask, **kwargs)
-
-    def to(self, *args: Any, **kwargs: Any) -> AdapterFreeReference:
-        return self  # it is the model itself, wherever the model is
-
-    def eval(self) -> AdapterFreeReference:
-        return self
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

@@ -268,17 +268,19 @@ class Transformer(nn.Module):
 
         ``positions`` (B, P): the caller needs only these positions' logits ``(B, P, vocab)``.
         With ``narrow`` the last block computes only them (every site of the last block but
-        ``resid_pre``, and ``final``, then has P positions); without, every position runs and
-        the logits are taken at ``positions``. ``last_only``: the last position of every row.
+        ``resid_pre``, and ``final``, then has P positions); without, every position runs (and
+        ``final`` has them all) and only the unembedding is taken at ``positions``. ``last_only``:
+        the last position of every row.
         """
         if last_only and positions is None:
             positions = torch.full((resid.shape[0], 1), resid.shape[1] - 1, dtype=torch.long, device=resid.device)
         last = self.cfg.n_layers - 1
         for i in range(layer, self.cfg.n_layers):
             resid = self.blocks[i](resid, attention_mask, positions if narrow and i == last else None)
+        final = self.hook_final(self.ln_f(resid))  # every position unless the last block was narrowed
         if positions is not None and not (narrow and layer <= last):
-            resid = gather_positions(resid, positions)
-        return self.unembed(self.hook_final(self.ln_f(resid)))
+            final = gather_positions(final, positions)
+        return self.unembed(final)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, narrow: bool = True

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from faithful_train.batches import answer_positions, gather_positions
 from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.hypotheses import Hypothesis, weights_hash
 from faithful_train.tasks.base import Batch, Task
@@ -69,7 +70,9 @@ class StepContext:
     """What the step's shared forward produced, handed to every objective."""
 
     batch: Batch
-    logits: Tensor  # (B, T, vocab) of the plain forward
+    # the step's logits: every position's (B, T, vocab) when an objective declares
+    # needs_token_logits (or the LM loss is on), else those of the positions the step reads
+    logits: Tensor
     cache: dict[str, Tensor]  # recorded sites, not detached
     model: nn.Module
     task: Task
@@ -77,6 +80,13 @@ class StepContext:
     generator: torch.Generator  # seeded by (run seed, step, rank): resumable randomness
     extras: dict[str, Any] = field(default_factory=dict)
     reference: nn.Module | None = None  # the frozen starting model, when an objective needs one
+    answer_logits: Tensor | None = None  # (B, A, vocab) at the answer positions (the task loss's)
+
+    def answers(self) -> Tensor:
+        """``(B, A, vocab)``: the step's logits at the answer positions."""
+        if self.answer_logits is not None:
+            return self.answer_logits
+        return gather_positions(self.logits, answer_positions(self.batch))
 
 
 class Objective(Callback, ABC):
@@ -94,6 +104,9 @@ class Objective(Callback, ABC):
     # Built-in objectives declare it (and are tested, tests/unit/test_activation_checkpointing.py);
     # an objective that does not declare it is refused with checkpointing on.
     supports_activation_checkpointing: bool = False
+    # whether the term reads every position's logits (``StepContext.logits`` as (B, T, vocab)); the
+    # step otherwise unembeds only the positions it reads
+    needs_token_logits: bool = False
 
     def __init__(self, weight: float = 1.0, schedule: Any = None, label: str | None = None):
         if weight < 0:

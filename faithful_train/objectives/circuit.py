@@ -27,10 +27,8 @@ from torch import Tensor, nn
 from faithful_train.batches import (
     answer_loss,
     answer_mask,
-    answer_positions,
     answer_targets,
     first_answer_logits,
-    gather_positions,
 )
 from faithful_train.causal import check_positions
 from faithful_train.circuits import (
@@ -102,7 +100,7 @@ class CircuitObjective(Objective):
         if self.sufficiency == "task":
             suff = answer_loss(circuit, answer_targets(batch), answer_mask(batch))
         else:
-            full = first_answer_logits(gather_positions(ctx.logits.detach(), answer_positions(batch))).float().log_softmax(-1)
+            full = first_answer_logits(ctx.answers().detach()).float().log_softmax(-1)
             suff = (full.exp() * (full - circuit[:, 0].float().log_softmax(-1))).sum(-1).mean()
         self.parts = {"sufficiency": suff.detach()}
         if not self.necessity_weight:

@@ -4,24 +4,29 @@ fine-tunes it.
     term = mean_t KL( p_θ(· | x_<t) || p_0(· | x_<t) )
 
 over the real (non-padding) tokens ``t`` of the step's batch, or of a held-out plain-text file
-(``text``), where ``p_0`` is the frozen copy of the model at the start of the run (its weights
-from ``model.path``, or its initialisation), kept off the optimizer, checkpoints and DDP. This
-is the KL anchor of RLHF-style fine-tuning (Ziegler et al. 2019; Ouyang et al. 2022) and of
-"learning without forgetting" (Li & Hoiem 2017), applied to every position's next-token
-distribution. On the batch it reuses the step's forward; only the frozen copy runs again.
+(``text``), where ``p_0`` is the model at the start of the run (its weights from ``model.path``,
+or its initialisation): with LoRA the same model with its adapters off, otherwise a frozen copy
+kept off the optimizer, checkpoints and DDP (``modeling.reference``). This is the KL anchor of
+RLHF-style fine-tuning (Ziegler et al. 2019; Ouyang et al. 2022) and of "learning without
+forgetting" (Li & Hoiem 2017), applied to every position's next-token distribution.
+
+On the batch it reuses the step's forward (its ``final`` hidden states); only the reference
+runs again. Both sides are unembedded in chunks of tokens (``batches.token_kl_from_states``):
+every position's logits over a real vocabulary never exist at once.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from faithful_train.batches import token_kl
+from faithful_train.batches import token_kl_from_states
 from faithful_train.errors import ConfigError, DataError
-from faithful_train.modeling.interface import per_token_logits
+from faithful_train.modeling.interface import final_states, per_token_logits, unembed
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
 
@@ -67,14 +72,16 @@ class PreserveObjective(Objective):
             mask[b, : len(r)] = 1
         return ids.to(device), mask.to(device)
 
+    def sites(self) -> list[str]:
+        return ["final"] if self.text is None else []  # the step's own final states
+
     def term(self, ctx: StepContext) -> Tensor:
         if ctx.reference is None:
             raise ConfigError(f"objective {self.label!r} needs the frozen starting model")
         if self.text is None:
-            ids, mask, logits = ctx.batch["input_ids"], ctx.batch.get("attention_mask"), ctx.logits
+            ids, mask, states = ctx.batch["input_ids"], ctx.batch.get("attention_mask"), ctx.cache["final"]
         else:
             ids, mask = self._text_batch(ctx.step, ctx.batch["input_ids"].device)
-            logits = ctx.model(ids, attention_mask=mask)
-        with torch.no_grad():
-            reference = ctx.reference(ids, attention_mask=mask)
-        return token_kl(logits, reference, mask)
+            states = final_states(ctx.model, ids, mask)
+        reference = ctx.reference.final_states(ids, mask)
+        return token_kl_from_states(states, reference, mask, partial(unembed, ctx.model), ctx.reference.unembed)

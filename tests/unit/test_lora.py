@@ -10,9 +10,9 @@ import torch
 from faithful_train import sites
 from faithful_train.errors import ConfigError
 from faithful_train.modeling import starting_point
+from faithful_train.modeling.reference import AdapterFreeReference
 from faithful_train.modeling.hf import HFAdapter
 from faithful_train.modeling.lora import (
-    AdapterFreeReference,
     adapters_disabled,
     add_lora,
     base_hash,
@@ -85,20 +85,18 @@ def test_gradients_reach_the_adapters_through_the_frozen_base(kind: str, checkpo
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_the_base_alone_is_preserves_reference(kind: str):
     task = HierarchicalEquality()
-    model = MODELS[kind]() if kind != "ours" else tiny_transformer(task.vocab_size)
-    if kind != "ours":
-        model = HFAdapter.from_config(kind, GPT2 if kind == "gpt2" else LLAMA, vocab_size=task.vocab_size, seed=0)
-    base = model.eval()(task.sample(8, 0)["input_ids"]).detach()
+    model = MODELS[kind]()
+    batch = task.sample(8, 0)
+    base = model.eval()(batch["input_ids"]).detach()
     add_lora(model, r=4, target_modules=TARGETS[kind])
     reference = starting_point(model)
     assert isinstance(reference, AdapterFreeReference) and reference.model is model  # no second copy
     objective = PreserveObjective()
     objective.bind(model, task)
-    batch = task.sample(8, 0)
 
     def term() -> torch.Tensor:
-        logits = model(batch["input_ids"])
-        return objective.term(StepContext(batch, logits, {}, model, task, 0, torch.Generator(), reference=reference))
+        logits, cache = sites.run_with(model, batch["input_ids"], record=objective.sites())
+        return objective.term(StepContext(batch, logits, cache, model, task, 0, torch.Generator(), reference=reference))
 
     assert float(term()) == pytest.approx(0.0, abs=1e-7)  # adapters at zero: the model is its base
     _moved(model)
