@@ -1,11 +1,12 @@
 # make quickstart: create .venv, install, train configs/quickstart.yaml, print the summary
-# make test:       create .venv if needed, run the whole test suite
+# make test:       create .venv if needed, install the parity peers beside it, lint, run the whole test suite
+# make docs:       build the documentation site with --strict (a broken link or reference fails)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # An existing torch (CUDA or CPU) is kept; otherwise this pinned CPU build is installed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart baseline test test-fast benchmarks benchmark-scale clean
+.PHONY: install quickstart baseline test test-fast lint docs benchmarks benchmark-scale clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
@@ -21,12 +22,25 @@ quickstart: install
 baseline: install
 	$(VENV)/bin/faithful-train fit -c configs/quickstart-baseline.yaml
 
-# both cores: two pytest workers; the 2-process DDP tests share one worker (never side by side)
-test: install
+# the peers the parity tests compare with (TransformerLens, sparsify), beside the venv
+PEERS := .bench/transformer_lens .bench/sparsify
+
+# both cores: two pytest workers; the 2-process DDP/FSDP tests share one worker (never side by side)
+test: install $(PEERS) lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20
 
 test-fast: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not distributed"
+
+lint: install
+	$(VENV)/bin/ruff check faithful_train tests benchmarks recipes
+
+$(VENV)/.docs: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 # pyvene is a benchmark peer only: installed beside the venv (--no-deps keeps our torch)
 .bench/pyvene: | install

@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
-from faithful_train.attribution import attribute_tokens, integrated_gradients, site_function  # noqa: E402
-from faithful_train.config import find_preset  # noqa: E402
+from faithful_train.functional.attribution import attribute_tokens, integrated_gradients, site_function  # noqa: E402
 from faithful_train.modeling import build_model  # noqa: E402
 from faithful_train.tasks.hierarchical_equality import HierarchicalEquality  # noqa: E402
+from faithful_train.training.config import find_preset  # noqa: E402
 
 TASK = HierarchicalEquality()
 METHOD = "gausslegendre"

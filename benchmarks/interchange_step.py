@@ -31,9 +31,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.pyvene_peer import build_pyvene_iit, pyvene_iit_step, time_steps  # noqa: E402
+from faithful_train.intervene.sites import run_with  # noqa: E402
 from faithful_train.objectives.base import StepContext  # noqa: E402
 from faithful_train.objectives.interchange import InterchangeObjective  # noqa: E402
-from faithful_train.sites import run_with  # noqa: E402
 from faithful_train.tasks.hierarchical_equality import HierarchicalEquality  # noqa: E402
 
 ALIGNMENT = {

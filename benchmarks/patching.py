@@ -21,7 +21,7 @@ last position. A sweep is one component's layer × position map (× head for ``h
 corrupted forwards included). Timings are medians over interleaved rounds
 (``benchmarks.pyvene_peer.time_steps``), so drifting load hits every variant alike.
 
-``--tl-maps IN OUT`` (used by tests/unit/test_patching.py, in a process of its own): read
+``--tl-maps IN OUT`` (used by tests/unit/functional/test_patching.py, in a process of its own): read
 ``{"model_dir", "clean", "corrupted", "answers"}`` from ``IN`` and write TransformerLens's four
 maps, denoising and noising, to ``OUT``.
 """
@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.peers import import_peer  # noqa: E402
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
-from faithful_train.patching import activation_patching, attribution_patching, patching_cells  # noqa: E402
-from faithful_train.sites import hooked  # noqa: E402
+from faithful_train.functional.patching import activation_patching, attribution_patching, patching_cells  # noqa: E402
+from faithful_train.intervene.sites import hooked  # noqa: E402
 
 TL_FUNCTIONS = {
     "resid_pre": "get_act_patch_resid_pre",

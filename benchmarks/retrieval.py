@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
-from faithful_train import evidence  # noqa: E402
-from faithful_train.engine import run_variants  # noqa: E402
+from faithful_train.intervene import evidence  # noqa: E402
+from faithful_train.intervene.engine import run_variants  # noqa: E402
 from faithful_train.modeling.transformer import Transformer, TransformerConfig  # noqa: E402
 from faithful_train.tasks.kv_retrieval import KVRetrieval  # noqa: E402
 

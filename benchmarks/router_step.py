@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.interchange_step import plain_step as interchange_plain_step  # noqa: E402
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
 from faithful_train.audits.router import RouterAudit  # noqa: E402
-from faithful_train.config import find_preset  # noqa: E402
+from faithful_train.intervene.sites import run_with  # noqa: E402
 from faithful_train.modeling import build_model  # noqa: E402
 from faithful_train.objectives.base import StepContext  # noqa: E402
 from faithful_train.objectives.router import RouterObjective  # noqa: E402
-from faithful_train.sites import run_with  # noqa: E402
 from faithful_train.tasks.domain_mixture import DomainMixture  # noqa: E402
+from faithful_train.training.config import find_preset  # noqa: E402
 
 TASK = DomainMixture(n_symbols=8, n_operands=4)
 ALL_TERMS = dict(load_balance=0.01, z_loss=0.001, entropy=0.01, alignment=0.5, concept="domain")

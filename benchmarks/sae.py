@@ -11,7 +11,7 @@
    installed beside the venv: ``make .bench/sparsify``): SAE training steps (forward, FVU,
    backward, Adam step, decoder upkeep) on the same fixed rows, same weights, same k, in
    tokens per second.
-3. ``--parity IN OUT`` (used by ``tests/unit/test_sae_parity.py``, in a process of its own so
+3. ``--parity IN OUT`` (used by ``tests/unit/intervene/test_sae_parity.py``, in a process of its own so
    sparsify's packages never enter the test's): sparsify's outputs and gradients for the
    weights and rows in ``IN``.
 
@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.interchange_step import plain_step  # noqa: E402
 from benchmarks.peers import import_peer  # noqa: E402
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
-from faithful_train.config import find_preset  # noqa: E402
+from faithful_train.intervene.sae import SparseAutoencoder  # noqa: E402
+from faithful_train.intervene.sites import run_with  # noqa: E402
 from faithful_train.modeling import build_model  # noqa: E402
 from faithful_train.objectives.base import StepContext  # noqa: E402
 from faithful_train.objectives.sae import SaeObjective  # noqa: E402
-from faithful_train.sae import SparseAutoencoder  # noqa: E402
-from faithful_train.sites import run_with  # noqa: E402
 from faithful_train.tasks.domain_mixture import DomainMixture  # noqa: E402
+from faithful_train.training.config import find_preset  # noqa: E402
 
 TASK = DomainMixture()
 

@@ -127,8 +127,8 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
     from lightning.pytorch import Callback
     from omegaconf import OmegaConf
 
-    from faithful_train import run as runs
-    from faithful_train.config import compose
+    from faithful_train.training import run as runs
+    from faithful_train.training.config import compose
 
     torch.set_num_threads(spec["threads"])
     shape = MODELS[spec["model"]]

@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.interchange_step import optimizer_for, plain_step  # noqa: E402
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
-from faithful_train.config import find_preset  # noqa: E402
+from faithful_train.intervene.sites import run_with  # noqa: E402
 from faithful_train.modeling import build_model  # noqa: E402
 from faithful_train.objectives.base import StepContext  # noqa: E402
 from faithful_train.objectives.stability import StabilityObjective  # noqa: E402
-from faithful_train.sites import run_with  # noqa: E402
 from faithful_train.tasks.decoy_objects import DecoyObjects  # noqa: E402
+from faithful_train.training.config import find_preset  # noqa: E402
 
 TASK = DecoyObjects()
 VARIANTS: dict[str, dict[str, Any]] = {

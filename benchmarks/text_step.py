@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.interchange_step import optimizer_for  # noqa: E402
 from benchmarks.pyvene_peer import time_steps  # noqa: E402
-from faithful_train.batches import answer_positions, gather_positions  # noqa: E402
-from faithful_train.config import find_preset  # noqa: E402
 from faithful_train.modeling import build_model  # noqa: E402
-from faithful_train.module import task_loss  # noqa: E402
+from faithful_train.tasks.batch import answer_positions, gather_positions  # noqa: E402
+from faithful_train.training.config import find_preset  # noqa: E402
+from faithful_train.training.module import task_loss  # noqa: E402
 
 VOCAB, T = 200, 20
 

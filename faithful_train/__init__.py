@@ -2,6 +2,6 @@
 
 From Python, ``load_model`` and ``wrap`` give a model with the canonical sites (see the README)."""
 
-from faithful_train.loading import load_model, load_run, wrap
+from faithful_train.commands.loading import load_model, load_run, wrap
 
 __all__ = ["load_model", "load_run", "wrap"]

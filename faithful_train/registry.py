@@ -48,7 +48,7 @@ TASKS = Builtins("task", (
     "faithful_train.tasks.domain_mixture:DomainMixture",
     "faithful_train.tasks.concept_objects:ConceptObjects",
     "faithful_train.tasks.decoy_objects:DecoyObjects",
-    "faithful_train.tasks.text:TextTask",
+    "faithful_train.tasks.text.task:TextTask",
     "faithful_train.tasks.kv_retrieval:KVRetrieval",
     "faithful_train.tasks.tool_use:ToolUse",
 ))  # fmt: skip
@@ -63,6 +63,8 @@ OBJECTIVES = Builtins("objective", (
     "faithful_train.objectives.counterfactual_context:CounterfactualContextObjective",
     "faithful_train.objectives.sae:SaeObjective",
     "faithful_train.objectives.caft:CaftObjective",
+    "faithful_train.objectives.tool_call:ToolCallObjective",
+    "faithful_train.objectives.language_model:LanguageModelObjective",
 ))  # fmt: skip
 AUDITS = Builtins("audit", (
     "faithful_train.audits.interchange:InterchangeAudit",

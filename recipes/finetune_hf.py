@@ -12,13 +12,13 @@ The alignment is written in canonical site names, the same as for our own models
 import sys
 from pathlib import Path
 
-from faithful_train import run as runs
 from omegaconf import OmegaConf
 
-from faithful_train.config import apply_overrides, compose
 from faithful_train.modeling.hf import HFAdapter
-from faithful_train.rundir import format_summary
 from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+from faithful_train.training import run as runs
+from faithful_train.training.config import apply_overrides, compose
+from faithful_train.training.rundir import format_summary
 
 
 def make_tiny_gpt2(path: Path) -> None:

@@ -14,11 +14,11 @@ key of that config can be overridden (e.g. ``model.bottleneck.mode=hard objectiv
 import sys
 from pathlib import Path
 
-from faithful_train import run as runs
-from faithful_train.config import load_config
 from faithful_train.modeling.hf import HFAdapter
-from faithful_train.rundir import format_summary
 from faithful_train.tasks.concept_objects import ConceptObjects
+from faithful_train.training import run as runs
+from faithful_train.training.config import load_config
+from faithful_train.training.rundir import format_summary
 
 CONFIG = "configs/concepts-joint.yaml"
 

@@ -9,9 +9,9 @@ Read top to bottom; copy and change.
 import sys
 from pathlib import Path
 
-from faithful_train import run as runs
-from faithful_train.config import load_config
-from faithful_train.rundir import format_summary
+from faithful_train.training import run as runs
+from faithful_train.training.config import load_config
+from faithful_train.training.rundir import format_summary
 
 
 def main(config: str, *overrides: str) -> None:

@@ -33,9 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
-from faithful_train.batches import trim_padding
-from faithful_train.causal import check_positions
-from faithful_train.circuits import (
+from faithful_train.errors import ConfigError
+from faithful_train.functional.circuits import (
     ABLATIONS,
     METRICS,
     AblationValues,
@@ -51,13 +50,14 @@ from faithful_train.circuits import (
     node_label,
     parse_nodes,
 )
-from faithful_train.errors import ConfigError
-from faithful_train.graph_export import write_eap_graph
-from faithful_train.hypotheses import Hypothesis, data_hash, weights_hash
+from faithful_train.functional.interchange import check_positions
+from faithful_train.functional.mib_graph import write_eap_graph
+from faithful_train.intervene.hypotheses import Hypothesis, data_hash, weights_hash
+from faithful_train.intervene.sites import SiteRef, run_with, validate_sites
+from faithful_train.io.files import atomic_write_text
 from faithful_train.modeling.interface import hidden_size, n_heads, n_layers
-from faithful_train.rundir import atomic_write_text
-from faithful_train.sites import SiteRef, run_with, validate_sites
 from faithful_train.tasks.base import Batch, Task, take
+from faithful_train.tasks.batch import trim_padding
 
 _MAIN = ("full", "empty", "sufficiency", "necessity")
 

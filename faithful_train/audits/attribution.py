@@ -1,7 +1,7 @@
 """The ``attribution`` audit: are the model's per-token attributions faithful, stable and
 about the weights?
 
-Attributions are per token at the ``embed`` site (``faithful_train.attribution.attribute_tokens``:
+Attributions are per token at the ``embed`` site (``faithful_train.functional.attribution.attribute_tokens``:
 integrated gradients or gradient × input, features summed per position), of the answer's
 ``output`` (``logit`` or ``logprob``) at the last position, target ``batch["labels"]``.
 "Removing" a token means, everywhere below, replacing its ``embed`` activation by the baseline
@@ -36,7 +36,7 @@ Figures:
   of neural networks is fragile") use exactly these two; see also Alvarez-Melis & Jaakkola 2018
   and Yeh et al. 2019. Examples with fewer than two aligned tokens are left out (weight 0).
   ``stability/cosine``: the cosine between the two attribution vectors on the aligned tokens
-  (``faithful_train.attribution.aligned_cosine``, what the ``stability`` objective trains),
+  (``faithful_train.functional.attribution.aligned_cosine``, what the ``stability`` objective trains),
   which weighs tokens by their attribution where Spearman weighs every rank swap alike (among
   tokens of equal importance a rank swap is a coin flip, and Spearman counts it in full).
 - ``randomisation/top{n}`` for n = 1..S and ``randomisation/spearman`` (= stage S): cascading
@@ -85,7 +85,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.attribution import (
+from faithful_train.audits.base import Audit
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.functional.attribution import (
     METHODS,
     QUADRATURES,
     Attribution,
@@ -93,8 +95,13 @@ from faithful_train.attribution import (
     aligned_cosine,
     attribute_tokens,
 )
-from faithful_train.audits.base import Audit
-from faithful_train.batches import (
+from faithful_train.functional.interchange import answer_predictions
+from faithful_train.functional.ranking import spearman, top_k_members
+from faithful_train.intervene.engine import run_variants
+from faithful_train.intervene.sites import resolve_site
+from faithful_train.modeling.randomise import cascade_stages, cascading_randomisation
+from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.batch import (
     answer_position,
     answer_positions,
     as_variant,
@@ -104,13 +111,6 @@ from faithful_train.batches import (
     stack_rows,
     unprefixed,
 )
-from faithful_train.causal import answer_predictions
-from faithful_train.engine import run_variants
-from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.modeling.randomise import cascade_stages, cascading_randomisation
-from faithful_train.ranking import spearman, top_k_members
-from faithful_train.sites import resolve_site
-from faithful_train.tasks.base import Batch, Task
 
 OUTPUTS: tuple[str, ...] = ("logit", "logprob")
 SITE = "embed"

@@ -25,12 +25,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
-from faithful_train.batches import trim_padding
 from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.hypotheses import HypothesisFiles
+from faithful_train.intervene.hypotheses import HypothesisFiles
+from faithful_train.io.files import append_jsonl
 from faithful_train.modeling.sharding import whole_model
-from faithful_train.rundir import append_jsonl
 from faithful_train.tasks.base import Batch, Task, take
+from faithful_train.tasks.batch import trim_padding
 
 _OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _THRESHOLD = re.compile(r"^\s*(>=|<=|>|<)?\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")

@@ -34,14 +34,21 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
-from faithful_train.batches import answer_forward, first_answer_logits
-from faithful_train.causal import answer_predictions
-from faithful_train.concepts import first_k_mask, intervene, intervention_area, permute_within_groups, probe_accuracy
 from faithful_train.errors import UnknownNameError
+from faithful_train.functional.concepts import (
+    first_k_mask,
+    intervene,
+    intervention_area,
+    permute_within_groups,
+    probe_accuracy,
+)
+from faithful_train.functional.interchange import answer_predictions
+from faithful_train.functional.losses import answer_forward
+from faithful_train.intervene.sites import hooked
+from faithful_train.io.files import atomic_write_text
 from faithful_train.modeling.bottleneck import BottleneckModel, bottleneck_of
-from faithful_train.rundir import atomic_write_text
-from faithful_train.sites import hooked
 from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.batch import first_answer_logits
 
 ORDERS = ("random", "uncertainty")
 

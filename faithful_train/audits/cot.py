@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
-from faithful_train.batches import answer_forward, first_answer_logits
-from faithful_train.causal import answer_predictions
-from faithful_train.cot import area_over_curve, corrupted_steps
+from faithful_train.functional.cot import area_over_curve, corrupted_steps
+from faithful_train.functional.interchange import answer_predictions
+from faithful_train.functional.losses import answer_forward
 from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.batch import first_answer_logits
 from faithful_train.tasks.reasoning import require_reasoning_task
 
 CORRUPTED, FOLLOW, STEP = "cot.corrupted", "cot.follow", "cot.step"

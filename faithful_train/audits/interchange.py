@@ -35,15 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
-from faithful_train.batches import (
-    answer_mask,
-    answer_positions,
-    answer_targets,
-    first_answer_logits,
-    gather_positions,
-    tile,
-)
-from faithful_train.causal import (
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.functional.interchange import (
     SOURCE,
     Alignment,
     Swap,
@@ -58,13 +51,20 @@ from faithful_train.causal import (
     teacher_forced,
     variable_swaps,
 )
-from faithful_train.das import random_basis, rotated_sites, variable_bases
-from faithful_train.engine import plan_resume
-from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.hypotheses import HypothesisFiles
+from faithful_train.intervene.engine import plan_resume
+from faithful_train.intervene.hypotheses import HypothesisFiles
+from faithful_train.intervene.rotation import random_basis, rotated_sites, variable_bases
+from faithful_train.intervene.sites import run_with
 from faithful_train.modeling.randomise import randomly_initialised
-from faithful_train.sites import run_with
 from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.batch import (
+    answer_mask,
+    answer_positions,
+    answer_targets,
+    first_answer_logits,
+    gather_positions,
+    tile,
+)
 
 RESAMPLE = "resample."
 CONTROLS = ("random_subspace", "random_model")

@@ -7,7 +7,7 @@ for ``corrupt`` (default: every variable of its causal model): an in-batch resam
 generated tasks, a file's counterfactual rows for text tasks. They are drawn once over the
 audit set (seeded), so every run of the audit sees the same pairs. With ``changed_only`` (the
 default) only the pairs whose answers differ count (elsewhere there is nothing to restore).
-The metric scores the clean answer (``circuits.answer_metric``); see ``faithful_train.patching``
+The metric scores the clean answer (``circuits.answer_metric``); see ``faithful_train.functional.patching``
 for the cells, the directions, the normalised score and AtP.
 
 Figures (normalised scores, ``patching.normalised_score``, of the metric averaged over the set;
@@ -47,12 +47,10 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
-from faithful_train.batches import prefixed, unprefixed
-from faithful_train.causal import check_positions
-from faithful_train.circuits import ABLATIONS, METRICS, check_choice, components, curve_sizes
 from faithful_train.errors import ConfigError
-from faithful_train.modeling.interface import n_layers
-from faithful_train.patching import (
+from faithful_train.functional.circuits import ABLATIONS, METRICS, check_choice, components, curve_sizes
+from faithful_train.functional.interchange import check_positions
+from faithful_train.functional.patching import (
     COMPONENTS,
     DIRECTIONS,
     Cell,
@@ -72,9 +70,11 @@ from faithful_train.patching import (
     rank_agreement,
     top_cells,
 )
-from faithful_train.rundir import atomic_write_text, umask_mode
-from faithful_train.sites import validate_sites
+from faithful_train.intervene.sites import validate_sites
+from faithful_train.io.files import atomic_write_text, umask_mode
+from faithful_train.modeling.interface import n_layers
 from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.batch import prefixed, unprefixed
 
 CORRUPT = "corrupt"
 COLUMNS = ["component", "layer", "position", "head", "exact", "atp"]

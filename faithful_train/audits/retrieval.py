@@ -43,17 +43,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from faithful_train import evidence
 from faithful_train.audits.base import Audit
-from faithful_train.batches import answer_position
-from faithful_train.causal import answer_predictions
-from faithful_train.engine import run_variants
 from faithful_train.errors import ConfigError
+from faithful_train.functional.interchange import answer_predictions
+from faithful_train.functional.ranking import spearman
+from faithful_train.intervene import evidence
+from faithful_train.intervene.engine import run_variants
+from faithful_train.intervene.sites import run_with, validate_sites
+from faithful_train.io.files import atomic_write_text
 from faithful_train.modeling.interface import n_layers
-from faithful_train.ranking import spearman
-from faithful_train.rundir import atomic_write_text
-from faithful_train.sites import run_with, validate_sites
 from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.batch import answer_position
 
 KINDS = ("gold", "same_key", "near_duplicate", "other")
 

@@ -35,15 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
-from faithful_train.batches import answer_forward, answer_positions, first_answer_logits, gather_positions
-from faithful_train.causal import answer_predictions
-from faithful_train.engine import VariantEdit, run_variants
 from faithful_train.errors import ConfigError
+from faithful_train.functional.interchange import answer_predictions
+from faithful_train.functional.losses import answer_forward
+from faithful_train.functional.routing import entropy_of, load_statistics, normalized_mutual_information, top_k_experts
+from faithful_train.intervene.engine import VariantEdit, run_variants
+from faithful_train.intervene.sites import hooked, run_with
+from faithful_train.io.files import atomic_write_text
 from faithful_train.modeling.interface import router_layers
-from faithful_train.routing import entropy_of, load_statistics, normalized_mutual_information, top_k_experts
-from faithful_train.rundir import atomic_write_text
-from faithful_train.sites import hooked, run_with
 from faithful_train.tasks.base import Batch, Task, take
+from faithful_train.tasks.batch import answer_positions, first_answer_logits, gather_positions
 
 PERTURBED = "router.perturbed"
 

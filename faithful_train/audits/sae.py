@@ -20,7 +20,7 @@ The spliced and the zero-ablated forwards run as two variants of one engine call
 transcoder (an objective with ``target``) reports ``fvu`` against its target and no splice.
 
 Alignment with the task's variables and concepts (``variables: {name: positions}``, where the
-latents are read; ``faithful_train.latents``), measured on a seeded selection set of its own:
+latents are read; ``faithful_train.functional.latents``), measured on a seeded selection set of its own:
 
 - ``auroc/<v>/<value>``: the best latent's AUROC for telling that value from the rest (either
   sign: a latent silent for exactly that value tells it too, as a one-latent probe does);
@@ -53,8 +53,8 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit, Total
-from faithful_train.batches import answer_positions, first_answer_logits, gather_positions, tile
-from faithful_train.causal import (
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.functional.interchange import (
     SOURCE,
     Swap,
     check_positions,
@@ -65,9 +65,7 @@ from faithful_train.causal import (
     swap_positions,
     teacher_forced,
 )
-from faithful_train.engine import plan_resume, run_variants
-from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.latents import (
+from faithful_train.functional.latents import (
     alignment_ranking,
     check_labelled,
     greedy_selection,
@@ -77,9 +75,11 @@ from faithful_train.latents import (
     read_scores,
     value_aurocs,
 )
-from faithful_train.sae import SparseAutoencoder, attach_sae, load_saelens, site_rows, site_width, token_rows
-from faithful_train.sites import SiteRef, run_with, validate_sites
+from faithful_train.intervene.engine import plan_resume, run_variants
+from faithful_train.intervene.sae import SparseAutoencoder, attach_sae, load_saelens, site_rows, site_width, token_rows
+from faithful_train.intervene.sites import SiteRef, run_with, validate_sites
 from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.batch import answer_positions, first_answer_logits, gather_positions, tile
 
 SELECTIONS = ("auroc", "iia")
 

@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train import evidence
 from faithful_train.audits.base import Audit
-from faithful_train.batches import answer_position, tool_call
-from faithful_train.causal import answer_predictions
-from faithful_train.engine import run_variants
 from faithful_train.errors import ConfigError
+from faithful_train.functional.interchange import answer_predictions
+from faithful_train.intervene import evidence
+from faithful_train.intervene.engine import run_variants
 from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.batch import answer_position, tool_call
 
 
 def shuffled_partners(tools: list[int], results: list[tuple[int, ...]], generator: torch.Generator) -> Tensor:

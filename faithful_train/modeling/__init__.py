@@ -37,8 +37,8 @@ def build_model(
 
 
 def _with_bottleneck(backbone: nn.Module, spec: dict[str, Any], vocab_size: int, seed: int, concepts: Mapping) -> nn.Module:
-    from faithful_train.concepts import ConceptLayout
     from faithful_train.modeling.bottleneck import BottleneckModel
+    from faithful_train.modeling.concept_layout import ConceptLayout
 
     if not concepts:
         raise ConfigError("model.bottleneck needs a task that labels concepts (this one labels none)")

@@ -18,7 +18,7 @@ except what the bottleneck passes. Three modes:
 New sites, each ``(B, 1, ...)`` (the one position the bottleneck reads)::
 
     bottleneck.logits      (B, 1, U)     concept logits (U units: 1 per binary concept, 1 per
-                                         value of a categorical one; ``faithful_train.concepts``)
+                                         value of a categorical one; ``faithful_train.functional.concepts``)
     bottleneck.concepts    (B, 1, U)     concept probabilities as the head reads them: writing
                                          true values here is a test-time intervention
     bottleneck.side        (B, 1, W)     the side channel before its training noise (hybrid)
@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faithful_train.batches import gather_positions, last_real_position
-from faithful_train.concepts import ConceptLayout
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.modeling.concept_layout import ConceptLayout
+from faithful_train.modeling.hooks import HookPoint, SitePoint
 from faithful_train.modeling.interface import can_resume, hidden_size
-from faithful_train.sites import HookPoint, SitePoint, resolve_site
+from faithful_train.tasks.batch import gather_positions, last_real_position
 
 MODES = ("hard", "hybrid", "embedding")
 
@@ -206,7 +206,7 @@ class BottleneckModel(nn.Module):
         if can_resume(self.backbone):
             return gather_positions(self.backbone.forward_to(self.layer + 1, input_ids, attention_mask), positions)
         # other backbones run until the site is computed, then stop
-        point = resolve_site(self.backbone, f"blocks.{self.layer}.resid_post")
+        point = self.backbone.site_points()[f"blocks.{self.layer}.resid_post"]
 
         def stop(_module: nn.Module, _args: tuple, out: Any) -> None:
             raise _Stop(point.read(out))

@@ -14,7 +14,7 @@ twice, they would count a statistic twice.
 - it snapshots the forward hooks of ``module`` and of every module under it when the forward
   runs, and the recomputation runs with exactly those hooks (the edits act again, the same
   way), whatever is registered by then;
-- while it recomputes, the recording hooks of ``faithful_train.sites.hooked`` record nothing
+- while it recomputes, the recording hooks of ``faithful_train.intervene.sites.hooked`` record nothing
   (``sites.records_suspended``): a site is recorded once per logical forward;
 - the recomputation runs with the attention kernels the forward allowed (``sdpa_kernel``: the
   attribution objectives run their double-backward forwards on the math kernel), so it saves
@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from faithful_train.sites import records_suspended
+from faithful_train.modeling.hooks import records_suspended
 
 _HOOK_DICTS = (
     "_forward_pre_hooks",

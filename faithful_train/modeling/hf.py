@@ -2,7 +2,7 @@
 
 ``HFAdapter`` wraps a ``transformers`` causal LM (gpt2, llama, mixtral, qwen2_moe, olmoe),
 returns plain logits from ``forward`` and maps each canonical site name onto a forward hook
-of the wrapped model (see ``faithful_train.sites``):
+of the wrapped model (see ``faithful_train.intervene.sites``):
 
     embed                      (B, T, D)     residual stream entering block 0 (gpt2: output of
                                              ``transformer.drop``, after token + position embeddings;
@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from faithful_train.batches import gather_positions, position_ids
 from faithful_train.errors import ConfigError, UnknownNameError, first_line
 from faithful_train.modeling.checkpointing import checkpoint_block, should_checkpoint
+from faithful_train.modeling.hooks import HookPoint, SitePoint
 from faithful_train.modeling.sharding import is_shard_unit
-from faithful_train.sites import HookPoint, SitePoint
+from faithful_train.tasks.batch import gather_positions, position_ids
 
 Route = Callable[[nn.Module, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
 

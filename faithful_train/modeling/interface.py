@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from faithful_train.errors import ConfigError, UnknownNameError
 
 if TYPE_CHECKING:
-    from faithful_train.sites import SitePoint
+    from faithful_train.modeling.hooks import SitePoint
 
 
 @runtime_checkable

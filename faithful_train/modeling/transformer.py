@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faithful_train.batches import gather_positions, position_ids
 from faithful_train.modeling.checkpointing import checkpoint_block, should_checkpoint
-from faithful_train.sites import HookPoint, SitePoint
+from faithful_train.modeling.hooks import HookPoint, SitePoint
+from faithful_train.tasks.batch import gather_positions, position_ids
 
 
 @dataclass

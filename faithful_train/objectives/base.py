@@ -17,10 +17,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from faithful_train.batches import answer_positions, gather_positions
 from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.hypotheses import Hypothesis, weights_hash
+from faithful_train.intervene.hypotheses import Hypothesis, weights_hash
 from faithful_train.tasks.base import Batch, Task
+from faithful_train.tasks.batch import answer_positions, gather_positions
 
 
 @dataclass
@@ -81,6 +81,7 @@ class StepContext:
     extras: dict[str, Any] = field(default_factory=dict)
     reference: nn.Module | None = None  # the frozen starting model, when an objective needs one
     answer_logits: Tensor | None = None  # (B, A, vocab) at the answer positions (the task loss's)
+    read_logits: dict[str, Tensor] = field(default_factory=dict)  # label -> (B, k, vocab) at its ``reads``
 
     def answers(self) -> Tensor:
         """``(B, A, vocab)``: the step's logits at the answer positions."""
@@ -101,7 +102,7 @@ class Objective(Callback, ABC):
     # whether the term is the same under activation checkpointing (``model.activation_checkpointing``):
     # its edits are functions of what the forward saw (no random draw inside a hook, no state
     # that changes before the backward pass), so a recomputed block is edited the same way.
-    # Built-in objectives declare it (and are tested, tests/unit/test_activation_checkpointing.py);
+    # Built-in objectives declare it (and are tested, tests/unit/modeling/test_checkpointing.py);
     # an objective that does not declare it is refused with checkpointing on.
     supports_activation_checkpointing: bool = False
     # whether the term reads every position's logits (``StepContext.logits`` as (B, T, vocab)); the
@@ -146,6 +147,16 @@ class Objective(Callback, ABC):
     def sites(self) -> list[str]:
         """Site names the step's forward must record for this objective."""
         return []
+
+    def reads(self, batch: Batch) -> Tensor | None:
+        """``(B, k)`` positions (beyond the answer's) whose logits the term reads from the step's
+        own forward, given to it as ``ctx.read_logits[label]``; ``None``: none. Default: none."""
+        return None
+
+    def validation_metrics(self, ctx: StepContext) -> dict[str, Tensor]:
+        """Figures of this objective on a validation batch, logged as ``val/<name>`` (the batch's
+        forward read at the answer and at ``reads``, in ``ctx``). Default: none."""
+        return {}
 
     def step_edits(self, model: nn.Module, task: Task, step: int, batch: Batch) -> dict[str, Any]:
         """Edits (site name -> function of the activation) applied in the step's own forward on

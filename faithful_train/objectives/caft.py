@@ -23,7 +23,7 @@ Latents are chosen on a probe set drawn from the task's held-out distribution (`
 its own seed), from the concept's values only (never the labels): for ``decoy_objects`` that is
 where the tag varies apart from the answer, as a person reading the latents would need. A
 latent's alignment is its best one-vs-rest AUROC over the concept's values
-(``faithful_train.latents``). The ablation is CAFT's linear projection: with ``Q`` an
+(``faithful_train.functional.latents``). The ablation is CAFT's linear projection: with ``Q`` an
 orthonormal basis of the chosen latents' decoder directions, ``x <- x - (x Q) Q^T``, nothing
 left along them whatever the encoder reads; or (``ablation: latents``) ``x <- x - sum_{i in A}
 z_i(x) W_dec[i]``, exactly what those latents encode (the reconstruction error and every other
@@ -41,13 +41,13 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from faithful_train.causal import check_positions
-from faithful_train.engine import frozen_parameters
 from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.latents import alignment_ranking, check_labelled, label_values, read_scores, value_aurocs
+from faithful_train.functional.interchange import check_positions
+from faithful_train.functional.latents import alignment_ranking, check_labelled, label_values, read_scores, value_aurocs
+from faithful_train.intervene.engine import frozen_parameters
+from faithful_train.intervene.sae import SparseAutoencoder, site_width
+from faithful_train.intervene.sites import SiteRef, resolve_positions, validate_sites
 from faithful_train.objectives.base import Objective, StepContext
-from faithful_train.sae import SparseAutoencoder, site_width
-from faithful_train.sites import SiteRef, resolve_positions, validate_sites
 from faithful_train.tasks.base import Task
 
 ABLATIONS = ("projection", "latents")

@@ -24,14 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.batches import (
-    answer_loss,
-    answer_mask,
-    answer_targets,
-    first_answer_logits,
-)
-from faithful_train.causal import check_positions
-from faithful_train.circuits import (
+from faithful_train.errors import ConfigError
+from faithful_train.functional.circuits import (
     ABLATIONS,
     AblationValues,
     Knockout,
@@ -40,12 +34,14 @@ from faithful_train.circuits import (
     knockout_edits,
     parse_nodes,
 )
-from faithful_train.engine import run_variants
-from faithful_train.errors import ConfigError
-from faithful_train.hypotheses import Hypothesis
+from faithful_train.functional.interchange import check_positions
+from faithful_train.functional.losses import answer_loss
+from faithful_train.intervene.engine import run_variants
+from faithful_train.intervene.hypotheses import Hypothesis
+from faithful_train.intervene.sites import SiteRef, validate_sites
 from faithful_train.objectives.base import Objective, StepContext
-from faithful_train.sites import SiteRef, validate_sites
 from faithful_train.tasks.base import Task
+from faithful_train.tasks.batch import answer_mask, answer_targets, first_answer_logits
 
 SUFFICIENCY = ("task", "kl")
 

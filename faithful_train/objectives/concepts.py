@@ -6,7 +6,7 @@
   joint bottleneck when added to the task loss).
 - ``KL(side)``: ½‖side‖², the KL of the hybrid side channel (its value plus unit training
   noise) to N(0, I), which bounds the information it can carry around the concepts
-  (Alemi et al. 2017); ``faithful_train.concepts.gaussian_channel_kl``.
+  (Alemi et al. 2017); ``faithful_train.functional.concepts.gaussian_channel_kl``.
 - ``mean(p_binary)``: L1 of the binary concepts' activations (a categorical concept's
   probabilities always sum to 1, so it acts on binary concepts only): few concepts on.
 - ``L_int``: random training interventions (Espinosa Zarlenga et al. 2022): each (example,
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faithful_train.concepts import concept_loss, gaussian_channel_kl, intervene, random_concept_mask
 from faithful_train.errors import ConfigError
+from faithful_train.functional.concepts import concept_loss, gaussian_channel_kl, intervene, random_concept_mask
 from faithful_train.modeling.bottleneck import bottleneck_of
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task

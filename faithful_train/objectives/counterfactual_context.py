@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.batches import answer_loss, answer_mask
-from faithful_train.engine import run_variants
 from faithful_train.errors import ConfigError
+from faithful_train.functional.losses import answer_loss
+from faithful_train.intervene.engine import run_variants
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task, take
+from faithful_train.tasks.batch import answer_mask
 
 
 class CounterfactualContextObjective(Objective):

@@ -16,11 +16,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from faithful_train.batches import answer_forward, first_answer_logits
-from faithful_train.cot import STEP_CHOICES, corrupted_steps, follow_loss
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.functional.cot import STEP_CHOICES, corrupted_steps, follow_loss
+from faithful_train.functional.losses import answer_forward
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
+from faithful_train.tasks.batch import first_answer_logits
 from faithful_train.tasks.reasoning import ReasoningTask, require_reasoning_task
 
 

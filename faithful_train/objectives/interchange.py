@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.batches import answer_mask, answer_targets, tile
-from faithful_train.causal import (
+from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.functional.interchange import (
     Swap,
     counterfactual_targets,
     interchange_loss,
@@ -42,13 +42,13 @@ from faithful_train.causal import (
     teacher_forced,
     variable_swaps,
 )
-from faithful_train.das import SiteBases, rotated_sites, variable_bases
-from faithful_train.engine import ResumePlan, frozen_parameters, plan_resume
-from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.hypotheses import Hypothesis
+from faithful_train.intervene.engine import ResumePlan, frozen_parameters, plan_resume
+from faithful_train.intervene.hypotheses import Hypothesis
+from faithful_train.intervene.rotation import SiteBases, rotated_sites, variable_bases
+from faithful_train.intervene.sites import run_with
 from faithful_train.objectives.base import Objective, StepContext
-from faithful_train.sites import run_with
 from faithful_train.tasks.base import Pairs, Task, take
+from faithful_train.tasks.batch import answer_mask, answer_targets, tile
 
 SUBSPACES = ("fixed", "learned")
 

@@ -18,10 +18,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError
+from faithful_train.functional.losses import language_model_loss
 from faithful_train.modeling.interface import per_token_logits
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
-from faithful_train.tasks.batch import attention_mask, language_model_loss, unprefixed
+from faithful_train.tasks.batch import attention_mask, unprefixed
 
 
 class LanguageModelObjective(Objective):

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.batches import token_kl_from_states
 from faithful_train.errors import ConfigError, DataError
+from faithful_train.functional.losses import token_kl_from_states
 from faithful_train.modeling.interface import final_states, per_token_logits, unembed
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task

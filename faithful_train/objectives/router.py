@@ -1,7 +1,7 @@
 """The router objective: MoE routing that is balanced, decisive and readable.
 
 Independently weighted terms on the raw router logits recorded at ``blocks.{i}.moe.router``
-in the step's forward (formulas and sources in ``faithful_train.routing``):
+in the step's forward (formulas and sources in ``faithful_train.functional.routing``):
 
 - ``load_balance`` (Switch), pooled over layers exactly as transformers'
   ``load_balancing_loss_func`` (``pooling: pooled``) or averaged per layer
@@ -33,9 +33,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.modeling.interface import router_layers
-from faithful_train.objectives.base import Objective, StepContext
-from faithful_train.routing import (
+from faithful_train.functional.routing import (
     RouterRows,
     bias_update,
     expert_concept_mi_loss,
@@ -44,6 +42,8 @@ from faithful_train.routing import (
     routing_entropy,
     switch_load_balance,
 )
+from faithful_train.modeling.interface import router_layers
+from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
 
 POOLINGS = ("pooled", "per_layer")

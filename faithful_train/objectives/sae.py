@@ -26,7 +26,7 @@ it. A fixed SAE (``train: false``, usually from ``path``) is not trained; its fi
 logged. Padding is masked (only real tokens are rows). Decoder rows stay unit norm (the gradient
 along them removed before each step, the rows renormalised after). ``b_dec`` starts at the
 first batch's mean. The SAE is written in SAELens's layout to ``<run dir>/saes/<label>/`` at
-each checkpoint and at the end (``sae.save_saelens``). Formulas and sources: ``faithful_train/sae.py``.
+each checkpoint and at the end (``sae.save_saelens``). Formulas and sources: ``faithful_train/intervene/sae.py``.
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
-from faithful_train.causal import check_positions
 from faithful_train.errors import ConfigError
-from faithful_train.objectives.base import Objective, StepContext
-from faithful_train.sae import (
+from faithful_train.functional.interchange import check_positions
+from faithful_train.intervene.sae import (
     SparseAutoencoder,
     attach_sae,
     load_saelens,
@@ -50,7 +49,8 @@ from faithful_train.sae import (
     site_width,
     token_rows,
 )
-from faithful_train.sites import SiteRef, validate_sites
+from faithful_train.intervene.sites import SiteRef, validate_sites
+from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
 
 

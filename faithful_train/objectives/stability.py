@@ -5,7 +5,7 @@
 
 - ``attr``: per-token attribution of the answer's ``output`` (its logit by default, as the
   attribution audit measures; ``logprob`` vanishes once the model is confident) at the
-  embeddings (``faithful_train.attribution.attribute_tokens``): gradient × input, or integrated
+  embeddings (``faithful_train.functional.attribution.attribute_tokens``): gradient × input, or integrated
   gradients with ``steps`` points. Computed with ``create_graph`` so the term trains the model
   through the attribution (double backprop).
 - ``x'``: the task's meaning-preserving perturbation of ``x`` (``Task.perturb_aligned``), whose
@@ -31,11 +31,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faithful_train.attribution import METHODS, OUTPUTS, QUADRATURES, aligned_cosine, attribute_tokens, input_gradients
-from faithful_train.batches import answer_position, as_variant, pad_columns, stack_rows
 from faithful_train.errors import ConfigError, UnknownNameError
+from faithful_train.functional.attribution import (
+    METHODS,
+    OUTPUTS,
+    QUADRATURES,
+    aligned_cosine,
+    attribute_tokens,
+    input_gradients,
+)
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task, take
+from faithful_train.tasks.batch import answer_position, as_variant, pad_columns, stack_rows
 
 
 class StabilityObjective(Objective):

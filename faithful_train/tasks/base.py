@@ -156,6 +156,17 @@ class Task(ABC):
             return None
         return ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids).clone()
 
+    def validation_metrics(self, answer_logits: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """The task's own figures on a validation batch, from the logits at its answer positions
+        ``(B, A, vocab)``, logged as ``val/<name>``. Default: for rows with a foil (a wrong answer
+        the task names, ``foil_ids``: IOI's subject), ``logit_diff``, the answer's logit less the
+        foil's at the first answer token (Wang et al. 2022)."""
+        if "foil_ids" not in batch:
+            return {}
+        first = answer_logits[:, 0]
+        diff = first.gather(1, batch["labels"][:, None]) - first.gather(1, batch["foil_ids"][:, None])
+        return {"logit_diff": diff.float().mean()}
+
     def token_name(self, token: int) -> str:
         """A readable name of a token (per-token reports)."""
         return str(token)

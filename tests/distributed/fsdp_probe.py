@@ -11,8 +11,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from faithful_train import run as runs
-from faithful_train.config import load_config
+from faithful_train.training import run as runs
+from faithful_train.training.config import load_config
 
 
 class GradientProbe(Callback):

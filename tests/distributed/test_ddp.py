@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from faithful_train.rundir import read_jsonl
+from faithful_train.io.files import read_jsonl
 
 pytestmark = pytest.mark.distributed
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 def test_fit_with_two_cpu_processes(tmp_path, repo):
     run_dir = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "faithful_train.cli", "fit", "-c", "configs/quickstart.yaml", "--run-dir", str(run_dir),
+        sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", "configs/quickstart.yaml", "--run-dir", str(run_dir),
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
         "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false",
         "audits.0.every_n_steps=4", "audits.0.n_examples=64", "data.batch_size=16", "data.val_size=64",
@@ -34,7 +34,7 @@ def test_fit_with_two_cpu_processes(tmp_path, repo):
 
     # the DDP figure is the mean over both ranks' shards: it equals one process auditing all 64
     single = subprocess.run(
-        [sys.executable, "-m", "faithful_train.cli", "audit", "-c", "configs/quickstart.yaml", "--ckpt",
+        [sys.executable, "-m", "faithful_train.commands.cli", "audit", "-c", "configs/quickstart.yaml", "--ckpt",
          str(run_dir / "checkpoints" / "last.ckpt"), "--run-dir", str(tmp_path / "single"),
          "audits.0.n_examples=64", "logger.wandb.mode=disabled"],
         cwd=repo, capture_output=True, text=True, timeout=300,
@@ -52,7 +52,7 @@ def test_learned_basis_under_ddp(tmp_path, repo):
 
     run_dir = tmp_path / "das"
     cmd = [
-        sys.executable, "-m", "faithful_train.cli", "fit", "-c", "configs/iit-das.yaml", "--run-dir", str(run_dir),
+        sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", "configs/iit-das.yaml", "--run-dir", str(run_dir),
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
         "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false",
         "objectives.0.schedule.start=4", "objectives.0.schedule.steps=0",
@@ -61,8 +61,8 @@ def test_learned_basis_under_ddp(tmp_path, repo):
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from faithful_train import run as runs
-    from faithful_train.config import load_config
+    from faithful_train.training import run as runs
+    from faithful_train.training.config import load_config
 
     trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     initial = runs.build(load_config(repo / "configs/iit-das.yaml"), tmp_path / "init").module.state_dict()
@@ -81,7 +81,7 @@ def test_router_objective_and_audit_under_ddp(tmp_path, repo):
     run_dir = tmp_path / "router"
     common = ["audits.0.n_examples=64", "audits.0.batch_size=16", "logger.wandb.mode=disabled"]
     cmd = [
-        sys.executable, "-m", "faithful_train.cli", "fit", "-c", "configs/moe-router.yaml", "--run-dir", str(run_dir),
+        sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", "configs/moe-router.yaml", "--run-dir", str(run_dir),
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
         "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false", "objectives.0.bias_rate=0.01",
         "audits.0.every_n_steps=4", "data.batch_size=16", "data.val_size=64", *common,
@@ -91,7 +91,7 @@ def test_router_objective_and_audit_under_ddp(tmp_path, repo):
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["state_dict"]["model.blocks.0.mlp.selection_bias"].abs().max() > 0
     single = subprocess.run(
-        [sys.executable, "-m", "faithful_train.cli", "audit", "-c", "configs/moe-router.yaml", "--ckpt", str(ckpt),
+        [sys.executable, "-m", "faithful_train.commands.cli", "audit", "-c", "configs/moe-router.yaml", "--ckpt", str(ckpt),
          "--run-dir", str(tmp_path / "single"), *common],
         cwd=repo, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faithful_train.rundir import read_jsonl
+from faithful_train.io.files import read_jsonl
 from tests.integration.test_scale import saved_llama
 
 pytestmark = pytest.mark.distributed
@@ -24,7 +24,7 @@ DAS = ["objectives.0.subspace=learned", "objectives.0.alignment.left.dims=[0,8]"
 
 
 def _fit(repo: Path, run_dir: Path, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "faithful_train.cli", "fit", "-c", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TWO, *overrides]
+    cmd = [sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TWO, *overrides]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -40,7 +40,7 @@ def test_fsdp_trains_as_ddp_does_and_its_audits_are_a_single_process_audit(tmp_p
     records = read_jsonl(tmp_path / "fsdp" / "audits.jsonl")
     assert [r["step"] for r in records] == [4, 8]
     single = subprocess.run(
-        [sys.executable, "-m", "faithful_train.cli", "audit", "-c", "configs/quickstart.yaml", "--ckpt",
+        [sys.executable, "-m", "faithful_train.commands.cli", "audit", "-c", "configs/quickstart.yaml", "--ckpt",
          str(tmp_path / "fsdp" / "checkpoints" / "last.ckpt"), "--run-dir", str(tmp_path / "single"),
          "audits.0.n_examples=64", "logger.wandb.mode=disabled", *DAS],
         cwd=repo, capture_output=True, text=True, timeout=300,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from faithful_train.cli import main
-from faithful_train.rundir import read_jsonl
+from faithful_train.commands.cli import main
+from faithful_train.io.files import read_jsonl
 from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
 CONFIGS = ["configs/stability.yaml", "configs/stability-baseline.yaml", "configs/right-reasons-decoy.yaml", "configs/right-reasons-decoy-baseline.yaml"]

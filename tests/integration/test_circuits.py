@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from faithful_train.cli import main
+from faithful_train.commands.cli import main
 from tests.conftest import REPO
 
 TINY = [

@@ -12,10 +12,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from faithful_train import run as runs
-from faithful_train.cli import main
-from faithful_train.config import load_config
-from faithful_train.rundir import read_jsonl
+from faithful_train.commands.cli import main
+from faithful_train.io.files import read_jsonl
+from faithful_train.training import run as runs
+from faithful_train.training.config import load_config
 
 QUICKSTART = "configs/quickstart.yaml"
 TINY = [
@@ -151,7 +151,7 @@ def test_a_task_file_imports_a_module_beside_it(tmp_path):
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "faithful_train.cli", "fit", "-c", QUICKSTART, "trainer.max_step=3"],
+        [sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", QUICKSTART, "trainer.max_step=3"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
@@ -261,7 +261,7 @@ def test_hugging_face_model_from_a_preset(tmp_path, preset):
 
 
 def test_overrides_go_anywhere_and_read_numbers_as_a_yaml_file_does(tmp_path):
-    from faithful_train.cli import _parse
+    from faithful_train.commands.cli import _parse
 
     args = _parse(["fit", "-c", QUICKSTART, "a=1", "--run-dir", str(tmp_path), "b=2"])
     assert args.overrides == ["a=1", "b=2"] and args.run_dir == str(tmp_path)

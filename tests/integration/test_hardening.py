@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from faithful_train.cli import _parse, main
-from faithful_train.config import load_config, written
-from faithful_train.rundir import RunCSVLogger, atomic_write_text, load_checkpoint
+from faithful_train.commands.cli import _parse, main
+from faithful_train.io.checkpoints import load_checkpoint
+from faithful_train.io.files import atomic_write_text
+from faithful_train.training.config import load_config, written
+from faithful_train.training.metrics_csv import RunCSVLogger
 from tests.integration.test_cli import QUICKSTART, TINY
 
 NAN_AT = "tests/integration/assets/nan_objective.py:NanAt"
@@ -141,7 +143,7 @@ def test_strict_fails_the_run_on_a_failed_threshold_and_the_thresholds_are_prere
 def test_ctrl_c_says_where_the_checkpoint_is_how_to_resume_and_exits_130(tmp_path, repo):
     run_dir = tmp_path / "run"
     overrides = [*TINY, "trainer.max_steps=100000", "trainer.val_every=5", "trainer.checkpoint_every=5", "audits=[]"]
-    cmd = [sys.executable, "-m", "faithful_train.cli", "fit", "-c", QUICKSTART, "--run-dir", str(run_dir), "--strict", *overrides]
+    cmd = [sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", QUICKSTART, "--run-dir", str(run_dir), "--strict", *overrides]
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
@@ -172,12 +174,15 @@ def test_values_from_the_environment_are_written_as_references(tmp_path, monkeyp
 
 
 def test_a_resume_with_more_steps_keeps_the_decay_schedule_unless_asked(capsys):
-    from faithful_train.module import FaithfulModule
     from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+    from faithful_train.training.module import FaithfulModule
     from tests.conftest import tiny_transformer
 
-    def module(total: int, keep: bool) -> FaithfulModule:
-        return FaithfulModule(tiny_transformer(), HierarchicalEquality(), decay="cosine", total_steps=total, keep_schedule=keep)
+    from faithful_train.training.config import OptimSection, TrainerSection
+
+    def module(total: int, keep: bool) -> FaithfulModule:  # keep: the schedule follows trainer.max_steps of the first start
+        optim = OptimSection(decay="cosine", schedule_steps=None if keep else total)
+        return FaithfulModule(tiny_transformer(), HierarchicalEquality(), optim, trainer=TrainerSection(max_steps=total))
 
     saved: dict = {}
     module(300, keep=True).on_save_checkpoint(saved)
@@ -274,7 +279,7 @@ def test_the_checkpoint_records_how_many_metrics_rows_it_covers(tmp_path):
 
 
 def test_the_progress_bar_counts_steps_not_epochs_of_an_endless_stream():
-    from faithful_train.run import _progress_bars
+    from faithful_train.training.run import _progress_bars
 
     cfg = load_config(QUICKSTART)
     (bar,) = _progress_bars(cfg)

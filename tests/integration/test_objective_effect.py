@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from faithful_train.cli import main
+from faithful_train.commands.cli import main
 
 pytestmark = pytest.mark.slow
 CONFIG = "tests/integration/assets/halves.yaml"

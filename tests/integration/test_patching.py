@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from faithful_train.cli import main
-from faithful_train.rundir import read_jsonl
+from faithful_train.commands.cli import main
+from faithful_train.io.files import read_jsonl
 from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line
 
 CONFIG = "configs/patching.yaml"

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from faithful_train import run as runs
-from faithful_train.cli import main
-from faithful_train.config import load_config
-from faithful_train.hypotheses import Hypothesis
-from faithful_train.rundir import read_jsonl
-from faithful_train.verify import format_drift, verify
+from faithful_train.commands.cli import main
+from faithful_train.commands.verify import format_drift, verify
+from faithful_train.intervene.hypotheses import Hypothesis
+from faithful_train.io.files import read_jsonl
+from faithful_train.training import run as runs
+from faithful_train.training.config import load_config
 from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
 DAS = "configs/iit-das.yaml"

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from faithful_train.cli import main
+from faithful_train.commands.cli import main
 from tests.integration.test_cli import assert_fit_fails_in_one_line
-from tests.unit.test_text_evidence import WORDS, document_rows, tool_rows
-from tests.unit.test_text_task import word_tokenizer, write_jsonl
+from tests.unit.evidence_rows import WORDS, document_rows, tool_rows
+from tests.unit.text_rows import word_tokenizer, write_jsonl
 
 TINY = [
     "trainer.max_steps=20",
@@ -50,7 +50,7 @@ def test_retrieval_needs_documents(tmp_path, capsys):
 def test_tools_configs_run(config, tmp_path):
     assert main(["fit", "-c", config, "--run-dir", str(tmp_path), *TINY]) == 0
     metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
-    for key in ("audit/tools/reliance", "audit/tools/selection_acc", "audit/tools/called_but_ignored", "train/tool_loss", "val/tool_selection_acc"):
+    for key in ("audit/tools/reliance", "audit/tools/selection_acc", "audit/tools/called_but_ignored", "train/objective/tool_call", "val/tool_selection_acc"):
         assert key in metrics, key
     assert ("train/objective/counterfactual_context" in metrics) == config.endswith("cf.yaml")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from faithful_train.cli import main
-from faithful_train.config import load_config
+from faithful_train.commands.cli import main
+from faithful_train.io.files import read_jsonl
 from faithful_train.modeling.hf import HFAdapter
-from faithful_train.rundir import read_jsonl
 from faithful_train.tasks.domain_mixture import DomainMixture
+from faithful_train.training.config import load_config
 from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
 ROUTER, BASELINE, HF = "configs/moe-router.yaml", "configs/moe-router-baseline.yaml", "configs/moe-router-hf.yaml"

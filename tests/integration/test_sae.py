@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from faithful_train.cli import main
+from faithful_train.commands.cli import main
 from tests.integration.test_cli import assert_fit_fails_in_one_line
 
 TINY = ["trainer.max_steps=30", "trainer.val_every=15", "trainer.progress_bar=false", "audits.0.every_n_steps=15",

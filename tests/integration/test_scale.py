@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faithful_train.cli import main
+from faithful_train.commands.cli import main
 from faithful_train.modeling.hf import HFAdapter
 from tests.integration.test_cli import QUICKSTART, TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
@@ -66,7 +66,7 @@ def test_a_lora_run_checkpoints_its_adapters_audits_resumes_and_exports(tmp_path
     assert "holds adapters trained on another base model" in err and err.count("\n") == 0
 
     ids = torch.randint(1, 32, (2, 4), generator=torch.Generator().manual_seed(0))
-    from faithful_train.loading import load_model
+    from faithful_train.commands.loading import load_model
 
     expected = load_model(whole)(ids)
     assert main(["export", str(whole), "--out", str(tmp_path / "adapter")]) == 0

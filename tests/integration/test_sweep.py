@@ -12,8 +12,8 @@ import sys
 import optuna
 import pytest
 
-from faithful_train.cli import main
-from faithful_train.sweep import load_sweep, open_study
+from faithful_train.commands.cli import main
+from faithful_train.commands.sweep import load_sweep, open_study
 
 TINY = ["trainer.max_steps=20", "trainer.val_every=10", "audits.0.every_n_steps=10", "audits.0.n_examples=32",
         "data.val_size=32", "data.batch_size=16"]  # fmt: skip

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from faithful_train.cli import main
-from faithful_train.data_ioi import write_ioi
+from faithful_train.commands.cli import main
+from faithful_train.tasks.ioi import write_ioi
 from tests.integration.test_cli import _summary, fit_whole_and_resumed
-from tests.unit.test_text_task import color_rows, word_tokenizer, write_jsonl
+from tests.unit.text_rows import color_rows, word_tokenizer, write_jsonl
 
 TINY = ["trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false", "logger.wandb.mode=disabled", "data.batch_size=16", "data.val_size=32"]
 
@@ -43,7 +43,7 @@ def test_ioi_workflow_pretrain_export_finetune(ioi, tmp_path, capsys):
     audit = ["audits.0.n_examples=32", "audits.0.every_n_steps=4"]
     assert main(["fit", "-c", "configs/ioi-pretrain.yaml", "--run-dir", str(pre), *TINY, *ioi_files(ioi), *audit]) == 0
     metrics = _summary(pre)["metrics"]
-    for key in ("val/task_acc", "val/ppl", "train/lm_loss", "audit/interchange/iia"):
+    for key in ("val/task_acc", "val/ppl", "train/objective/language_model", "audit/interchange/iia"):
         assert key in metrics, key
     assert main(["export", str(pre), "--out", str(hf)]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer

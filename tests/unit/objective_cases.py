@@ -12,13 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from faithful_train.batches import answer_positions, attention_mask, gather_positions
 from faithful_train.modeling import starting_point
-from faithful_train.modeling.interface import per_token_logits
-from faithful_train.module import task_loss
-from faithful_train.objectives.base import Objective, StepContext
-from faithful_train.sites import run_with
+from faithful_train.objectives.base import Objective
 from faithful_train.tasks.base import Task
+from faithful_train.training.module import step_loss as module_step_loss
 from tests.conftest import tiny_transformer
 
 ALIGN = {
@@ -177,6 +174,22 @@ def counterfactual_context() -> Case:
     return bound(model, task, [CounterfactualContextObjective(fraction=0.5)], task.sample(16, 0))
 
 
+def tool_call() -> Case:
+    from faithful_train.objectives.tool_call import ToolCallObjective
+    from faithful_train.tasks.tool_use import ToolUse
+
+    task = ToolUse()
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    return bound(model, task, [ToolCallObjective()], task.sample(16, 0))
+
+
+def language_model() -> Case:
+    from faithful_train.objectives.language_model import LanguageModelObjective
+
+    model, task = _equality()
+    return bound(model, task, [LanguageModelObjective()], task.sample(16, 0))
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "interchange": interchange,
     "das": das,
@@ -190,25 +203,15 @@ CASES: dict[str, Callable[[], Case]] = {
     "concepts": concepts,
     "counterfactual_cot": counterfactual_cot,
     "counterfactual_context": counterfactual_context,
+    "tool_call": tool_call,
+    "language_model": language_model,
 }
 
 
 def step_loss(case: Case, step: int = 0, seed: int = 0) -> Tensor:
-    """The FaithfulModule's training loss on ``case.batch``: task loss plus every objective's term."""
-    model, task, batch = case.model, case.task, case.batch
-    sites = sorted({site for objective in case.objectives for site in objective.sites()})
-    edits: dict[str, list] = {}
-    for objective in case.objectives:
-        for name, fn in objective.step_edits(model, task, step, batch).items():
-            edits.setdefault(name, []).append(fn)
-    per_token = per_token_logits(model)  # a concept bottleneck answers only where it reads
-    positions = None if per_token else answer_positions(batch)
-    logits, cache = run_with(model, batch["input_ids"], record=sites, edits=edits, attention_mask=attention_mask(batch), positions=positions)
-    loss = task_loss(gather_positions(logits, answer_positions(batch)) if per_token else logits, batch)
-    ctx = StepContext(batch, logits, cache, model, task, step, torch.Generator().manual_seed(seed), reference=case.reference)
-    for objective in case.objectives:
-        loss = loss + objective.term(ctx)
-    return loss
+    """The FaithfulModule's training loss on ``case.batch``: answer loss plus every objective's term."""
+    active = [(objective, 1.0) for objective in case.objectives]
+    return module_step_loss(case.model, case.task, active, case.batch, step, seed, case.reference).loss
 
 
 def gradients(case: Case, loss: Tensor) -> dict[str, Tensor]:

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from faithful_train.batches import gather_positions
-from faithful_train.sites import HookPoint, SitePoint
+from faithful_train.modeling.hooks import HookPoint, SitePoint
+from faithful_train.tasks.batch import gather_positions
 
 CIRCUIT = [
     {"site": "blocks.0.attn.heads", "heads": [0, 1]},

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from faithful_train.concepts import ConceptLayout
 from faithful_train.modeling.bottleneck import BottleneckModel
-from faithful_train.sites import HookPoint, SitePoint
+from faithful_train.modeling.concept_layout import ConceptLayout
+from faithful_train.modeling.hooks import HookPoint, SitePoint
 from faithful_train.tasks.concept_objects import ATTRIBUTES, LABELLED, ConceptObjects
 
 
