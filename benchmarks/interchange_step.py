@@ -22,8 +22,9 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,14 +52,20 @@ def make_model(seed: int = 0, d_model: int = 64, n_layers: int = 2) -> torch.nn.
     from faithful_train.modeling.transformer import Transformer, TransformerConfig
 
     torch.manual_seed(seed)
-    return Transformer(TransformerConfig(vocab_size=18, max_seq_len=4, d_model=d_model, n_layers=n_layers, n_heads=4, d_mlp=4 * d_model))
+    return Transformer(
+        TransformerConfig(
+            vocab_size=18, max_seq_len=4, d_model=d_model, n_layers=n_layers, n_heads=4, d_mlp=4 * d_model
+        )
+    )
 
 
 def optimizer_for(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01)
 
 
-def plain_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None) -> Callable[[], float]:
+def plain_step(
+    model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None
+) -> Callable[[], float]:
     """Forward, answer cross-entropy, backward, optimizer step (AdamW at lr 2e-3 by default)."""
     optimizer = optimizer or optimizer_for(model.parameters())
 
@@ -103,7 +110,9 @@ def pyvene_step(model: torch.nn.Module, batch: dict, mode: str, variables: list[
     targets = targets if variables is None else targets[variables[0]]
     partition = DAS_PARTITION if mode == "rotated" else ((0, 32), (32, 64))
     peer = build_pyvene_iit(model, mode, partition=partition, seed=0)
-    return lambda: pyvene_iit_step(peer, None, batch["input_ids"], source["input_ids"], targets, batch["labels"], variables=variables)
+    return lambda: pyvene_iit_step(
+        peer, None, batch["input_ids"], source["input_ids"], targets, batch["labels"], variables=variables
+    )
 
 
 def run(batch_size: int, rounds: int, threads: int, with_pyvene: bool) -> dict[str, float]:
@@ -112,8 +121,12 @@ def run(batch_size: int, rounds: int, threads: int, with_pyvene: bool) -> dict[s
     steps = {
         "plain training step": plain_step(make_model(), batch),
         "ours: interchange, 2 variables": our_step(make_model(), batch, alignment=ALIGNMENT),
-        "ours: interchange, 1 variable per step": our_step(make_model(), batch, alignment=ALIGNMENT, variables="sample"),
-        "ours: interchange, 2 variables, full forward (no resume)": our_step(make_model(), batch, alignment=ALIGNMENT, resume=False),
+        "ours: interchange, 1 variable per step": our_step(
+            make_model(), batch, alignment=ALIGNMENT, variables="sample"
+        ),
+        "ours: interchange, 2 variables, full forward (no resume)": our_step(
+            make_model(), batch, alignment=ALIGNMENT, resume=False
+        ),
         "ours: DAS (learned subspace), 2 variables": our_step(make_model(), batch, alignment=DAS, subspace="learned"),
         "ours: interchange + strict term": our_step(
             make_model(), batch, alignment=ALIGNMENT, strict=[{"site": "blocks.0.resid_post", "positions": [0, 1, 2]}]
@@ -150,20 +163,33 @@ def main() -> None:
         print("pyvene not found (install: make benchmarks, or PYVENE_LIB=<dir>): timing ours only")
     ms = run(args.batch_size, args.rounds, args.threads, with_pyvene)
     plain = ms["plain training step"]
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, batch {args.batch_size}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
+        f"batch {args.batch_size}"
+    )
     print("| step | ms/step | × plain |\n|---|---|---|")
     for name, value in ms.items():
         print(f"| {name} | {value:.2f} | {value / plain:.2f} |")
     pairs = [
         ("interchange, 2 variables", "ours: interchange, 2 variables", "pyvene: interchange, 2 variables"),
-        ("interchange, 1 variable per step", "ours: interchange, 1 variable per step", "pyvene: interchange, 1 variable per step"),
-        ("DAS, 2 variables", "ours: DAS (learned subspace), 2 variables", "pyvene: DAS (low-rank rotated), 2 variables"),
+        (
+            "interchange, 1 variable per step",
+            "ours: interchange, 1 variable per step",
+            "pyvene: interchange, 1 variable per step",
+        ),
+        (
+            "DAS, 2 variables",
+            "ours: DAS (learned subspace), 2 variables",
+            "pyvene: DAS (low-rank rotated), 2 variables",
+        ),
     ]
     if with_pyvene:
         for label, ours, theirs in pairs:
             print(f"pyvene / ours, {label}: {ms[theirs] / ms[ours]:.2f}×")
     if args.json:
-        args.json.write_text(json.dumps({"ms_per_step": ms, "batch_size": args.batch_size, "threads": args.threads}, indent=2))
+        args.json.write_text(
+            json.dumps({"ms_per_step": ms, "batch_size": args.batch_size, "threads": args.threads}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -72,7 +73,9 @@ def tl_bridge(model_dir: str | Path) -> Any:
         return TransformerBridge.boot_transformers(str(model_dir), device="cpu").eval()
 
 
-def tl_maps(bridge: Any, clean: torch.Tensor, corrupted: torch.Tensor, metric: Callable, direction: str = "denoising") -> dict[str, torch.Tensor]:
+def tl_maps(
+    bridge: Any, clean: torch.Tensor, corrupted: torch.Tensor, metric: Callable, direction: str = "denoising"
+) -> dict[str, torch.Tensor]:
     """TransformerLens's four maps: ``[L, T]`` (``[L, T, H]`` for heads); noising swaps the roles."""
     patching = import_transformer_lens()
     base, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
@@ -81,14 +84,20 @@ def tl_maps(bridge: Any, clean: torch.Tensor, corrupted: torch.Tensor, metric: C
         return {c: getattr(patching, fn)(bridge, base, cache, metric) for c, fn in TL_FUNCTIONS.items()}
 
 
-def make_models(directory: Path, seed: int = 0, d_model: int = 64, n_layers: int = 2, vocab: int = 64, context: int = 32) -> tuple[Any, Any]:
+def make_models(
+    directory: Path, seed: int = 0, d_model: int = 64, n_layers: int = 2, vocab: int = 64, context: int = 32
+) -> tuple[Any, Any]:
     """Ours and the same weights as a saved GPT-2 (``directory``), wrapped: ``(ours, HFAdapter)``."""
     from faithful_train.modeling.convert import to_gpt2
     from faithful_train.modeling.hf import HFAdapter
     from faithful_train.modeling.transformer import Transformer, TransformerConfig
 
     torch.manual_seed(seed)
-    ours = Transformer(TransformerConfig(vocab_size=vocab, max_seq_len=context, d_model=d_model, n_layers=n_layers, n_heads=4, d_mlp=4 * d_model))
+    ours = Transformer(
+        TransformerConfig(
+            vocab_size=vocab, max_seq_len=context, d_model=d_model, n_layers=n_layers, n_heads=4, d_mlp=4 * d_model
+        )
+    )
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if p.dim() >= 2:
@@ -105,14 +114,21 @@ def make_inputs(batch: int = 16, length: int = 16, vocab: int = 64, seed: int = 
     g = torch.Generator().manual_seed(seed)
     clean = torch.randint(1, vocab, (batch, length), generator=g)
     corrupted = clean.clone()
-    corrupted[:, 5] = (clean[:, 5] - 1 + torch.randint(1, vocab - 1, (batch,), generator=g)) % (vocab - 1) + 1  # never the same
+    corrupted[:, 5] = (clean[:, 5] - 1 + torch.randint(1, vocab - 1, (batch,), generator=g)) % (
+        vocab - 1
+    ) + 1  # never the same
     return clean, corrupted
 
 
 def our_maps(
-    model: Any, clean: torch.Tensor, corrupted: torch.Tensor, answers: tuple[int, int],
-    components: tuple[str, ...] = COMPONENTS, direction: str = "denoising", atp: bool = False,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+    model: Any,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    answers: tuple[int, int],
+    components: tuple[str, ...] = COMPONENTS,
+    direction: str = "denoising",
+    atp: bool = False,
+) -> dict[str, torch.Tensor]:
     """Our maps in TransformerLens's shapes, from ``activation_patching`` (or AtP)."""
     a, b = answers
     metric = lambda logits, _clean: logits[..., a] - logits[..., b]  # noqa: E731
@@ -121,12 +137,16 @@ def our_maps(
         cells = patching_cells(model, [component], range(clean.shape[1]))
         sweep = attribution_patching if atp else activation_patching
         with torch.no_grad():
-            values = sweep(model, {"input_ids": clean}, {"input_ids": corrupted}, cells, metric, direction).values.mean(1)
+            values = sweep(model, {"input_ids": clean}, {"input_ids": corrupted}, cells, metric, direction).values.mean(
+                1
+            )
         out[component] = values.view(model.n_layers, clean.shape[1], -1).squeeze(-1)
     return out
 
 
-def loop_sweep(model: Any, clean: torch.Tensor, corrupted: torch.Tensor, answers: tuple[int, int], component: str) -> torch.Tensor:
+def loop_sweep(
+    model: Any, clean: torch.Tensor, corrupted: torch.Tensor, answers: tuple[int, int], component: str
+) -> torch.Tensor:
     """The plain way: record the clean run, then one hooked forward of the corrupted batch per cell."""
     a, b = answers
     cells = patching_cells(model, [component], range(clean.shape[1]))
@@ -159,7 +179,10 @@ def run(rounds: int, threads: int, batch: int, length: int) -> dict[str, Any]:
         ours, wrapped = make_models(Path(directory))
         bridge = tl_bridge(directory)
         patching = import_transformer_lens()
-        check = {c: (our_maps(ours, clean, corrupted, answers, [c])[c] - m).abs().max().item() for c, m in tl_maps(bridge, clean, corrupted, metric).items()}
+        check = {
+            c: (our_maps(ours, clean, corrupted, answers, [c])[c] - m).abs().max().item()
+            for c, m in tl_maps(bridge, clean, corrupted, metric).items()
+        }
 
         def tl_sweep(component: str) -> Callable[[], Any]:
             def sweep() -> Any:
@@ -191,7 +214,11 @@ def write_tl_maps(inputs: Path, output: Path) -> None:
     a, b = spec["answers"]
     metric = lambda logits: (logits[:, -1, a] - logits[:, -1, b]).mean()  # noqa: E731
     bridge = tl_bridge(spec["model_dir"])
-    maps = {f"{d}/{c}": m for d in ("denoising", "noising") for c, m in tl_maps(bridge, spec["clean"], spec["corrupted"], metric, d).items()}
+    maps = {
+        f"{d}/{c}": m
+        for d in ("denoising", "noising")
+        for c, m in tl_maps(bridge, spec["clean"], spec["corrupted"], metric, d).items()
+    }
     torch.save(maps, output)
 
 
@@ -214,22 +241,36 @@ def main() -> None:
         return
     result = run(args.rounds, args.threads, args.batch_size, args.length)
     ms = result["ms"]
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, batch {args.batch_size} x {args.length} tokens")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
+        f"batch {args.batch_size} x {args.length} tokens"
+    )
     print("max |ours - TL| per map: " + ", ".join(f"{c} {v:.2g}" for c, v in result["max_abs_diff_vs_tl"].items()))
-    print("| component | cells | TL ms | our loop ms | ours (gpt2 adapter) ms | ours ms | TL / ours | loop / ours |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "| component | cells | TL ms | our loop ms | ours (gpt2 adapter) ms | ours ms | TL / ours | loop / ours |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     for c in COMPONENTS:
         cells = 2 * args.length * (4 if c == "heads" else 1)
         print(
-            f"| {c} | {cells} | {ms[f'TL {c}']:.1f} | {ms[f'our loop {c}']:.1f} | {ms[f'ours (HFAdapter gpt2) {c}']:.1f} | {ms[f'ours {c}']:.1f} "
-            f"| {ms[f'TL {c}'] / ms[f'ours {c}']:.1f}× | {ms[f'our loop {c}'] / ms[f'ours {c}']:.1f}× |"
+            f"| {c} | {cells} | {ms[f'TL {c}']:.1f} | {ms[f'our loop {c}']:.1f} | "
+            f"{ms[f'ours (HFAdapter gpt2) {c}']:.1f} | {ms[f'ours {c}']:.1f} | {ms[f'TL {c}'] / ms[f'ours {c}']:.1f}× "
+            f"| {ms[f'our loop {c}'] / ms[f'ours {c}']:.1f}× |"
         )
     total = {k: sum(ms[f"{k} {c}"] for c in COMPONENTS) for k in ("TL", "our loop", "ours (HFAdapter gpt2)", "ours")}
-    print(f"| all four | {2 * args.length * 7} | {total['TL']:.1f} | {total['our loop']:.1f} | {total['ours (HFAdapter gpt2)']:.1f} | {total['ours']:.1f} "
-          f"| {total['TL'] / total['ours']:.1f}× | {total['our loop'] / total['ours']:.1f}× |")  # fmt: skip
+    print(
+        f"| all four | {2 * args.length * 7} | {total['TL']:.1f} | {total['our loop']:.1f} | "
+        f"{total['ours (HFAdapter gpt2)']:.1f} | {total['ours']:.1f} | {total['TL'] / total['ours']:.1f}× | "
+        f"{total['our loop'] / total['ours']:.1f}× |"
+    )
     print(f"ours AtP (all four maps, two forwards and one backward): {ms['ours AtP, all four']:.1f} ms")
     print(f"TL / ours (HFAdapter gpt2, same HF modules): {total['TL'] / total['ours (HFAdapter gpt2)']:.1f}×")
     if args.json:
-        args.json.write_text(json.dumps(result | {"threads": args.threads, "batch_size": args.batch_size, "length": args.length}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                result | {"threads": args.threads, "batch_size": args.batch_size, "length": args.length}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

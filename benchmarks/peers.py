@@ -21,6 +21,8 @@ def import_peer(module: str, lib_variable: str, install: str, first: bool = Fals
     except ImportError as err:
         lib = os.environ.get(lib_variable)
         if not lib or lib in sys.path:
-            raise ImportError(f"cannot import {module} ({err}); install it with `{install}` and set {lib_variable}=.bench") from err
+            raise ImportError(
+                f"cannot import {module} ({err}); install it with `{install}` and set {lib_variable}=.bench"
+            ) from err
         sys.path.insert(0, lib) if first else sys.path.append(lib)
         return import_peer(module, lib_variable, install, first)

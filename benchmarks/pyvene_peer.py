@@ -467,7 +467,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     pv = import_pyvene()
-    print(f"pyvene {importlib.metadata.version('pyvene')} from {os.path.dirname(pv.__file__)}, torch {torch.__version__}")
+    print(
+        f"pyvene {importlib.metadata.version('pyvene')} from {os.path.dirname(pv.__file__)}, torch {torch.__version__}"
+    )
     if args.check or not args.time:
         for name, value in check_against_hooks().items():
             print(f"{name:48s} max abs diff {value:.3g}")

@@ -42,12 +42,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     task = KVRetrieval(parametric=True)
     torch.manual_seed(0)
-    model = Transformer(TransformerConfig(vocab_size=task.vocab_size, max_seq_len=task.seq_len, d_model=64, n_layers=2, n_heads=4, d_mlp=256)).eval()
+    model = Transformer(
+        TransformerConfig(
+            vocab_size=task.vocab_size, max_seq_len=task.seq_len, d_model=64, n_layers=2, n_heads=4, d_mlp=256
+        )
+    ).eval()
     batch = task.sample(args.batch_size, 0)
     k, B = task.n_docs, args.batch_size
     cf, _ = task.counterfactual_evidence(batch, torch.Generator().manual_seed(1))
     spans = evidence.document_spans(batch, k)
-    variants = [evidence.fill(batch["input_ids"], spans, torch.eye(k, dtype=torch.bool)[j], task.filler_token) for j in range(k)] + [cf]
+    variants = [
+        evidence.fill(batch["input_ids"], spans, torch.eye(k, dtype=torch.bool)[j], task.filler_token) for j in range(k)
+    ] + [cf]
     stacked = torch.cat(variants)
 
     @torch.no_grad()
@@ -64,8 +70,15 @@ def main() -> None:
 
     reference = torch.cat(per_ablation())
     assert torch.allclose(ours()[:, 0], reference, atol=1e-5), "batched variants differ from per-ablation forwards"
-    times = time_steps({"ours": ours, "per_ablation": per_ablation, "per_ablation_and_example": per_ablation_and_example}, warmup=2, rounds=args.rounds)
-    print(f"torch {torch.__version__}, {platform.machine()}, threads {args.threads}, batch {B}, {k} documents + 1 counterfactual")
+    times = time_steps(
+        {"ours": ours, "per_ablation": per_ablation, "per_ablation_and_example": per_ablation_and_example},
+        warmup=2,
+        rounds=args.rounds,
+    )
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, threads {args.threads}, batch {B}, "
+        f"{k} documents + 1 counterfactual"
+    )
     print("| leave-one-document-out | ms per example | × ours |")
     print("|---|---|---|")
     names = {

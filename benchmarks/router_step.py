@@ -25,9 +25,10 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +135,9 @@ def run(batch_size: int, rounds: int, threads: int) -> dict[str, float]:
     return time_steps(
         {
             "moe-tiny: plain step": plain_step(make_model("moe-tiny"), batch),
-            "moe-tiny: router, load balance + z-loss": our_step(make_model("moe-tiny"), batch, load_balance=0.01, z_loss=0.001),
+            "moe-tiny: router, load balance + z-loss": our_step(
+                make_model("moe-tiny"), batch, load_balance=0.01, z_loss=0.001
+            ),
             "moe-tiny: router, all four terms": our_step(make_model("moe-tiny"), batch, **ALL_TERMS),
             "moe-tiny balanced: plain step": balanced_plain,
             "moe-tiny balanced: router, all four terms + bias balancing": balancing,
@@ -157,7 +160,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     ms = run(args.batch_size, args.rounds, args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, batch {args.batch_size}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
+        f"batch {args.batch_size}"
+    )
     print("| step | ms/step | × plain |\n|---|---|---|")
     for name, value in ms.items():
         plain = ms[name.split(":")[0] + ": plain step"]  # against the plain step of the same model
@@ -166,11 +172,13 @@ def main() -> None:
     plain = ms["moe-tiny: plain step"]
     per_step = audit_ms / args.audit_every
     print(
-        f"router audit ({args.audit_examples} examples, all figures): {audit_ms:.0f} ms; every {args.audit_every} steps "
-        f"that is {per_step:.2f} ms/step = {per_step / plain:.3f} × a plain step"
+        f"router audit ({args.audit_examples} examples, all figures): {audit_ms:.0f} ms; "
+        f"every {args.audit_every} steps that is {per_step:.2f} ms/step = {per_step / plain:.3f} × a plain step"
     )
     if args.json:
-        args.json.write_text(json.dumps({"ms_per_step": ms, "audit_ms": audit_ms, "batch_size": args.batch_size}, indent=2))
+        args.json.write_text(
+            json.dumps({"ms_per_step": ms, "audit_ms": audit_ms, "batch_size": args.batch_size}, indent=2)
+        )
 
 
 if __name__ == "__main__":

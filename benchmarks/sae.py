@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +61,13 @@ def make_model() -> torch.nn.Module:
 
 
 def sae_step(model: torch.nn.Module, batch: dict, max_rows: int | None = None) -> Callable[[], float]:
-    objective = SaeObjective(site="blocks.1.resid_post", expansion=2, k=16, lr=1e-3, auxk_alpha=0.25, dead_after=2000, max_rows=max_rows)
+    objective = SaeObjective(
+        site="blocks.1.resid_post", expansion=2, k=16, lr=1e-3, auxk_alpha=0.25, dead_after=2000, max_rows=max_rows
+    )
     objective.bind(model, TASK)
-    optimizer = torch.optim.AdamW([{"params": list(model.parameters())}, {"params": list(objective.sae.parameters()), "lr": 1e-3}], lr=2e-3)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(model.parameters())}, {"params": list(objective.sae.parameters()), "lr": 1e-3}], lr=2e-3
+    )
     counter = iter(range(10**9))
 
     def step() -> float:
@@ -70,7 +75,9 @@ def sae_step(model: torch.nn.Module, batch: dict, max_rows: int | None = None) -
         logits, cache = run_with(model, batch["input_ids"], record=objective.sites())
         loss = F.cross_entropy(logits[:, -1].float(), batch["labels"])
         k = next(counter)
-        loss = loss + objective.term(StepContext(batch, logits, cache, model, TASK, k, torch.Generator().manual_seed(k)))
+        loss = loss + objective.term(
+            StepContext(batch, logits, cache, model, TASK, k, torch.Generator().manual_seed(k))
+        )
         loss.backward()
         objective.sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
@@ -133,8 +140,18 @@ def parity(src: str, dst: str) -> int:
     out = coder(data["rows"], dead_mask=data["dead"])
     (out.fvu + out.auxk_loss).backward()
     latents = torch.zeros(data["rows"].shape[0], sae.n_latents).scatter(-1, out.latent_indices, out.latent_acts.float())
-    torch.save({"reconstruction": out.sae_out.detach(), "latents": latents.detach(), "fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(),
-                "grad_W_dec": coder.W_dec.grad, "grad_b_dec": coder.b_dec.grad, "grad_W_enc": coder.encoder.weight.grad}, dst)  # fmt: skip
+    torch.save(
+        {
+            "reconstruction": out.sae_out.detach(),
+            "latents": latents.detach(),
+            "fvu": out.fvu.detach(),
+            "auxk": out.auxk_loss.detach(),
+            "grad_W_dec": coder.W_dec.grad,
+            "grad_b_dec": coder.b_dec.grad,
+            "grad_W_enc": coder.encoder.weight.grad,
+        },
+        dst,
+    )
     return 0
 
 
@@ -160,13 +177,20 @@ def main() -> None:
     if peer is None:
         print("sparsify is not importable (make .bench/sparsify): no throughput comparison")
         return
-    print("\n| SAE training on the same rows | d_in | latents | k | rows | ours (tokens/s) | sparsify (tokens/s) | ours / sparsify |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| SAE training on the same rows | d_in | latents | k | rows "
+        "| ours (tokens/s) | sparsify (tokens/s) | ours / sparsify |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     for d_in, n_latents, k, n in ((64, 512, 16, 4096), (256, 4096, 32, 4096)):
         torch.manual_seed(0)
         rows = torch.randn(n, d_in)
         sae = SparseAutoencoder(d_in, n_latents, k=k)
         coder = sparsify_coder(peer, sae)
-        timed = time_steps({"ours": ours_training(sae, rows), "sparsify": theirs_training(coder, rows)}, rounds=max(5, args.rounds // 3))
+        timed = time_steps(
+            {"ours": ours_training(sae, rows), "sparsify": theirs_training(coder, rows)},
+            rounds=max(5, args.rounds // 3),
+        )
         ours, theirs = n / (timed["ours"] / 1000), n / (timed["sparsify"] / 1000)
         print(f"| | {d_in} | {n_latents} | {k} | {n} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f} |")
 

@@ -18,12 +18,13 @@ Runs, each a real ``faithful-train`` run (``run.build`` and Lightning's loop, no
 validation, no checkpoints) in a process of its own, timed from ``on_train_batch_start`` to
 ``on_train_batch_end`` (forward, every term, backward, optimizer step): the median of the
 measured steps after the warm-up ones, and of that over ``--rounds`` interleaved rounds, so a
-drift in the machine's speed hits every configuration alike (ratios are taken within a round). Memory, two figures: ``peak`` is the process's peak (its
-resident set's high-water mark, VmHWM, on a CPU; ``torch.cuda.max_memory_allocated`` on a GPU)
-over the measured steps, weights and optimizer state included; ``step`` is what a step adds on
-top of the memory it starts with (the peak less the resident set or allocation at the step's
-start, freed memory returned to the system first with ``malloc_trim``): activations, gradients,
-the objectives' extra forwards. Activation checkpointing acts on the second.
+drift in the machine's speed hits every configuration alike (ratios are taken within a round).
+Memory, two figures: ``peak`` is the process's peak (its resident set's high-water mark, VmHWM,
+on a CPU; ``torch.cuda.max_memory_allocated`` on a GPU) over the measured steps, weights and
+optimizer state included; ``step`` is what a step adds on top of the memory it starts with (the
+peak less the resident set or allocation at the step's start, freed memory returned to the
+system first with ``malloc_trim``): activations, gradients, the objectives' extra forwards.
+Activation checkpointing acts on the second.
 
 - ``plain``: the task loss alone.
 - ``interchange``: IIT on ``key`` in half the residual stream after the middle block.
@@ -62,17 +63,40 @@ HERE = Path(__file__).resolve()
 MODELS: dict[str, dict[str, Any]] = {
     "gpt2-124m": {
         "family": "gpt2",
-        "config": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257,
-                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
-        "layers": 12, "width": 768, "heads": 12, "lora": ["c_attn", "mlp.c_proj"],
+        "config": dict(
+            n_embd=768,
+            n_layer=12,
+            n_head=12,
+            n_positions=1024,
+            vocab_size=50257,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "layers": 12,
+        "width": 768,
+        "heads": 12,
+        "lora": ["c_attn", "mlp.c_proj"],
     },
     "llama-1b": {
         "family": "llama",
-        "config": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
-        "layers": 22, "width": 2048, "heads": 32, "lora": ["q_proj", "v_proj", "down_proj"],
+        "config": dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        ),
+        "layers": 22,
+        "width": 2048,
+        "heads": 32,
+        "lora": ["q_proj", "v_proj", "down_proj"],
     },
-}  # fmt: skip
+}
 FULL_RUNS = ("plain", "interchange", "das", "preserve", "circuit", "sae", "lora", "lora+interchange", "lora+preserve")
 LORA_RUNS = ("lora", "lora+interchange", "lora+preserve")
 
@@ -116,7 +140,13 @@ def _objectives(run: str, shape: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"name": "preserve"}]
     if kind == "circuit":
         nodes = [{"site": f"blocks.{i}.attn.heads", "heads": list(range(heads // 2))} for i in range(shape["layers"])]
-        return [{"name": "circuit", "circuit": nodes + [f"blocks.{i}.mlp.out" for i in range(shape["layers"])], "ablation": "mean"}]
+        return [
+            {
+                "name": "circuit",
+                "circuit": nodes + [f"blocks.{i}.mlp.out" for i in range(shape["layers"])],
+                "ablation": "mean",
+            }
+        ]
     if kind == "sae":
         return [{"name": "sae", "site": site, "expansion": 8, "k": 32}]
     return []
@@ -140,13 +170,22 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     steps = spec["warmup"] + spec["steps"]
     config = {
-        "seed": 0, "model": model, "task": {"name": f"{HERE}:KeyCopy", "length": spec["length"]},
-        "objectives": _objectives(spec["run"], shape), "audits": [],
-        "trainer": {"max_steps": steps, "val_every": 10**9, "checkpoint_every": 10**9, "progress_bar": False,
-                    "precision": spec["precision"], "accelerator": "gpu" if cuda else "cpu"},
+        "seed": 0,
+        "model": model,
+        "task": {"name": f"{HERE}:KeyCopy", "length": spec["length"]},
+        "objectives": _objectives(spec["run"], shape),
+        "audits": [],
+        "trainer": {
+            "max_steps": steps,
+            "val_every": 10**9,
+            "checkpoint_every": 10**9,
+            "progress_bar": False,
+            "precision": spec["precision"],
+            "accelerator": "gpu" if cuda else "cpu",
+        },
         "data": {"batch_size": spec["batch"], "val_size": spec["batch"], "val_batch_size": spec["batch"]},
         "logger": {"csv": False, "wandb": {"mode": "disabled"}},
-    }  # fmt: skip
+    }
     times: list[float] = []
     peaks: list[tuple[float, float]] = []  # (peak, peak less the step's start), GB
 
@@ -173,9 +212,12 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
         trainer.fit(run.module, run.datamodule)
     measured = peaks[spec["warmup"] :]
     return {
-        "seconds": statistics.median(times[spec["warmup"] :]), "peak_gb": max(p for p, _ in measured),
-        "step_gb": max(s for _, s in measured), "trainable": trainable, "parameters": total,
-    }  # fmt: skip
+        "seconds": statistics.median(times[spec["warmup"] :]),
+        "peak_gb": max(p for p, _ in measured),
+        "step_gb": max(s for _, s in measured),
+        "trainable": trainable,
+        "parameters": total,
+    }
 
 
 def _memory_now(cuda: bool) -> float:
@@ -223,28 +265,56 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     for checkpointing in (False, True):
                         for kind in args.runs or (LORA_RUNS if name == "llama-1b" else FULL_RUNS):
                             spec = {
-                                "model": name, "path": str(paths[name]), "run": kind, "checkpointing": checkpointing,
-                                "precision": precision, "threads": args.threads, "batch": args.batch, "length": args.length,
-                                "warmup": args.warmup, "steps": args.steps if name != "llama-1b" else max(1, args.steps - 1),
-                            }  # fmt: skip
-                            done = subprocess.run([sys.executable, str(HERE), "--one", json.dumps(spec)], capture_output=True, text=True)
+                                "model": name,
+                                "path": str(paths[name]),
+                                "run": kind,
+                                "checkpointing": checkpointing,
+                                "precision": precision,
+                                "threads": args.threads,
+                                "batch": args.batch,
+                                "length": args.length,
+                                "warmup": args.warmup,
+                                "steps": args.steps if name != "llama-1b" else max(1, args.steps - 1),
+                            }
+                            done = subprocess.run(
+                                [sys.executable, str(HERE), "--one", json.dumps(spec)], capture_output=True, text=True
+                            )
                             if done.returncode != 0:
                                 print(done.stderr[-2000:], file=sys.stderr)
                                 raise SystemExit(f"{name} {kind} failed")
                             result = json.loads(done.stdout.strip().splitlines()[-1])
-                            results.append({**{k: spec[k] for k in ("model", "run", "checkpointing", "precision")}, "round": round_, **result})
-                            print(f"round {round_}: {name} {kind} {precision} checkpointing={checkpointing}: {result['seconds']:.2f} s", file=sys.stderr, flush=True)
+                            results.append(
+                                {
+                                    **{k: spec[k] for k in ("model", "run", "checkpointing", "precision")},
+                                    "round": round_,
+                                    **result,
+                                }
+                            )
+                            print(
+                                f"round {round_}: {name} {kind} {precision} checkpointing={checkpointing}: "
+                                f"{result['seconds']:.2f} s",
+                                file=sys.stderr,
+                                flush=True,
+                            )
     return summarise(results)
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per configuration: medians over rounds, ratios to the same round's plain run."""
+
     def key(r: dict[str, Any]) -> tuple:
         return r["model"], r["run"], r["checkpointing"], r["precision"]
 
     def plain(r: dict[str, Any]) -> dict[str, Any] | None:
         name = "lora" if r["model"] == "llama-1b" else "plain"
-        return next((p for p in results if key(p) == (r["model"], name, r["checkpointing"], r["precision"]) and p["round"] == r["round"]), None)
+        return next(
+            (
+                p
+                for p in results
+                if key(p) == (r["model"], name, r["checkpointing"], r["precision"]) and p["round"] == r["round"]
+            ),
+            None,
+        )
 
     rows = []
     for k in dict.fromkeys(key(r) for r in results):
@@ -276,8 +346,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--runs", nargs="+", choices=FULL_RUNS, help="default: every run (llama-1b: the LoRA ones)")
     parser.add_argument(
-        "--precisions", nargs="+", default=["32-true", "bf16-mixed"] if torch.cuda.is_available() else ["32-true"],
-        help="default: fp32 and bf16-mixed on a GPU; fp32 on a CPU (without bf16 units a bf16-mixed step is ~28x slower)",
+        "--precisions",
+        nargs="+",
+        default=["32-true", "bf16-mixed"] if torch.cuda.is_available() else ["32-true"],
+        help=(
+            "default: fp32 and bf16-mixed on a GPU; fp32 on a CPU (without bf16 units a bf16-mixed step is ~28x slower)"
+        ),
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
@@ -291,8 +365,14 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_run(json.loads(args.one))))
         return
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or platform.machine()}, {args.threads} threads"
-    print(f"# {time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, batch {args.batch} x {args.length} tokens")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    )
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, batch {args.batch} x {args.length} tokens"
+    )
     print("| model | run | precision | checkpointing | s/step | vs plain | peak GB | step GB | vs plain | trainable |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = run_all(args)

@@ -19,8 +19,9 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,12 @@ TASK = DecoyObjects()
 VARIANTS: dict[str, dict[str, Any]] = {
     "stability, gradient x input, fraction 0.25 (configs/stability.yaml)": dict(stability=1.0, fraction=0.25),
     "stability, gradient x input, fraction 1": dict(stability=1.0, fraction=1.0),
-    "stability, integrated gradients 8 steps, fraction 0.25": dict(stability=1.0, method="integrated_gradients", steps=8, fraction=0.25),
-    "right reasons, fraction 0.5 (configs/right-reasons-decoy.yaml)": dict(stability=0.0, right_reasons=10.0, fraction=0.5),
+    "stability, integrated gradients 8 steps, fraction 0.25": dict(
+        stability=1.0, method="integrated_gradients", steps=8, fraction=0.25
+    ),
+    "right reasons, fraction 0.5 (configs/right-reasons-decoy.yaml)": dict(
+        stability=0.0, right_reasons=10.0, fraction=0.5
+    ),
 }
 
 
@@ -62,7 +67,9 @@ def our_step(model: torch.nn.Module, batch: dict, **objective_kwargs: Any) -> Ca
         logits, cache = run_with(model, batch["input_ids"])
         loss = F.cross_entropy(logits[:, -1].float(), batch["labels"])
         k = next(counter)
-        loss = loss + objective.term(StepContext(batch, logits, cache, model, TASK, k, torch.Generator().manual_seed(k)))
+        loss = loss + objective.term(
+            StepContext(batch, logits, cache, model, TASK, k, torch.Generator().manual_seed(k))
+        )
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -86,7 +93,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     ms = run(args.batch_size, args.rounds, args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, batch {args.batch_size}, dense-tiny, decoy_objects")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
+        f"batch {args.batch_size}, dense-tiny, decoy_objects"
+    )
     print("| step | ms/step | × plain |\n|---|---|---|")
     for name, value in ms.items():
         print(f"| {name} | {value:.2f} | {value / ms['plain step']:.3f} |")

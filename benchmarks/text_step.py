@@ -8,7 +8,8 @@ attention); "padded" rows have lengths drawn from ``[T - 6, T]``, right- or left
 with an ``attention_mask`` and per-row answer positions, as the ``text`` task makes them. Every
 step is our training step (``FaithfulModule.training_step`` without Lightning's logging): forward
 (every position's logits, which the language-model loss and ``preserve`` read), the answer
-positions gathered, mean answer cross-entropy, backward, AdamW step. Models: our ``dense-tiny`` and Hugging Face ``gpt2-tiny``. The issue's target: padded <= 1.1x.
+positions gathered, mean answer cross-entropy, backward, AdamW step. Models: our ``dense-tiny``
+and Hugging Face ``gpt2-tiny``. The issue's target: padded <= 1.1x.
 Timings: medians over interleaved rounds (``time_steps``).
 """
 
@@ -18,8 +19,8 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -52,9 +53,13 @@ def batches(batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
         mask = (keys < lengths[:, None]) if side == "right" else (keys >= T - lengths[:, None])
         last = (lengths - 1) if side == "right" else torch.full_like(lengths, T - 1)
         out[f"padded {side}"] = {
-            "input_ids": torch.where(mask, ids, 0), "attention_mask": mask.long(), "labels": labels,
-            "answer_pos": last[:, None], "answer_ids": labels[:, None], "answer_mask": torch.ones(batch_size, 1, dtype=torch.bool),
-        }  # fmt: skip
+            "input_ids": torch.where(mask, ids, 0),
+            "attention_mask": mask.long(),
+            "labels": labels,
+            "answer_pos": last[:, None],
+            "answer_ids": labels[:, None],
+            "answer_mask": torch.ones(batch_size, 1, dtype=torch.bool),
+        }
     return out
 
 
@@ -91,7 +96,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     results = run(args.batch_size, args.rounds, args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, batch {args.batch_size}, T {T}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
+        f"batch {args.batch_size}, T {T}"
+    )
     print("| model | batch | ms/step | × equal-length |\n|---|---|---|---|")
     for preset, ms in results.items():
         for name, value in ms.items():

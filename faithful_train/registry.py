@@ -42,42 +42,51 @@ class Builtins(Mapping[str, str]):
         return len(self.targets)
 
 
-TASKS = Builtins("task", (
-    "faithful_train.tasks.hierarchical_equality:HierarchicalEquality",
-    "faithful_train.tasks.multistep_arithmetic:MultiStepArithmetic",
-    "faithful_train.tasks.domain_mixture:DomainMixture",
-    "faithful_train.tasks.concept_objects:ConceptObjects",
-    "faithful_train.tasks.decoy_objects:DecoyObjects",
-    "faithful_train.tasks.text.task:TextTask",
-    "faithful_train.tasks.kv_retrieval:KVRetrieval",
-    "faithful_train.tasks.tool_use:ToolUse",
-))  # fmt: skip
-OBJECTIVES = Builtins("objective", (
-    "faithful_train.objectives.interchange:InterchangeObjective",
-    "faithful_train.objectives.counterfactual_cot:CounterfactualCotObjective",
-    "faithful_train.objectives.router:RouterObjective",
-    "faithful_train.objectives.concepts:ConceptsObjective",
-    "faithful_train.objectives.stability:StabilityObjective",
-    "faithful_train.objectives.preserve:PreserveObjective",
-    "faithful_train.objectives.circuit:CircuitObjective",
-    "faithful_train.objectives.counterfactual_context:CounterfactualContextObjective",
-    "faithful_train.objectives.sae:SaeObjective",
-    "faithful_train.objectives.caft:CaftObjective",
-    "faithful_train.objectives.tool_call:ToolCallObjective",
-    "faithful_train.objectives.language_model:LanguageModelObjective",
-))  # fmt: skip
-AUDITS = Builtins("audit", (
-    "faithful_train.audits.interchange:InterchangeAudit",
-    "faithful_train.audits.cot:CotAudit",
-    "faithful_train.audits.router:RouterAudit",
-    "faithful_train.audits.concepts:ConceptsAudit",
-    "faithful_train.audits.attribution:AttributionAudit",
-    "faithful_train.audits.patching:PatchingAudit",
-    "faithful_train.audits.ablation:AblationAudit",
-    "faithful_train.audits.retrieval:RetrievalAudit",
-    "faithful_train.audits.tools:ToolsAudit",
-    "faithful_train.audits.sae:SaeAudit",
-))  # fmt: skip
+TASKS = Builtins(
+    "task",
+    (
+        "faithful_train.tasks.hierarchical_equality:HierarchicalEquality",
+        "faithful_train.tasks.multistep_arithmetic:MultiStepArithmetic",
+        "faithful_train.tasks.domain_mixture:DomainMixture",
+        "faithful_train.tasks.concept_objects:ConceptObjects",
+        "faithful_train.tasks.decoy_objects:DecoyObjects",
+        "faithful_train.tasks.text.task:TextTask",
+        "faithful_train.tasks.kv_retrieval:KVRetrieval",
+        "faithful_train.tasks.tool_use:ToolUse",
+    ),
+)
+OBJECTIVES = Builtins(
+    "objective",
+    (
+        "faithful_train.objectives.interchange:InterchangeObjective",
+        "faithful_train.objectives.counterfactual_cot:CounterfactualCotObjective",
+        "faithful_train.objectives.router:RouterObjective",
+        "faithful_train.objectives.concepts:ConceptsObjective",
+        "faithful_train.objectives.stability:StabilityObjective",
+        "faithful_train.objectives.preserve:PreserveObjective",
+        "faithful_train.objectives.circuit:CircuitObjective",
+        "faithful_train.objectives.counterfactual_context:CounterfactualContextObjective",
+        "faithful_train.objectives.sae:SaeObjective",
+        "faithful_train.objectives.caft:CaftObjective",
+        "faithful_train.objectives.tool_call:ToolCallObjective",
+        "faithful_train.objectives.language_model:LanguageModelObjective",
+    ),
+)
+AUDITS = Builtins(
+    "audit",
+    (
+        "faithful_train.audits.interchange:InterchangeAudit",
+        "faithful_train.audits.cot:CotAudit",
+        "faithful_train.audits.router:RouterAudit",
+        "faithful_train.audits.concepts:ConceptsAudit",
+        "faithful_train.audits.attribution:AttributionAudit",
+        "faithful_train.audits.patching:PatchingAudit",
+        "faithful_train.audits.ablation:AblationAudit",
+        "faithful_train.audits.retrieval:RetrievalAudit",
+        "faithful_train.audits.tools:ToolsAudit",
+        "faithful_train.audits.sae:SaeAudit",
+    ),
+)
 
 
 def _load_file(path: Path, attr: str, kind: str, name: str) -> Any:

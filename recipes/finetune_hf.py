@@ -22,7 +22,15 @@ from faithful_train.training.rundir import format_summary
 
 
 def make_tiny_gpt2(path: Path) -> None:
-    config = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    config = {
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 64,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
     HFAdapter.from_config("gpt2", config, vocab_size=HierarchicalEquality().vocab_size, seed=0).save_pretrained(path)
 
 

@@ -24,8 +24,14 @@ CONFIG = "configs/concepts-joint.yaml"
 
 
 def make_tiny_llama(path: Path) -> None:
-    config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=32)  # fmt: skip
+    config = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
     HFAdapter.from_config("llama", config, vocab_size=ConceptObjects().vocab_size, seed=0).save_pretrained(path)
 
 

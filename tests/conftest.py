@@ -69,7 +69,9 @@ def run_peer(script_args: list[str], lib_variable: str, what: str, timeout: int 
     import sys
 
     env = {**os.environ, lib_variable: str(REPO / ".bench"), "TQDM_DISABLE": "1"}
-    done = subprocess.run([sys.executable, *script_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, *script_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if done.returncode == 3:
         pytest.skip(f"{what} is not importable: {done.stdout.strip()}")
     assert done.returncode == 0, done.stderr[-2000:]

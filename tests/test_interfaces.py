@@ -16,7 +16,10 @@ MODEL_CLASSES = ("Transformer", "HFAdapter", "BottleneckModel")
 PROBES = [
     (re.compile(r"isinstance\([^)]*\b(" + "|".join(MODEL_CLASSES) + r")\b"), "checks a model's class"),
     (re.compile(r"\btype\((model|self\.model|backbone)\)\s*(is|==|!=|in)\b"), "checks a model's type"),
-    (re.compile(r"\b(hasattr|getattr)\((model|self\.model|backbone|fresh|ctx\.model)\b"), "probes a model's attributes"),
+    (
+        re.compile(r"\b(hasattr|getattr)\((model|self\.model|backbone|fresh|ctx\.model)\b"),
+        "probes a model's attributes",
+    ),
     (re.compile(r"\.hf_model\b"), "reaches into the Hugging Face adapter"),
     (re.compile(r"\._layers\(\)"), "calls a model's private method"),
 ]
@@ -45,7 +48,12 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-PLUGINS = sorted(p for folder in ("objectives", "audits") for p in (PACKAGE / folder).glob("*.py") if p.name not in ("__init__.py", "base.py"))
+PLUGINS = sorted(
+    p
+    for folder in ("objectives", "audits")
+    for p in (PACKAGE / folder).glob("*.py")
+    if p.name not in ("__init__.py", "base.py")
+)
 
 
 @pytest.mark.parametrize("path", PLUGINS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -59,8 +67,14 @@ def test_no_objective_or_audit_imports_another(path):
 
 
 def test_the_probe_patterns_catch_what_they_are_for():
-    samples = ["isinstance(model, Transformer)", "type(model) is Transformer", "hasattr(model, 'forward_from')",
-               "model.hf_model.config", "model._layers()", "getattr(self.model, 'per_token_logits', True)"]  # fmt: skip
+    samples = [
+        "isinstance(model, Transformer)",
+        "type(model) is Transformer",
+        "hasattr(model, 'forward_from')",
+        "model.hf_model.config",
+        "model._layers()",
+        "getattr(self.model, 'per_token_logits', True)",
+    ]
     for sample in samples:
         assert any(pattern.search(sample) for pattern, _ in PROBES), sample
 
@@ -94,4 +108,7 @@ def test_tasks_declare_what_they_provide():
     assert unperturbed_task().provides == frozenset()
     for task in (ConceptObjects(), DecoyObjects()):  # what they declare, their batches carry
         batch = task.sample(4, 0)
-        assert "irrelevant" in batch and task.perturb_aligned(batch, __import__("torch").Generator().manual_seed(0)) is not None
+        assert (
+            "irrelevant" in batch
+            and task.perturb_aligned(batch, __import__("torch").Generator().manual_seed(0)) is not None
+        )

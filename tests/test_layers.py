@@ -73,8 +73,12 @@ def test_objectives_and_audits_import_no_other_objective_or_audit():
     for module, targets in GRAPH.items():
         for kind in ("objectives", "audits"):
             if module.startswith(f"faithful_train.{kind}."):
-                others = [t for t in targets if t.startswith(("faithful_train.objectives.", "faithful_train.audits."))
-                          and t not in (f"faithful_train.{kind}.base", "faithful_train.objectives.base")]  # fmt: skip
+                others = [
+                    t
+                    for t in targets
+                    if t.startswith(("faithful_train.objectives.", "faithful_train.audits."))
+                    and t not in (f"faithful_train.{kind}.base", "faithful_train.objectives.base")
+                ]
                 assert not others, f"{module} imports {others}"
 
 
@@ -85,7 +89,9 @@ def test_no_import_cycle():
         state[module] = 1
         for target in GRAPH[module]:
             if state.get(target) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(target):], target]) if target in path else target)
+                raise AssertionError(
+                    "import cycle: " + " -> ".join([*path[path.index(target) :], target]) if target in path else target
+                )
             if target not in state:
                 visit(target, [*path, target])
         state[module] = 2

@@ -231,7 +231,11 @@ class AblationAudit(Audit):
         full, empty, circuit, without = means.unbind(1)
         lo, hi = (1 - self.confidence) / 2, 1 - (1 - self.confidence) / 2
         out = {}
-        for name, values in (("faithfulness", faithfulness(circuit, empty, full)), ("sufficiency", circuit), ("necessity", without)):
+        for name, values in (
+            ("faithfulness", faithfulness(circuit, empty, full)),
+            ("sufficiency", circuit),
+            ("necessity", without),
+        ):
             values = values[~values.isnan()]
             if len(values):
                 out[f"{name}_low"], out[f"{name}_high"] = float(values.quantile(lo)), float(values.quantile(hi))
@@ -267,10 +271,19 @@ class AblationAudit(Audit):
     def hypothesis(self, model: nn.Module, task: Task, step: int) -> Hypothesis:
         """The circuit as tested, with today's figures."""
         return Hypothesis.circuit(
-            self.label, self.nodes, self.granularity, self.ablation, self.metric,
-            task=task.name, data_hash=data_hash(self.data(task)), n_examples=self.n_examples, seed=self.seed,
-            weights_hash=weights_hash(model), step=step, figures=dict(self.latest),
-        )  # fmt: skip
+            self.label,
+            self.nodes,
+            self.granularity,
+            self.ablation,
+            self.metric,
+            task=task.name,
+            data_hash=data_hash(self.data(task)),
+            n_examples=self.n_examples,
+            seed=self.seed,
+            weights_hash=weights_hash(model),
+            step=step,
+            figures=dict(self.latest),
+        )
 
     def write_artifacts(self, model: nn.Module, task: Task, run_dir: Path, step: int, loggers: list[Any]) -> None:
         """The hypothesis with today's figures; with the curve, its points (CSV) and the circuit
@@ -291,15 +304,19 @@ class AblationAudit(Audit):
 def _covers(nodes: tuple[SiteRef, ...], unit: SiteRef) -> bool:
     """Whether ``nodes`` hold the whole universe node ``unit`` (all positions and dims of it)."""
     return any(
-        n.name == unit.name and n.positions is None and n.dims is None
+        n.name == unit.name
+        and n.positions is None
+        and n.dims is None
         and (n.heads is None or set(unit.heads or ()) <= set(n.heads))
         for n in nodes
-    )  # fmt: skip
+    )
 
 
 def _pad_positions(values: Tensor | None, length: int) -> Tensor | None:
     """``(N, T, ...)`` right-padded with zeros to ``length`` positions (chunks differ in length)."""
     if values is None or values.shape[1] == length:
         return values
-    pad = torch.zeros(values.shape[0], length - values.shape[1], *values.shape[2:], dtype=values.dtype, device=values.device)
+    pad = torch.zeros(
+        values.shape[0], length - values.shape[1], *values.shape[2:], dtype=values.dtype, device=values.device
+    )
     return torch.cat([values, pad], 1)

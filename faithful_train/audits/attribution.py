@@ -277,9 +277,18 @@ class AttributionAudit(Audit):
     def attribute(self, model: nn.Module, rows: Batch, target: Tensor, steps: int | None = None) -> Attribution:
         """Per-token attribution of ``model`` on a batch's rows (the audit's method and output)."""
         return attribute_tokens(
-            model, rows["input_ids"], target, self.method, SITE, "zeros", steps or self.steps, self.quadrature,
-            attention_mask=rows.get("attention_mask"), output=self.output, positions=answer_position(rows),
-        )  # fmt: skip
+            model,
+            rows["input_ids"],
+            target,
+            self.method,
+            SITE,
+            "zeros",
+            steps or self.steps,
+            self.quadrature,
+            attention_mask=rows.get("attention_mask"),
+            output=self.output,
+            positions=answer_position(rows),
+        )
 
     def attribute_within_tolerance(self, model: nn.Module, rows: Batch, target: Tensor) -> tuple[Attribution, Tensor]:
         """``attribute`` with as many integration points as completeness needs: while the rows'
@@ -320,8 +329,9 @@ class AttributionAudit(Audit):
         if not self.adaptive or self.latest.get("trusted", 1.0) == 1.0:
             return []
         return [
-            f"audit/{self.label}: integrated gradients miss {self.latest['completeness_error']:.3g} of the output change "
-            f"they explain (tolerance {self.max_completeness_error:g}, up to {self.max_steps} points): its figures are not trusted"
+            f"audit/{self.label}: integrated gradients miss {self.latest['completeness_error']:.3g} of the output "
+            f"change they explain (tolerance {self.max_completeness_error:g}, up to {self.max_steps} points): "
+            "its figures are not trusted"
         ]
 
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
@@ -350,7 +360,10 @@ class AttributionAudit(Audit):
             out["stability/cosine"] = (aligned_cosine(attr, perturbed, source).double(), weight)
         if self.randomisation:
             randomised = self._randomised if self._randomised is not None else self.randomised_models(model)
-            values = lambda m, x, y: self.attribute(m, x, y).values
+
+            def values(m, x, y):
+                return self.attribute(m, x, y).values
+
             rhos = randomisation_correlation(values, model, randomised, clean, labels, attr)
             out |= {f"randomisation/top{n + 1}": rho for n, rho in enumerate(rhos)}
             out["randomisation/spearman"] = rhos[-1]
@@ -376,4 +389,3 @@ class AttributionAudit(Audit):
             effect = (scores[0] - scores[1:]).T  # (B, T): f(x) - f(x without t)
             out["calibration"] = spearman(attr, effect, real)
         return {k: (v[0].float(), v[1]) if isinstance(v, tuple) else v.float() for k, v in out.items()}
-

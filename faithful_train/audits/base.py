@@ -163,7 +163,9 @@ class Audit(Callback, ABC):
                     batch = {k: v.to(device) for k, v in trim_padding(take(data, chunk)).items()}
                     for key, values in self.measure(model, task, batch).items():
                         if isinstance(values, Total):
-                            sums.setdefault(key, TensorSum(tuple(values.value.shape), sync_on_compute=world_size > 1).to(device))
+                            sums.setdefault(
+                                key, TensorSum(tuple(values.value.shape), sync_on_compute=world_size > 1).to(device)
+                            )
                             sums[key].update(values.value)
                             continue
                         metrics.setdefault(key, MeanMetric(sync_on_compute=world_size > 1).to(device))
@@ -177,7 +179,11 @@ class Audit(Callback, ABC):
 
     def verdicts(self, results: dict[str, float]) -> dict[str, dict[str, Any]]:
         return {
-            metric: {"threshold": f"{op} {value:g}", "value": results[metric], "pass": bool(_OPERATORS[op](results[metric], value))}
+            metric: {
+                "threshold": f"{op} {value:g}",
+                "value": results[metric],
+                "pass": bool(_OPERATORS[op](results[metric], value)),
+            }
             for metric, (op, value) in self.thresholds.items()
         }
 

@@ -93,12 +93,18 @@ class ConceptsAudit(Audit):
         right = layout.predict(concepts) == labels  # (B, K)
         out["concept_acc"] = right.float().mean(1)
         out |= {f"concept_acc/{name}": right[:, k].float() for k, name in enumerate(layout.names)}
-        order = batch["order"] if self.order == "random" else layout.uncertainty(concepts).argsort(dim=1, descending=True)
+        order = (
+            batch["order"] if self.order == "random" else layout.uncertainty(concepts).argsort(dim=1, descending=True)
+        )
         for k in range(layout.n_concepts + 1):
             fixed = intervene(layout, concepts, labels, first_k_mask(order, k))
             out[f"tti/{k}"] = (answer_predictions(model.readout_from(cache, fixed), task) == batch["labels"]).float()
         # features for the leakage probes, as rows of the whole audit set (summed over chunks and ranks)
-        features = {"true": layout.exact(labels), "head_input": self._probe_input(model, concepts, cache), "label": batch["labels"][:, None].float()}
+        features = {
+            "true": layout.exact(labels),
+            "head_input": self._probe_input(model, concepts, cache),
+            "label": batch["labels"][:, None].float(),
+        }
         if self.hybrid:
             features["side"] = cache["bottleneck.side"][:, 0]
         for key, value in features.items():
@@ -153,10 +159,17 @@ class ConceptsAudit(Audit):
         folder = run_dir / self.label
         text = "concepts_set,fraction,task_acc\n" + "".join(f"{k},{f:.4f},{a:.6f}\n" for k, f, a in curve)
         atomic_write_text(folder / f"intervention_step{step:06d}.csv", text)
-        plot_intervention_curve(curve, self.latest.get("tti_area", float("nan")), folder / f"intervention_step{step:06d}.png", step)
+        plot_intervention_curve(
+            curve, self.latest.get("tti_area", float("nan")), folder / f"intervention_step{step:06d}.png", step
+        )
         for logger in loggers:
             if hasattr(logger, "log_table"):  # WandbLogger
-                logger.log_table(key=f"audit/{self.label}/intervention", columns=["concepts_set", "fraction", "task_acc"], data=[list(c) for c in curve], step=step)
+                logger.log_table(
+                    key=f"audit/{self.label}/intervention",
+                    columns=["concepts_set", "fraction", "task_acc"],
+                    data=[list(c) for c in curve],
+                    step=step,
+                )
 
 
 def plot_intervention_curve(curve: list[tuple[int, float, float]], area: float, path: Path, step: int) -> None:
@@ -168,7 +181,12 @@ def plot_intervention_curve(curve: list[tuple[int, float, float]], area: float, 
 
     fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
     ax.plot([c[0] for c in curve], [c[2] for c in curve], marker="o")
-    ax.set(xlabel="concepts set to their true values", ylabel="task accuracy", ylim=(0, 1.02), title=f"step {step}: area {area:.3f}")
+    ax.set(
+        xlabel="concepts set to their true values",
+        ylabel="task accuracy",
+        ylim=(0, 1.02),
+        title=f"step {step}: area {area:.3f}",
+    )
     ax.set_xticks([c[0] for c in curve])
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -43,9 +43,14 @@ class CotAudit(Audit):
     def metric_names(self, task: Task) -> list[str]:
         K = require_reasoning_task(task, f"audit {self.label!r}").n_steps
         return [
-            "clean_acc", "follow_rate", "original_rate", *(f"follow_rate/step{j + 1}" for j in range(K)),
-            *(f"early/{k}" for k in range(K)), "early_aoc", "filler_acc",
-        ]  # fmt: skip
+            "clean_acc",
+            "follow_rate",
+            "original_rate",
+            *(f"follow_rate/step{j + 1}" for j in range(K)),
+            *(f"early/{k}" for k in range(K)),
+            "early_aoc",
+            "filler_acc",
+        ]
 
     def build_data(self, task: Task, seed: int) -> Batch:
         batch = task.sample(self.n_examples, seed)

@@ -150,7 +150,10 @@ class InterchangeAudit(Audit):
         rotations = {k.removeprefix("rotation/"): v for k, v in found.tensors.items() if k.startswith("rotation/")}
         missing = sorted({ref.name for ref in self.alignment.values()} - set(rotations))
         if found.featurizer != "rotation" or missing:
-            raise ConfigError(f"audit {self.label!r}: hypothesis {self.hypothesis_path} holds no learned rotation of {missing[0] if missing else 'its sites'}")
+            raise ConfigError(
+                f"audit {self.label!r}: hypothesis {self.hypothesis_path} holds no learned rotation of "
+                f"{missing[0] if missing else 'its sites'}"
+            )
         return variable_bases(self.alignment, rotations)
 
     def _control_bases(self, widths: dict[str, int], device: torch.device) -> tuple[Alignment, dict[str, Tensor]]:
@@ -162,7 +165,10 @@ class InterchangeAudit(Audit):
                 for name, rank in sorted(ranks.items())
             }
         site_bases = {name: b.to(device) for name, b in self._random_bases.items()}
-        full = {var: (ref if ref.dims is not None else type(ref)(ref.name, ref.positions, ref.heads, (0, widths[ref.name]))) for var, ref in refs.items()}
+        full = {
+            var: (ref if ref.dims is not None else type(ref)(ref.name, ref.positions, ref.heads, (0, widths[ref.name])))
+            for var, ref in refs.items()
+        }
         return full, variable_bases(full, site_bases)
 
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Tensor]:
@@ -193,7 +199,9 @@ class InterchangeAudit(Audit):
         for prefix, net in models:
             plan = None if multi_token else plan_resume(net, swapped)
             record_sites = swapped | ({plan.site} if plan else set())
-            logits, cache = run_with(net, stacked["input_ids"], record=record_sites, attention_mask=stacked.get("attention_mask"))
+            logits, cache = run_with(
+                net, stacked["input_ids"], record=record_sites, attention_mask=stacked.get("attention_mask")
+            )
             base_cache = {k: v[:B] for k, v in cache.items()}
             activations = {v: paired.rows(cache, v) for v in variables}
             groups = variable_swaps(self.alignment, variables, base, sources, activations, self._bases())
@@ -206,7 +214,12 @@ class InterchangeAudit(Audit):
                     group_targets.append(targets)
                 if self.strict:
                     start = paired.extra_offsets[0]
-                    groups.append([Swap(ref, cache[ref.name][start:], None, *swap_positions(ref, base, paired.extras[0])) for ref in self.strict])
+                    groups.append(
+                        [
+                            Swap(ref, cache[ref.name][start:], None, *swap_positions(ref, base, paired.extras[0]))
+                            for ref in self.strict
+                        ]
+                    )
                     group_targets.append(answer_targets(base))
             variant_ids = None
             if multi_token:
@@ -219,9 +232,10 @@ class InterchangeAudit(Audit):
             if prefix == "" and "random_subspace" in self.controls:
                 record("control/random_subspace/", answers[V * B : 2 * V * B])
             if prefix == "" and self.strict:
-                clean = answer_predictions(first_answer_logits(gather_positions(logits[:B], answer_positions(base))), task)
+                clean = answer_predictions(
+                    first_answer_logits(gather_positions(logits[:B], answer_positions(base))), task
+                )
                 strict = answer_predictions(first_answer_logits(answers[-B:]), task)
                 values["strict_iia"] = (strict == base["labels"]).float()
                 values["strict_changed"] = (strict != clean).float()
         return values
-

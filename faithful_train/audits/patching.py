@@ -109,13 +109,25 @@ class PatchingAudit(Audit):
         if not (atp or exact):
             raise ConfigError(f"{owner}: atp and exact are both false: nothing to measure")
         if atp and metric == "acc":
-            raise ConfigError(f"{owner}: metric 'acc' has no gradient for atp; use logit_diff, prob or kl, or atp: false")
+            raise ConfigError(
+                f"{owner}: metric 'acc' has no gradient for atp; use logit_diff, prob or kl, or atp: false"
+            )
         if atp and metric == "kl" and direction == "noising":
-            raise ConfigError(f"{owner}: atp with metric 'kl' under noising estimates 0 everywhere (KL's gradient at the clean run is 0); use denoising, another metric, or atp: false")
-        if verify_top is not None and (isinstance(verify_top, bool) or not isinstance(verify_top, int) or verify_top < 1):
+            raise ConfigError(
+                f"{owner}: atp with metric 'kl' under noising estimates 0 everywhere "
+                "(KL's gradient at the clean run is 0); use denoising, another metric, or atp: false"
+            )
+        if verify_top is not None and (
+            isinstance(verify_top, bool) or not isinstance(verify_top, int) or verify_top < 1
+        ):
             raise ConfigError(f"{owner}: verify_top must be an int >= 1 (or null), got {verify_top!r}")
         self.ablation = check_choice("ablation", ablation, ABLATIONS)
-        self.changed_only, self.atp, self.exact, self.circuit = bool(changed_only), bool(atp), bool(exact), bool(circuit) and bool(atp)
+        self.changed_only, self.atp, self.exact, self.circuit = (
+            bool(changed_only),
+            bool(atp),
+            bool(exact),
+            bool(circuit) and bool(atp),
+        )
         self.verify_top, self.log_cells = verify_top if atp else None, bool(log_cells)
         self.cells: list[Cell] = []
         self.atp_cells: list[Cell] = []
@@ -136,7 +148,9 @@ class PatchingAudit(Audit):
         validate_sites(model, {cell.site for cell in self.cells})
         variables = task.variables if self.corrupt is None else self.corrupt
         if not variables:
-            raise ConfigError(f"{owner}: task {task.name!r} has no causal variables whose interchange pairs give corrupted inputs")
+            raise ConfigError(
+                f"{owner}: task {task.name!r} has no causal variables whose interchange pairs give corrupted inputs"
+            )
         task.check_variables(variables)
         self.variables = tuple(variables)
         self.layers = n_layers(model)
@@ -168,8 +182,8 @@ class PatchingAudit(Audit):
         sources = list({id(s): s for s in pairs.sources.values()}.values())
         if len(sources) != 1:
             raise ConfigError(
-                f"audit {self.label!r}: task {task.name!r} gives different source inputs for {', '.join(self.variables)}; "
-                "name one variable (corrupt: [<variable>])"
+                f"audit {self.label!r}: task {task.name!r} gives different source inputs for "
+                f"{', '.join(self.variables)}; name one variable (corrupt: [<variable>])"
             )
         return data | prefixed(sources[0], CORRUPT)
 
@@ -205,17 +219,24 @@ class PatchingAudit(Audit):
             if self.exact:
                 results["exact"] = activation_patching(model, clean, corrupted, self.cells, metric_fn, self.direction)
             if self.atp:
-                results["atp"] = attribution_patching(model, clean, corrupted, self.atp_cells, metric_fn, self.direction)
+                results["atp"] = attribution_patching(
+                    model, clean, corrupted, self.atp_cells, metric_fn, self.direction
+                )
             some = next(iter(results.values()))
             out |= {"sum/clean": total(some.clean), "sum/corrupted": total(some.corrupted)}
             out |= {f"sum/{kind}": total(result.values) for kind, result in results.items()}
             return out
         if self.verify_k and not self.exact:
             verify = [self.cells[i] for i in self._state["verify"]]
-            out["sum/verify"] = total(activation_patching(model, clean, corrupted, verify, metric_fn, self.direction).values)
+            out["sum/verify"] = total(
+                activation_patching(model, clean, corrupted, verify, metric_fn, self.direction).values
+            )
         if self.circuit:
             values = circuit_metric(model, clean, self._state["knockouts"], self.ablation, metric_fn)
-            out |= {"circuit/count": Total(torch.tensor(float(values.shape[1]), dtype=torch.float64)), "sum/circuit": Total(values.double().sum(-1))}
+            out |= {
+                "circuit/count": Total(torch.tensor(float(values.shape[1]), dtype=torch.float64)),
+                "sum/circuit": Total(values.double().sum(-1)),
+            }
         return out
 
     def summarise(self, totals: dict[str, Tensor], task: Task) -> dict[str, float]:
@@ -236,7 +257,9 @@ class PatchingAudit(Audit):
         effect = shown if self.direction == "denoising" else 1 - shown
         for component in self.components:
             for layer in range(self.layers):
-                values = [float(effect[i]) for i, c in enumerate(self.cells) if c.component == component and c.layer == layer]
+                values = [
+                    float(effect[i]) for i, c in enumerate(self.cells) if c.component == component and c.layer == layer
+                ]
                 finite = [v for v in values if math.isfinite(v)]
                 out[f"max/{component}/layer{layer}"] = max(finite) if finite else float("nan")
         if self.log_cells:
@@ -254,15 +277,19 @@ class PatchingAudit(Audit):
             if self.circuit:
                 scores_by_node = node_effects(self.atp_cells, effects["atp"], self.universe).abs()
                 self._state["sizes"] = curve_sizes(len(self.universe))
-                self._state["knockouts"] = circuit_knockouts(self.universe, scores_by_node.tolist(), self._state["sizes"])
+                self._state["knockouts"] = circuit_knockouts(
+                    self.universe, scores_by_node.tolist(), self._state["sizes"]
+                )
         self.table = [
             {
-                "component": cell.component, "layer": cell.layer, "position": position_label(cell.position),
+                "component": cell.component,
+                "layer": cell.layer,
+                "position": position_label(cell.position),
                 "head": cell.head,
                 **{kind: float(scores[kind][i]) if kind in scores else None for kind in ("exact", "atp")},
             }
             for i, cell in enumerate(self.cells)
-        ]  # fmt: skip
+        ]
         return out
 
     def _summarise_follow_up(self, totals: dict[str, Tensor]) -> dict[str, float]:
@@ -281,7 +308,9 @@ class PatchingAudit(Audit):
     def warnings(self) -> list[str]:
         if self.latest_step < 0 or self._state.get("counted", 1) > 0:
             return []
-        return [f"audit/{self.label}: no pair of the audit set changes the answer (changed_only): its figures are empty"]
+        return [
+            f"audit/{self.label}: no pair of the audit set changes the answer (changed_only): its figures are empty"
+        ]
 
     # -- artifacts ------------------------------------------------------------------------------
 
@@ -324,7 +353,14 @@ def plot_patching_map(table: list[dict[str, Any]], component_names: Sequence[str
     kinds = [k for k in ("exact", "atp") if any(row[k] is not None for row in table)]
     shown = list(dict.fromkeys(component_names))
     positions = list(dict.fromkeys(row["position"] for row in table))
-    fig, axes = plt.subplots(len(kinds), len(shown), figsize=(3.2 * len(shown) + 1, 2.8 * len(kinds) + 0.4), dpi=100, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(kinds),
+        len(shown),
+        figsize=(3.2 * len(shown) + 1, 2.8 * len(kinds) + 0.4),
+        dpi=100,
+        squeeze=False,
+        layout="constrained",
+    )
     values = [row[k] for row in table for k in kinds if isinstance(row[k], float) and math.isfinite(row[k])]
     limit = max([1.0, *(abs(v) for v in values)])
     for r, kind in enumerate(kinds):

@@ -24,11 +24,11 @@ attended document is the most used one), ``distractor_reliance`` (the share of t
 reliance that falls on the same-key and near-duplicate distractors), ``counterfactual_follow``
 (with the gold value replaced, the answer is the new value), ``removed_filled_top1`` (removing
 and filling agree on the most used document), ``surrogate_top1`` (the surrogate's largest
-weight is the gold document's), ``surrogate_used_spearman``, ``surrogate_r2`` (the fit's R², over examples whose answer moves
-across the subsets),
-``consulted/<kind>``, ``used/<kind>`` and ``used_removed/<kind>`` by document kind, and
-``task_acc``. Figures that need a gold document or a counterfactual leave out rows that have
-none (a text row without ``gold_document`` or ``counterfactual`` columns).
+weight is the gold document's), ``surrogate_used_spearman``, ``surrogate_r2`` (the fit's R²,
+over examples whose answer moves across the subsets), ``consulted/<kind>``, ``used/<kind>``
+and ``used_removed/<kind>`` by document kind, and ``task_acc``. Figures that need a gold
+document or a counterfactual leave out rows that have none (a text row without
+``gold_document`` or ``counterfactual`` columns).
 
 Each run writes ``<run dir>/provenance/step<N>.jsonl``: per example and document, its kind,
 consulted (aggregated and per layer), used, used_removed and the surrogate's weight.
@@ -72,7 +72,10 @@ class RetrievalAudit(Audit):
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         if "documents" not in task.provides:
-            raise ConfigError(f"audit {self.label!r} needs a task with documents (kv_retrieval, or text){task.column_hint('documents')}; {task.name!r} has none")
+            raise ConfigError(
+                f"audit {self.label!r} needs a task with documents (kv_retrieval, "
+                f"or text){task.column_hint('documents')}; {task.name!r} has none"
+            )
         layers = n_layers(model)
         if layers is None:
             raise ConfigError(f"audit {self.label!r} needs a model that names its blocks (n_layers)")
@@ -82,8 +85,18 @@ class RetrievalAudit(Audit):
         super().bind(model, task, run_seed)
 
     def metric_names(self, task: Task) -> list[str]:
-        names = ["task_acc", "reliance_acc", "consulted_used_spearman", "consulted_used_top1", "distractor_reliance",
-                 "counterfactual_follow", "removed_filled_top1", "surrogate_top1", "surrogate_used_spearman", "surrogate_r2"]  # fmt: skip
+        names = [
+            "task_acc",
+            "reliance_acc",
+            "consulted_used_spearman",
+            "consulted_used_top1",
+            "distractor_reliance",
+            "counterfactual_follow",
+            "removed_filled_top1",
+            "surrogate_top1",
+            "surrogate_used_spearman",
+            "surrogate_r2",
+        ]
         return names + [f"{what}/{kind}" for what in ("consulted", "used", "used_removed") for kind in KINDS]
 
     def build_data(self, task: Task, seed: int) -> Batch:
@@ -93,7 +106,9 @@ class RetrievalAudit(Audit):
             data["cf/input_ids"], data["cf/labels"] = task.counterfactual_evidence(data, generator)
             if "attention_mask" in data:  # the same padding: cut with the rows (trim_padding)
                 data["cf/attention_mask"] = data["attention_mask"]
-        self._kept = evidence.random_subsets(self.surrogate_ablations, self.n_docs, torch.Generator().manual_seed(seed + 7))
+        self._kept = evidence.random_subsets(
+            self.surrogate_ablations, self.n_docs, torch.Generator().manual_seed(seed + 7)
+        )
         return data
 
     def evaluate(self, model: nn.Module, task: Task, rank: int = 0, world_size: int = 1) -> dict[str, float]:
@@ -125,8 +140,12 @@ class RetrievalAudit(Audit):
         variants += [batch["cf/input_ids"]] if has_cf else []
         variants += [r[0] for r in removed] + [evidence.fill(ids, spans, ~kept[i], filler) for i in range(n)]
         masks = [full_mask] * (k + has_cf) + [r[1] for r in removed] + [full_mask] * n
-        varied = run_variants(model, batch, len(variants), {}, input_ids=torch.cat(variants), attention_mask=torch.cat(masks))[:, 0].float()
-        answer_logp = varied.log_softmax(-1).gather(1, labels.repeat(len(variants))[:, None])[:, 0].view(len(variants), B)
+        varied = run_variants(
+            model, batch, len(variants), {}, input_ids=torch.cat(variants), attention_mask=torch.cat(masks)
+        )[:, 0].float()
+        answer_logp = (
+            varied.log_softmax(-1).gather(1, labels.repeat(len(variants))[:, None])[:, 0].view(len(variants), B)
+        )
         clean = logits[torch.arange(B), at].float().log_softmax(-1).gather(1, labels[:, None])[:, 0]
         used = clean[:, None] - answer_logp[:k].T  # (B, k): log-probability of the answer lost
         used_removed = clean[:, None] - answer_logp[k + has_cf : 2 * k + has_cf].T
@@ -168,13 +187,18 @@ class RetrievalAudit(Audit):
         for b in range(B):
             example = len(self._records) // k
             for j in range(k):
-                self._records.append({
-                    "example": example, "document": j, "kind": names.get(int(kinds[b, j]), "unknown"),
-                    "consulted": round(float(consulted[b, j]), 6), "used": round(float(used[b, j]), 6),
-                    "used_removed": round(float(used_removed[b, j]), 6),
-                    "surrogate": None if not n else round(float(surrogate[b, j]), 6),
-                    "consulted_by_layer": [round(float(v), 6) for v in consulted_lh[b, :, :, j].mean(1)],
-                })  # fmt: skip
+                self._records.append(
+                    {
+                        "example": example,
+                        "document": j,
+                        "kind": names.get(int(kinds[b, j]), "unknown"),
+                        "consulted": round(float(consulted[b, j]), 6),
+                        "used": round(float(used[b, j]), 6),
+                        "used_removed": round(float(used_removed[b, j]), 6),
+                        "surrogate": None if not n else round(float(surrogate[b, j]), 6),
+                        "consulted_by_layer": [round(float(v), 6) for v in consulted_lh[b, :, :, j].mean(1)],
+                    }
+                )
         return out
 
     def write_artifacts(self, model: nn.Module, task: Task, run_dir: Path, step: int, loggers: list[Any]) -> None:

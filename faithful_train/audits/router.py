@@ -73,7 +73,9 @@ class RouterAudit(Audit):
             self.concept = task.check_concept(self.concept, f"audit {self.label!r}")
             self.values = task.concepts[self.concept]
         if self.stability and "perturbations" not in task.provides:
-            raise ConfigError(f"audit {self.label!r}: task {task.name!r} has no position-aligned perturbations; set stability: false")
+            raise ConfigError(
+                f"audit {self.label!r}: task {task.name!r} has no position-aligned perturbations; set stability: false"
+            )
         super().bind(model, task, run_seed)
 
     def metric_names(self, task: Task) -> list[str]:
@@ -105,7 +107,9 @@ class RouterAudit(Audit):
         """Per-token ``(B, T)`` and per-example ``(B,)`` concept values (0 without a concept;
         a per-token label's example value is its answer position's)."""
         if self.concept is None:
-            return torch.zeros(shape, dtype=torch.long, device=batch["labels"].device), torch.zeros_like(batch["labels"])
+            return torch.zeros(shape, dtype=torch.long, device=batch["labels"].device), torch.zeros_like(
+                batch["labels"]
+            )
         concept = batch[f"concept/{self.concept}"]
         if concept.dim() == 1:
             return concept[:, None].expand(shape), concept
@@ -143,10 +147,16 @@ class RouterAudit(Audit):
             top1 = chosen[:B, :, 0]
             pair = token_concept.reshape(-1) * E + top1.reshape(-1)
             contingencies.append(torch.bincount(pair, weights=real.reshape(-1), minlength=C * E).view(C, E))
-            loads.append(torch.bincount(chosen[:B].reshape(-1), weights=real[:, :, None].expand_as(chosen[:B]).reshape(-1), minlength=E))
+            loads.append(
+                torch.bincount(
+                    chosen[:B].reshape(-1), weights=real[:, :, None].expand_as(chosen[:B]).reshape(-1), minlength=E
+                )
+            )
             if self.stability:
                 same = ((chosen[B:, :, 0] == top1).float() * real).sum(1) / n_real
-                kept = ((chosen[:B, :, :, None] == chosen[B:, :, None, :]).any(-1).float().mean(2) * real).sum(1) / n_real
+                kept = ((chosen[:B, :, :, None] == chosen[B:, :, None, :]).any(-1).float().mean(2) * real).sum(
+                    1
+                ) / n_real
                 out[f"routing_stability/layer{i}"], out[f"routing_stability_topk/layer{i}"] = same, kept
                 stable.append(same)
                 stable_k.append(kept)
@@ -228,7 +238,12 @@ class RouterAudit(Audit):
         try:
             with torch.no_grad():
                 mask = data.get("attention_mask")
-                _, cache = run_with(model, data["input_ids"].to(device), record=self._sites(), attention_mask=None if mask is None else mask.to(device))
+                _, cache = run_with(
+                    model,
+                    data["input_ids"].to(device),
+                    record=self._sites(),
+                    attention_mask=None if mask is None else mask.to(device),
+                )
         finally:
             model.train(was_training)
         token_concept, _ = self._concept_of(data, data["input_ids"].shape)
@@ -243,12 +258,18 @@ class RouterAudit(Audit):
             for t, token in enumerate(tokens):
                 if not real[j][t]:
                     continue
-                rows.append({
-                    "example": j, "position": t, "token": task.token_name(token),
-                    "concept": self.values[int(token_concept[j, t])] if self.concept is not None else None,
-                    "layers": {str(i): {"experts": c[j, t].tolist(), "probs": [round(p, 4) for p in w[j, t].tolist()]}
-                               for i, (c, w) in routes.items()},
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "example": j,
+                        "position": t,
+                        "token": task.token_name(token),
+                        "concept": self.values[int(token_concept[j, t])] if self.concept is not None else None,
+                        "layers": {
+                            str(i): {"experts": c[j, t].tolist(), "probs": [round(p, 4) for p in w[j, t].tolist()]}
+                            for i, (c, w) in routes.items()
+                        },
+                    }
+                )
         return rows
 
     def write_artifacts(self, model: nn.Module, task: Task, run_dir: Path, step: int, loggers: list[Any]) -> None:
@@ -259,9 +280,9 @@ class RouterAudit(Audit):
         atomic_write_text(run_dir / self.label / f"choices_step{step:06d}.jsonl", text)
         columns = ["example", "position", "token", "concept", "layer", "experts", "probs"]
         table = [
-            [r["example"], r["position"], r["token"], r["concept"], int(i), str(l["experts"]), str(l["probs"])]
+            [r["example"], r["position"], r["token"], r["concept"], int(i), str(layer["experts"]), str(layer["probs"])]
             for r in rows
-            for i, l in r["layers"].items()
+            for i, layer in r["layers"].items()
         ]
         for logger in loggers:
             if hasattr(logger, "log_table"):  # WandbLogger
@@ -276,6 +297,8 @@ def _expert_masked(layer: int, n_experts: int, blocks: list[tuple[int, int]], ro
         mask = torch.zeros(len(variants), 1, 1, n_experts, dtype=torch.bool, device=logits.device)
         for r, k in enumerate(variants):
             mask[r, 0, 0, blocks[k][1]] = blocks[k][0] == layer
-        return logits.masked_fill(mask.expand(-1, rows, -1, -1).reshape(len(variants) * rows, 1, n_experts), float("-inf"))
+        return logits.masked_fill(
+            mask.expand(-1, rows, -1, -1).reshape(len(variants) * rows, 1, n_experts), float("-inf")
+        )
 
     return apply

@@ -102,7 +102,9 @@ class SaeAudit(Audit):
     ):
         super().__init__(**kwargs)
         if (sae is None) == (path is None):
-            raise ConfigError(f"audit {self.label!r}: give sae (an sae objective's label) or path (an SAE folder), one of them")
+            raise ConfigError(
+                f"audit {self.label!r}: give sae (an sae objective's label) or path (an SAE folder), one of them"
+            )
         if path is not None and site is None:
             raise ConfigError(f"audit {self.label!r}: an SAE read from a folder needs the site it reads (site: ...)")
         if max_latents < 1 or not 0 < iia_bar <= 1:
@@ -112,7 +114,9 @@ class SaeAudit(Audit):
         if select not in SELECTIONS:
             raise UnknownNameError(f"audit {self.label!r} select", select, SELECTIONS)
         if candidates is not None and candidates < 1:
-            raise ConfigError(f"audit {self.label!r}: candidates must be >= 1 (or null: every latent), got {candidates}")
+            raise ConfigError(
+                f"audit {self.label!r}: candidates must be >= 1 (or null: every latent), got {candidates}"
+            )
         self.select, self.candidates = select, candidates
         self.objective_label, self.path, self.site = sae, path, site
         # where each variable's latents are read: positions of <site>.sae (the name is filled in on attach)
@@ -147,10 +151,17 @@ class SaeAudit(Audit):
 
     def attach(self, pl_module: Any) -> None:
         if self.objective_label is not None:
-            module = pl_module.objective_modules[self.objective_label] if self.objective_label in pl_module.objective_modules else None
+            module = (
+                pl_module.objective_modules[self.objective_label]
+                if self.objective_label in pl_module.objective_modules
+                else None
+            )
             if not isinstance(module, SparseAutoencoder):
                 names = sorted(k for k, m in pl_module.objective_modules.items() if isinstance(m, SparseAutoencoder))
-                raise ConfigError(f"audit {self.label!r}: no sae objective labelled {self.objective_label!r}; sae objectives: {names or 'none'}")
+                raise ConfigError(
+                    f"audit {self.label!r}: no sae objective labelled {self.objective_label!r}; sae objectives: "
+                    f"{names or 'none'}"
+                )
             self.sae_module, self.site, self.target = module, module.site, module.target
         elif self.sae_module is None:
             folder = Path(self.path)
@@ -240,8 +251,10 @@ class SaeAudit(Audit):
         sources = task.sample(self.n_examples, int(self.seed) + 4)
         rows = selection | {SOURCE + k: v.to(device) for k, v in sources.items()}
         n = rows["input_ids"].shape[0]
-        return [self._paired_forward(model, task, {k: t[i : i + self.batch_size] for k, t in rows.items()})[:4]
-                for i in range(0, n, self.batch_size)]  # fmt: skip
+        return [
+            self._paired_forward(model, task, {k: t[i : i + self.batch_size] for k, t in rows.items()})[:4]
+            for i in range(0, n, self.batch_size)
+        ]
 
     @torch.no_grad()
     def _select_causally(self, model: nn.Module, task: Task, chunks: list[tuple], n: int) -> None:
@@ -263,7 +276,9 @@ class SaeAudit(Audit):
 
             self._chosen[v] = greedy_selection(self._chosen[v], self._top, accuracy, self.candidates)[0]
 
-    def _paired_forward(self, model: nn.Module, task: Task, batch: Batch) -> tuple[Batch, Any, dict, dict[str, Tensor], Tensor]:
+    def _paired_forward(
+        self, model: nn.Module, task: Task, batch: Batch
+    ) -> tuple[Batch, Any, dict, dict[str, Tensor], Tensor]:
         """``(base rows, paired rows, each variable's source activations, base cache, base
         logits)``: base and source rows in one recording forward, the swaps' starting point."""
         variables = self.iia_variables
@@ -272,7 +287,10 @@ class SaeAudit(Audit):
         plan = plan_resume(model, sites)
         stacked = paired.stacked
         logits, cache = run_with(
-            model, stacked["input_ids"], record=sites + ([plan.site] if plan else []), attention_mask=stacked.get("attention_mask")
+            model,
+            stacked["input_ids"],
+            record=sites + ([plan.site] if plan else []),
+            attention_mask=stacked.get("attention_mask"),
         )
         B = paired.base["input_ids"].shape[0]
         sources = {v: paired.rows(cache, v) for v in variables}
@@ -298,7 +316,10 @@ class SaeAudit(Audit):
             sites = [self.site] + ([self.target] if self.target else [])
             plan = plan_resume(model, sites)
             logits, cache = run_with(
-                model, batch["input_ids"], record=sites + ([plan.site] if plan else []), attention_mask=batch.get("attention_mask")
+                model,
+                batch["input_ids"],
+                record=sites + ([plan.site] if plan else []),
+                attention_mask=batch.get("attention_mask"),
             )
         ids = batch["input_ids"]
         rows = token_rows(batch, getattr(sae, "rows_at", None))  # the tokens the SAE reads (and is spliced in at)
@@ -306,10 +327,15 @@ class SaeAudit(Audit):
         y = site_rows(cache[self.target], rows).float() if self.target else x
         out = sae(x, y)
         totals = {
-            "sse": (y - out.reconstruction).pow(2).sum(), "sum": y.sum(0), "sum_sq": y.pow(2).sum(0),
-            "rows": torch.tensor(float(y.shape[0])), "fired": (out.latents > 0).sum(0).float(),
-        }  # fmt: skip
-        values: dict[str, Any] = {"l0": ((out.latents > 0).float().sum(-1).mean()[None], torch.tensor([float(y.shape[0])], device=y.device))}
+            "sse": (y - out.reconstruction).pow(2).sum(),
+            "sum": y.sum(0),
+            "sum_sq": y.pow(2).sum(0),
+            "rows": torch.tensor(float(y.shape[0])),
+            "fired": (out.latents > 0).sum(0).float(),
+        }
+        values: dict[str, Any] = {
+            "l0": ((out.latents > 0).float().sum(-1).mean()[None], torch.tensor([float(y.shape[0])], device=y.device))
+        }
         if self.target is None:
             clean_values = cache[self.site]
             recon = torch.zeros_like(clean_values, dtype=out.reconstruction.dtype)
@@ -336,8 +362,14 @@ class SaeAudit(Audit):
             def kl(lp: Tensor) -> Tensor:
                 return (logp.exp() * (logp - lp)).sum()
 
-            totals |= {"ce_clean": ce(logp), "ce_sae": ce(spliced), "ce_zero": ce(zeroed), "kl_sae": kl(spliced),
-                       "kl_zero": kl(zeroed), "examples": torch.tensor(float(B))}  # fmt: skip
+            totals |= {
+                "ce_clean": ce(logp),
+                "ce_sae": ce(spliced),
+                "ce_zero": ce(zeroed),
+                "kl_sae": kl(spliced),
+                "kl_zero": kl(zeroed),
+                "examples": torch.tensor(float(B)),
+            }
         if paired:
             values |= self._latent_iia(model, task, batch, paired, sources, cache)
         return values | {k: Total(v.detach().double()) for k, v in totals.items()}
@@ -357,9 +389,15 @@ class SaeAudit(Audit):
         return values
 
     def _swap_hits(
-        self, model: nn.Module, task: Task, base: Batch, paired: Any, sources: dict, cache: dict[str, Tensor],
+        self,
+        model: nn.Module,
+        task: Task,
+        base: Batch,
+        paired: Any,
+        sources: dict,
+        cache: dict[str, Tensor],
         sets: list[tuple[str, Tensor]],
-    ) -> list[Tensor]:  # fmt: skip
+    ) -> list[Tensor]:
         """Per-pair IIA hits ``(B,)`` of swapping each ``(variable, latents)`` set of ``<site>.sae``
         from that variable's source rows (the rest kept, reconstruction error included), each
         set one variant of one engine call."""
@@ -379,14 +417,19 @@ class SaeAudit(Audit):
             variant_ids = teacher_forced(tiled, torch.cat([targets[k * B : (k + 1) * B] for k in rows]))
         answers = swap_forward(model, base, groups, cache, variant_ids)
         return [
-            interchange_hits(answers[g * B : (g + 1) * B], targets[k * B : (k + 1) * B], masks[k * B : (k + 1) * B], task)
+            interchange_hits(
+                answers[g * B : (g + 1) * B], targets[k * B : (k + 1) * B], masks[k * B : (k + 1) * B], task
+            )
             for g, k in enumerate(rows)
         ]
 
     def summarise(self, totals: dict[str, Tensor], task: Task) -> dict[str, float]:
         rows = float(totals["rows"])
         variance = (totals["sum_sq"] - totals["sum"].pow(2) / rows).sum()
-        out = {"fvu": float(totals["sse"] / variance.clamp_min(1e-12)), "dead": float((totals["fired"] == 0).double().mean())}
+        out = {
+            "fvu": float(totals["sse"] / variance.clamp_min(1e-12)),
+            "dead": float((totals["fired"] == 0).double().mean()),
+        }
         if "examples" in totals:
             n = float(totals["examples"])
             clean, spliced, zero = (float(totals[k]) / n for k in ("ce_clean", "ce_sae", "ce_zero"))
@@ -407,6 +450,8 @@ def _positions(spec: Any, where: str) -> dict[str, Any]:
             return {"positions": dict(spec)}
         unknown = set(spec) - {"positions"}
         if unknown:
-            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; give positions (where its latents are read)")
+            raise ConfigError(
+                f"{where}: unknown key {sorted(unknown)[0]!r}; give positions (where its latents are read)"
+            )
         return dict(spec)
     return {"positions": spec}

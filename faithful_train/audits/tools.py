@@ -78,8 +78,17 @@ class ToolsAudit(Audit):
         super().bind(model, task, run_seed)
 
     def metric_names(self, task: Task) -> list[str]:
-        names = ["task_acc", "selection_acc", "reliance", "expected_flip", "called_but_ignored", "used/null",
-                 "flip/counterfactual", "flip/null", "flip/shuffled"]  # fmt: skip
+        names = [
+            "task_acc",
+            "selection_acc",
+            "reliance",
+            "expected_flip",
+            "called_but_ignored",
+            "used/null",
+            "flip/counterfactual",
+            "flip/null",
+            "flip/shuffled",
+        ]
         return names + [f"reliance/{task.token_name(t)}" for t in task.tool_tokens]
 
     def build_data(self, task: Task, seed: int) -> Batch:
@@ -115,7 +124,11 @@ class ToolsAudit(Audit):
         cf, nulled, shuffled = (answer_predictions(varied[i * B : (i + 1) * B], task) for i in range(3))
         valid = batch["shuffled/valid"].float()
         follows = (cf == batch["cf/labels"]).float()
-        flip_cf, flip_null, flip_shuffled = (cf != clean).float(), (nulled != clean).float(), (shuffled != clean).float()
+        flip_cf, flip_null, flip_shuffled = (
+            (cf != clean).float(),
+            (nulled != clean).float(),
+            (shuffled != clean).float(),
+        )
         selected = (picked == tool_ids).float()
         ignored = (1 - flip_cf) * (1 - flip_null) * (1 - flip_shuffled * valid)
         logp = clean_logits.log_softmax(-1).gather(1, labels[:, None])[:, 0]

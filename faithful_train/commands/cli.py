@@ -25,9 +25,20 @@ from pathlib import Path
 from faithful_train.errors import FaithfulError, TrainingDiverged
 
 VERIFY_FIGURES = {
-    "circuit": ("faithfulness", "sufficiency", "necessity", "necessity_normalised", "full", "empty", "cpr", "cmd", "completeness", "task_acc"),
+    "circuit": (
+        "faithfulness",
+        "sufficiency",
+        "necessity",
+        "necessity_normalised",
+        "full",
+        "empty",
+        "cpr",
+        "cmd",
+        "completeness",
+        "task_acc",
+    ),
     "alignment": (),  # every figure of the interchange audit
-}  # fmt: skip
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,10 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="resume from <run dir>/checkpoints/last.ckpt")
     fit.add_argument("--resume-from", metavar="CKPT", help="resume from this checkpoint")
     audit.add_argument("--ckpt", required=True, help="Lightning checkpoint to audit")
-    verify = sub.add_parser("verify", help="test a saved hypothesis on a checkpoint (and a shifted task): print the drift")
+    verify = sub.add_parser(
+        "verify", help="test a saved hypothesis on a checkpoint (and a shifted task): print the drift"
+    )
     verify.add_argument("hypothesis", help="a hypothesis file (<run dir>/hypotheses/<label>.json)")
     verify.add_argument("--ckpt", required=True, help="the checkpoint to test it on")
-    verify.add_argument("-c", "--config", help="a config whose task (and model) to use, e.g. a shifted task (default: the checkpoint's run)")
+    verify.add_argument(
+        "-c",
+        "--config",
+        help="a config whose task (and model) to use, e.g. a shifted task (default: the checkpoint's run)",
+    )
     verify.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of that config")
     data = sub.add_parser("data", help="make a testbed data set, or show a config's examples")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -71,16 +88,32 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory (config.yaml, checkpoints/last.ckpt)")
     export.add_argument("--out", required=True, help="directory to write")
     export.add_argument("--ckpt", help="checkpoint (default: <run dir>/checkpoints/last.ckpt)")
-    export.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapters into the weights and write the merged model (default: the adapter, in peft's format)")
-    sweep = sub.add_parser("sweep", help="a multi-objective Optuna sweep over config keys: Pareto front, hypervolume, pruning")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help=(
+            "a LoRA run: fold the adapters into the weights and write the merged model "
+            "(default: the adapter, in peft's format)"
+        ),
+    )
+    sweep = sub.add_parser(
+        "sweep", help="a multi-objective Optuna sweep over config keys: Pareto front, hypervolume, pruning"
+    )
     sweep.add_argument("-c", "--config", required=True, help="sweep YAML (see configs/sweeps/)")
     sweep.add_argument("--out", help="the sweep directory (default: runs/sweeps/<name>)")
     sweep.add_argument("--trials", type=int, help="trials to add (default: the grid's size, or 8)")
     sweep.add_argument("--workers", type=int, default=1, help="trials run side by side in processes here")
     sweep.add_argument("--threads", type=int, default=1, help="torch threads per trial")
-    sweep.add_argument("--storage", help="an Optuna database URL shared by workers on many machines (default: SQLite in the sweep directory)")
-    sweep.add_argument("--no-pruning", action="store_true", help="run every trial to the end (the sweep file's pruning off)")
-    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial, e.g. trainer.max_steps=200")
+    sweep.add_argument(
+        "--storage",
+        help="an Optuna database URL shared by workers on many machines (default: SQLite in the sweep directory)",
+    )
+    sweep.add_argument(
+        "--no-pruning", action="store_true", help="run every trial to the end (the sweep file's pruning off)"
+    )
+    sweep.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides for every trial, e.g. trainer.max_steps=200"
+    )
     return parser
 
 
@@ -146,10 +179,22 @@ def main(argv: list[str] | None = None) -> int:
             from faithful_train.commands.sweep import format_front, run_sweep
 
             out = Path(args.out) if args.out else None
-            summary = run_sweep(args.config, out, args.trials, args.workers, args.storage, args.threads, args.overrides, not args.no_pruning)
+            summary = run_sweep(
+                args.config,
+                out,
+                args.trials,
+                args.workers,
+                args.storage,
+                args.threads,
+                args.overrides,
+                not args.no_pruning,
+            )
             out = out or Path("runs") / "sweeps" / Path(args.config).stem
             print(format_front(out), end="")
-            print(f"sweep directory: {out} ({summary['complete']} finished, {summary['pruned']} pruned, {summary['fail']} failed)")
+            print(
+                f"sweep directory: {out} ({summary['complete']} finished, {summary['pruned']} pruned, "
+                f"{summary['fail']} failed)"
+            )
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "data":
@@ -177,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except runs.RunInterrupted as e:
         if e.checkpoint:
-            where = f"the last checkpoint is {e.checkpoint} (step {e.checkpoint_step}); resume with: {_fit_command(args, run_dir, True)}"
+            where = (
+                f"the last checkpoint is {e.checkpoint} (step {e.checkpoint_step}); "
+                f"resume with: {_fit_command(args, run_dir, True)}"
+            )
         else:
             where = f"no checkpoint was written yet; start again with: {_fit_command(args, run_dir, False)}"
         print(f"faithful-train: stopped at step {e.step}; {where}", file=sys.stderr)
@@ -198,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 def _fit_command(args: argparse.Namespace, run_dir: Path, resume: bool) -> str:
     """The command that continues (or restarts) this run: the same config, options and overrides."""
     options = ["--resume"] * resume + ["--strict"] * bool(args.strict)
-    return shlex.join(["faithful-train", "fit", "-c", args.config, "--run-dir", str(run_dir), *options, *args.overrides])
+    return shlex.join(
+        ["faithful-train", "fit", "-c", args.config, "--run-dir", str(run_dir), *options, *args.overrides]
+    )
 
 
 def entrypoint() -> None:

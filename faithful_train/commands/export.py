@@ -58,7 +58,9 @@ def _hugging_face(model: Any) -> Any:
 
     hf_model = hugging_face_form(model)
     if hf_model is None:
-        raise ConfigError(f"export: a {type(model).__name__} has no Hugging Face form (concept bottlenecks do not export)")
+        raise ConfigError(
+            f"export: a {type(model).__name__} has no Hugging Face form (concept bottlenecks do not export)"
+        )
     return hf_model
 
 

@@ -23,7 +23,11 @@ def wrap(hf_model: Any) -> nn.Module:
 
 
 def load_model(
-    source: str | os.PathLike, ckpt: str | os.PathLike | None = None, vocab_size: int | None = None, seq_len: int | None = None, seed: int = 0
+    source: str | os.PathLike,
+    ckpt: str | os.PathLike | None = None,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    seed: int = 0,
 ) -> nn.Module:
     """A model, in eval mode, from
 

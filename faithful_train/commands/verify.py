@@ -15,7 +15,9 @@ from faithful_train.errors import ConfigError
 from faithful_train.intervene.hypotheses import Hypothesis, data_hash, weights_hash
 
 
-def verify(hypothesis: str | Path, ckpt: str | Path, config: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict[str, Any]:
+def verify(
+    hypothesis: str | Path, ckpt: str | Path, config: str | Path | None = None, overrides: list[str] | tuple = ()
+) -> dict[str, Any]:
     """Re-run ``hypothesis``'s tests on ``ckpt``: ``{recorded, today, same_weights, same_data, ...}``."""
     from faithful_train.commands.loading import load_weights
     from faithful_train.io.checkpoints import load_checkpoint
@@ -37,7 +39,9 @@ def verify(hypothesis: str | Path, ckpt: str | Path, config: str | Path | None =
     task = _model_task(cfg, config_dir) if shifted is None else _model_task(shifted, Path(config).parent)
     vocab = model.eval()(task.sample(1, 0)["input_ids"]).shape[-1]
     if vocab < task.vocab_size:
-        raise ConfigError(f"task {task.name!r} has {task.vocab_size} tokens, more than the checkpoint's model ({vocab})")
+        raise ConfigError(
+            f"task {task.name!r} has {task.vocab_size} tokens, more than the checkpoint's model ({vocab})"
+        )
     audit = _audit(found, hypothesis)
     audit.bind(model, task, int(cfg.seed))
     today = audit.evaluate(model.eval(), task)
@@ -87,7 +91,9 @@ def _audit(found: Hypothesis, path: str | Path) -> Any:
     from faithful_train.audits.interchange import InterchangeAudit
 
     rotation = str(Path(path).resolve()) if found.featurizer == "rotation" else None
-    return InterchangeAudit(alignment=found.alignment, hypothesis=rotation, label=found.label, n_examples=size, seed=found.seed)
+    return InterchangeAudit(
+        alignment=found.alignment, hypothesis=rotation, label=found.label, n_examples=size, seed=found.seed
+    )
 
 
 def _model(cfg: Any, config_dir: Path) -> Any:

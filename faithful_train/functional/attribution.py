@@ -230,6 +230,7 @@ def _double_backward_safe(create_graph: bool) -> contextlib.AbstractContextManag
 
 # --- sites of a model ---
 
+
 def _clean_site(model: nn.Module, site: str, fast: bool) -> int | None:
     """The block whose input *is* ``site`` (``embed``, ``resid_pre``, ``resid_post`` below the
     last block) on a model that can resume, else ``None``: its activation is then the clean
@@ -296,7 +297,9 @@ def site_function(
         def replaced(_value: Tensor, variants: range) -> Tensor:
             return z[variants.start * batch : variants.stop * batch]
 
-        logits = run_variants(model, rows, z.shape[0] // batch, {site: replaced}, positions[:, None], {site: activation}, resume=fast)
+        logits = run_variants(
+            model, rows, z.shape[0] // batch, {site: replaced}, positions[:, None], {site: activation}, resume=fast
+        )
         return _select(logits[:, 0], target, output)
 
     return activation, fn

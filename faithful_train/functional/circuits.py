@@ -110,7 +110,9 @@ def node_mask(ref: SiteRef, shape: Sequence[int], batch: Mapping[str, Tensor]) -
     return within & rows.view(*rows.shape, *([1] * (len(shape) - 2)))
 
 
-def knockout_masks(knockouts: Sequence[Knockout], site: str, shape: Sequence[int], batch: Mapping[str, Tensor]) -> Tensor:
+def knockout_masks(
+    knockouts: Sequence[Knockout], site: str, shape: Sequence[int], batch: Mapping[str, Tensor]
+) -> Tensor:
     """``(V, 1 or B, *shape[1:])``: where each knockout ablates ``site``."""
     masks = []
     for knockout in knockouts:
@@ -134,7 +136,9 @@ class AblationValues:
         self.means = dict(means or {})
 
     @classmethod
-    def from_reference(cls, kind: str, activations: Mapping[str, Tensor], attention_mask: Tensor | None = None) -> AblationValues:
+    def from_reference(
+        cls, kind: str, activations: Mapping[str, Tensor], attention_mask: Tensor | None = None
+    ) -> AblationValues:
         """Means over a reference set's activations ``(N, T, ...)`` (real tokens only)."""
         check_choice("ablation", kind, ABLATIONS)
         if kind not in ("mean", "mean_per_position"):
@@ -169,7 +173,9 @@ class AblationValues:
         if self.kind == "mean_per_position" and clean is not None:
             T = clean.shape[1]
             if mean.shape[1] < T:
-                raise ConfigError(f"mean_per_position ablation of {site}: the reference has {mean.shape[1]} positions, the batch {T}")
+                raise ConfigError(
+                    f"mean_per_position ablation of {site}: the reference has {mean.shape[1]} positions, the batch {T}"
+                )
             mean = mean[:, :T]
         return mean
 
@@ -223,7 +229,11 @@ def knockout_logits(
 
 
 def answer_metric(
-    kind: str, logits: Tensor, labels: Tensor, clean_logits: Tensor | None = None, answer_tokens: Sequence[int] | None = None
+    kind: str,
+    logits: Tensor,
+    labels: Tensor,
+    clean_logits: Tensor | None = None,
+    answer_tokens: Sequence[int] | None = None,
 ) -> Tensor:
     """``(V, B)`` metric ``kind`` of answer logits ``(V, B, vocab)`` against ``labels (B,)``; ``kl``
     compares with ``clean_logits (B, vocab)``, the full model's. Higher is better for every kind."""
@@ -237,7 +247,11 @@ def answer_metric(
         return -(p.exp() * (p - logits.log_softmax(-1))).sum(-1)
     if kind == "prob":
         return logits.softmax(-1).gather(-1, target[..., None]).squeeze(-1)
-    tokens = torch.arange(logits.shape[-1], device=logits.device) if answer_tokens is None else torch.as_tensor(answer_tokens, device=logits.device)
+    tokens = (
+        torch.arange(logits.shape[-1], device=logits.device)
+        if answer_tokens is None
+        else torch.as_tensor(answer_tokens, device=logits.device)
+    )
     candidates = logits[..., tokens]
     if kind == "acc":
         return (tokens[candidates.argmax(-1)] == target).float()
@@ -271,7 +285,9 @@ def curve_sizes(n_nodes: int, max_points: int = 33) -> list[int]:
     return sorted({min(n_nodes, int(-(-f * n_nodes // 1))) for f in fractions})
 
 
-def circuits_by_score(universe: Sequence[SiteRef], scores: Sequence[float], sizes: Sequence[int]) -> list[tuple[SiteRef, ...]]:
+def circuits_by_score(
+    universe: Sequence[SiteRef], scores: Sequence[float], sizes: Sequence[int]
+) -> list[tuple[SiteRef, ...]]:
     """The top-``k`` nodes of ``universe`` by ``scores`` (highest first), for each ``k`` in ``sizes``."""
     order = sorted(range(len(universe)), key=lambda i: -scores[i])
     return [tuple(universe[i] for i in order[:k]) for k in sizes]

@@ -98,7 +98,9 @@ class Swap:
             return interchange(base, self.source, cached_mask(ref, base.shape, base.device), self.basis)
         picked = gather_positions(base, self.positions)  # (B, P, ...)
         taken = gather_positions(self.source, self.source_positions)
-        mixed = interchange(picked, taken, cached_mask(replace(ref, positions=None), picked.shape, base.device), self.basis)
+        mixed = interchange(
+            picked, taken, cached_mask(replace(ref, positions=None), picked.shape, base.device), self.basis
+        )
         index = self.positions.view(*self.positions.shape, *([1] * (base.dim() - 2))).expand_as(mixed)
         return base.scatter(1, index, mixed)
 
@@ -209,10 +211,14 @@ def paired_rows(
     padded, stacked = pad_and_stack([base, *source_sets, *extra])
     B = base["input_ids"].shape[0]
     return PairedRows(
-        pairs, padded[0], {v: padded[1 + index[v]] for v in variables}, stacked,
-        {v: B * (1 + index[v]) for v in variables}, padded[1 + len(source_sets) :],
+        pairs,
+        padded[0],
+        {v: padded[1 + index[v]] for v in variables},
+        stacked,
+        {v: B * (1 + index[v]) for v in variables},
+        padded[1 + len(source_sets) :],
         [B * (1 + len(source_sets) + j) for j in range(len(extra))],
-    )  # fmt: skip
+    )
 
 
 def counterfactual_targets(pairs: Pairs, variables: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -256,7 +262,9 @@ def answer_predictions(answer_logits: Tensor, task: Task) -> Tensor:
     return tokens[answer_logits[..., tokens].argmax(dim=-1)]
 
 
-def interchange_hits(answer_logits: Tensor, targets: Tensor, mask: Tensor | None = None, task: Task | None = None) -> Tensor:
+def interchange_hits(
+    answer_logits: Tensor, targets: Tensor, mask: Tensor | None = None, task: Task | None = None
+) -> Tensor:
     """Per-pair IIA indicator: 1 where the intervened model's answer is the causal model's. A
     one-token answer is the argmax over the task's answer tokens; a longer one counts only
     when every token is the argmax (over the vocabulary). ``(N, A, V)`` logits, ``(N, A)``

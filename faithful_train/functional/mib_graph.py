@@ -60,7 +60,9 @@ def _edge(nodes: dict, parent: str, child: str) -> dict:
     return {"score": score, "in_graph": bool(nodes[parent]["in_graph"] and nodes[child]["in_graph"])}
 
 
-def write_eap_graph(path: Path, n_layers: int, n_heads: int, d_model: int, scores: Mapping[str, float], circuit: set[str]) -> None:
+def write_eap_graph(
+    path: Path, n_layers: int, n_heads: int, d_model: int, scores: Mapping[str, float], circuit: set[str]
+) -> None:
     """Write the graph of ``circuit`` (our node labels) with node ``scores`` (our labels)."""
     named = {eap_node_name(k): v for k, v in scores.items() if eap_node_name(k) is not None}
     members = {eap_node_name(k) for k in circuit} - {None}

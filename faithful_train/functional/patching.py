@@ -17,9 +17,9 @@ Exact patching (Meng et al. 2022; Wang et al. 2022; TransformerLens's ``patching
 The cells of each block are the variants of one engine call (``engine.run_variants``: stacked,
 resumed at that block from the base run, chunked to a memory budget), so a sweep makes one call
 per block, not one forward per cell, and a cell of block ``i`` runs only blocks ``i`` and up.
-The metric ``m`` is per example and scores the clean answer (``circuits.answer_metric``: ``logit_diff``, ``prob``, ``acc``, ``kl`` to the
-clean run's distribution). The normalised score (TransformerLens's tutorials; Wang et al. 2022),
-on the metric averaged over the examples:
+The metric ``m`` is per example and scores the clean answer (``circuits.answer_metric``:
+``logit_diff``, ``prob``, ``acc``, ``kl`` to the clean run's distribution). The normalised score
+(TransformerLens's tutorials; Wang et al. 2022), on the metric averaged over the examples:
 
     score(c) = (m(patched_c) - m(corrupted)) / (m(clean) - m(corrupted))
 
@@ -119,7 +119,10 @@ def parse_positions(specs: Sequence[Any], owner: str = "patching") -> tuple[Posi
         elif isinstance(spec, (str, Mapping)):
             out.append(PositionSpec.parse(spec))
         else:
-            raise ConfigError(f"{owner}: position {spec!r} is not an int, 'answer', 'answer-<k>' or {{span: <name>, token: first|last|all}}")
+            raise ConfigError(
+                f"{owner}: position {spec!r} is not an int, 'answer', 'answer-<k>' or "
+                f"{{span: <name>, token: first|last|all}}"
+            )
     if not out:
         raise ConfigError(f"{owner}: positions is empty; give at least one position")
     return tuple(dict.fromkeys(out))
@@ -205,7 +208,9 @@ class PatchResult:
 
     def scores(self) -> Tensor:
         """``(K,)`` normalised scores of the example-averaged metric."""
-        return normalised_score(self.values.double().mean(1), self.clean.double().mean(), self.corrupted.double().mean())
+        return normalised_score(
+            self.values.double().mean(1), self.clean.double().mean(), self.corrupted.double().mean()
+        )
 
 
 def _check_direction(direction: str) -> str:
@@ -214,7 +219,9 @@ def _check_direction(direction: str) -> str:
     return direction
 
 
-def _forward(model: nn.Module, batch: Batch, sites: Sequence[str], edits: Mapping | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def _forward(
+    model: nn.Module, batch: Batch, sites: Sequence[str], edits: Mapping | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``(first-answer logits (B, vocab), recorded activations)`` of one full forward."""
     with hooked(model, record=sites, edits=edits) as cache:
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
@@ -226,7 +233,9 @@ def _roles(clean: Batch, corrupted: Batch, direction: str) -> tuple[Batch, Batch
     return (corrupted, clean) if _check_direction(direction) == "denoising" else (clean, corrupted)
 
 
-def patch_edits(cells: Sequence[Cell], base: Batch, source: Batch, source_cache: Mapping[str, Tensor]) -> dict[str, VariantEdit]:
+def patch_edits(
+    cells: Sequence[Cell], base: Batch, source: Batch, source_cache: Mapping[str, Tensor]
+) -> dict[str, VariantEdit]:
     """Engine edits: variant ``k`` takes cell ``k``'s entries from ``source_cache`` (positions
     resolved per row in ``source``) into the base rows (positions resolved in ``base``)."""
     B = base["input_ids"].shape[0]
@@ -238,7 +247,10 @@ def patch_edits(cells: Sequence[Cell], base: Batch, source: Batch, source_cache:
             to, ok_to = cell_positions(cell.position, base)
             frm, ok_from = cell_positions(cell.position, source)
             if to.shape != frm.shape:
-                raise ConfigError(f"positions {position_label(cell.position)!r}: {to.shape[1]} tokens in the base rows, {frm.shape[1]} in the source rows")
+                raise ConfigError(
+                    f"positions {position_label(cell.position)!r}: {to.shape[1]} tokens in the base rows, "
+                    f"{frm.shape[1]} in the source rows"
+                )
             where[cell.position] = (to, frm, ok_to & ok_from)
     edits = {}
     for site, members in by_site.items():
@@ -257,11 +269,15 @@ def patch_edits(cells: Sequence[Cell], base: Batch, source: Batch, source_cache:
             positions.append(at)
             heads.append(torch.full_like(row, -1 if cell.head is None else cell.head))
             values.append(taken)
-        edits[site] = _replace_entries(torch.cat(variants), torch.cat(rows), torch.cat(positions), torch.cat(heads), torch.cat(values), B)
+        edits[site] = _replace_entries(
+            torch.cat(variants), torch.cat(rows), torch.cat(positions), torch.cat(heads), torch.cat(values), B
+        )
     return edits
 
 
-def _replace_entries(variant: Tensor, row: Tensor, position: Tensor, head: Tensor, values: Tensor, B: int) -> VariantEdit:
+def _replace_entries(
+    variant: Tensor, row: Tensor, position: Tensor, head: Tensor, values: Tensor, B: int
+) -> VariantEdit:
     """A ``VariantEdit`` writing ``values[e]`` at ``(row[e], position[e][, head[e]])`` of variant
     ``variant[e]``'s rows, for every entry ``e`` whose variant is in the chunk."""
     variant_cpu = variant.cpu()
@@ -302,7 +318,9 @@ def activation_patching(
     record = sites + [f"blocks.{i}.resid_pre" for i in starts if f"blocks.{i}.resid_pre" not in sites]
     clean_logits, clean_cache = _forward(model, clean_batch, record)
     corrupted_logits, corrupted_cache = _forward(model, corrupted_batch, record)
-    base_cache, source_cache = (corrupted_cache, clean_cache) if base is corrupted_batch else (clean_cache, corrupted_cache)
+    base_cache, source_cache = (
+        (corrupted_cache, clean_cache) if base is corrupted_batch else (clean_cache, corrupted_cache)
+    )
     reference = clean_logits.detach()
     base_logits = corrupted_logits if base is corrupted_batch else clean_logits
     read = answer_positions(base)[:, :1]
@@ -316,7 +334,9 @@ def activation_patching(
             continue
         edits = patch_edits([cells[k] for k in group], base, source, source_cache)
         logits = run_variants(model, base, len(group), edits, read=read, cache=base_cache, memory_budget=memory_budget)
-        values[group] = metric_fn(first_answer_logits(logits).reshape(len(group), read.shape[0], -1), reference).to(values.dtype)
+        values[group] = metric_fn(first_answer_logits(logits).reshape(len(group), read.shape[0], -1), reference).to(
+            values.dtype
+        )
     clean = metric_fn(clean_logits[None], reference)[0]
     corrupted = metric_fn(corrupted_logits[None], reference)[0]
     return PatchResult(values, clean, corrupted, direction)
@@ -362,7 +382,9 @@ def attribution_patching(
         if key not in contribution:
             to, ok_to = cell_positions(cell.position, base)
             frm, ok_from = cell_positions(cell.position, source)
-            delta = gather_positions(source_cache[cell.site].detach(), frm) - gather_positions(base_cache[cell.site].detach(), to)
+            delta = gather_positions(source_cache[cell.site].detach(), frm) - gather_positions(
+                base_cache[cell.site].detach(), to
+            )
             product = (delta * gather_positions(grads[cell.site], to)).sum(-1)  # (B, P) or (B, P, H)
             valid = (ok_to & ok_from).view(*ok_to.shape, *([1] * (product.dim() - 2)))
             contribution[key] = (product * valid).sum(1)
@@ -407,7 +429,11 @@ def rank_agreement(exact: Tensor, estimated: Tensor) -> float:
 def node_effects(cells: Sequence[Cell], effects: Tensor, universe: Sequence[SiteRef]) -> Tensor:
     """``(N,)`` per node of a circuit universe (``circuits.components``: heads and MLPs), the sum of
     the estimated effects of its cells over positions: AtP of patching the node at all of them."""
-    index = {(ref.name, None if ref.heads is None else ref.heads[0]): i for i, ref in enumerate(universe) if ref.heads is None or len(ref.heads) == 1}
+    index = {
+        (ref.name, None if ref.heads is None else ref.heads[0]): i
+        for i, ref in enumerate(universe)
+        if ref.heads is None or len(ref.heads) == 1
+    }
     out = torch.zeros(len(universe), dtype=torch.float64)
     for cell, effect in zip(cells, effects.tolist()):
         i = index.get((cell.site, cell.head))
@@ -434,7 +460,12 @@ def circuit_metric(
     tokens; ``kl`` to the full model's distribution), one engine call."""
     sites = sorted({ref.name for k in knockouts for ref in (*k.ablate, *k.keep)})
     plan = plan_resume(model, sites)
-    logits, cache = run_with(model, batch["input_ids"], record=sites + ([plan.site] if plan else []), attention_mask=batch.get("attention_mask"))
+    logits, cache = run_with(
+        model,
+        batch["input_ids"],
+        record=sites + ([plan.site] if plan else []),
+        attention_mask=batch.get("attention_mask"),
+    )
     clean = first_answer_logits(gather_positions(logits, answer_positions(batch))).detach()
     values = AblationValues.from_reference(ablation, {s: cache[s] for s in sites}, batch.get("attention_mask"))
     return metric_fn(knockout_logits(model, batch, knockouts, values, clean=cache, memory_budget=memory_budget), clean)

@@ -57,7 +57,11 @@ class RouterRows:
         if isinstance(logits, RouterRows):
             return logits
         E = logits.shape[-1]
-        n = mask.numel() if mask is not None else (logits.shape[-3] * logits.shape[-2] if logits.dim() >= 3 else logits.shape[0])
+        n = (
+            mask.numel()
+            if mask is not None
+            else (logits.shape[-3] * logits.shape[-2] if logits.dim() >= 3 else logits.shape[0])
+        )
         rows = logits.float().reshape(-1, n, E).transpose(1, 2).contiguous()
         weights = torch.ones(n, device=rows.device) if mask is None else mask.reshape(-1).to(rows.device, torch.float32)
         return cls(rows, weights, logits.dim() == 4)
@@ -96,7 +100,9 @@ def top_k_experts(logits: Tensor, top_k: int, bias: Tensor | None = None) -> Ten
     return scores.topk(top_k, dim=-1).indices
 
 
-def expert_load(logits: Tensor | RouterRows, top_k: int, mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+def expert_load(
+    logits: Tensor | RouterRows, top_k: int, mask: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
     """Number of top-k assignments each expert receives (padding excluded): ``(E,)``, or
     ``(L, E)`` for stacked layers ``(L, B, T, E)`` (``bias`` then ``(L, E)``)."""
     r = RouterRows.of(logits, mask)

@@ -86,7 +86,9 @@ def linear_surrogate(kept: Tensor, target: Tensor, ridge: float = 1e-3) -> tuple
     B, n = target.shape
     x = kept.float().to(target.device).expand(B, n, kept.shape[-1])
     design = torch.cat([x, torch.ones(B, n, 1, device=target.device)], 2).double()
-    gram = design.transpose(1, 2) @ design + ridge * torch.eye(design.shape[2], device=target.device, dtype=torch.double)
+    gram = design.transpose(1, 2) @ design + ridge * torch.eye(
+        design.shape[2], device=target.device, dtype=torch.double
+    )
     coef = torch.linalg.solve(gram, design.transpose(1, 2) @ target.double()[..., None])[..., 0]  # (B, k + 1)
     fitted = (design @ coef[..., None])[..., 0]
     y = target.double()

@@ -51,13 +51,20 @@ class Hypothesis:
     tensors: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def circuit(cls, label: str, nodes: Any, granularity: str, ablation: str, metric: str, **measured: Any) -> Hypothesis:
+    def circuit(
+        cls, label: str, nodes: Any, granularity: str, ablation: str, metric: str, **measured: Any
+    ) -> Hypothesis:
         """A circuit (``SiteRef`` nodes) as tested: universe granularity, ablation, metric, and
         whatever was measured (hashes, audit set, step, figures)."""
         return cls(
-            kind="circuit", label=label, nodes=[ref.to_dict() for ref in nodes],
-            granularity=granularity, ablation=ablation, metric=metric, **measured,
-        )  # fmt: skip
+            kind="circuit",
+            label=label,
+            nodes=[ref.to_dict() for ref in nodes],
+            granularity=granularity,
+            ablation=ablation,
+            metric=metric,
+            **measured,
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON (and the tensors beside it), each atomically."""
@@ -80,11 +87,15 @@ class Hypothesis:
         """Read a hypothesis file; a missing or malformed one is a one-line ``ConfigError``."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"hypothesis {str(path)!r} does not exist (hypotheses live in <run dir>/hypotheses/<label>.json)")
+            raise ConfigError(
+                f"hypothesis {str(path)!r} does not exist (hypotheses live in <run dir>/hypotheses/<label>.json)"
+            )
         try:
             record = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"hypothesis {path}: not JSON ({e.__class__.__name__} at line {getattr(e, 'lineno', '?')})") from None
+            raise ConfigError(
+                f"hypothesis {path}: not JSON ({e.__class__.__name__} at line {getattr(e, 'lineno', '?')})"
+            ) from None
         if not isinstance(record, dict) or record.get("kind") not in KINDS:
             raise ConfigError(f"hypothesis {path}: 'kind' must be one of {', '.join(KINDS)}")
         if kind is not None and record["kind"] != kind:
@@ -156,7 +167,10 @@ class HypothesisFiles:
         """A one-line error now (before training) when nothing will be at ``path``."""
         if self._writer(path) is None and not self.resolve(path).is_file():
             writers = ", ".join(f"hypotheses/{label}.json" for label in self.writers) or "none"
-            raise ConfigError(f"{owner}: hypothesis {str(path)!r} does not exist and no objective of this run writes it (they write: {writers})")
+            raise ConfigError(
+                f"{owner}: hypothesis {str(path)!r} does not exist and no objective of this run writes it "
+                f"(they write: {writers})"
+            )
 
     def load(self, path: str | Path, kind: str | None = None) -> Hypothesis:
         writer = self._writer(path)

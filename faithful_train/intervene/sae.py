@@ -20,8 +20,9 @@ The loss is the fraction of variance unexplained, sparsify's definition over the
 plus ``auxk_alpha`` times the AuxK loss (Gao et al. 2024): the ``d/2`` dead latents with the
 largest pre-activations reconstruct the residual ``y - y_hat`` (their decode without ``b_dec``,
 which the residual already holds), scaled by ``min(#dead / (d/2), 1)``, over the same
-denominator. As in sparsify, the AuxK term trains the decoder weights only. Decoder rows are kept unit norm (``normalize_decoder``): the gradient along each
-row is removed before a step and the rows renormalised after it.
+denominator. As in sparsify, the AuxK term trains the decoder weights only. Decoder rows are
+kept unit norm (``normalize_decoder``): the gradient along each row is removed before a step
+and the rows renormalised after it.
 
 Files follow SAELens (``cfg.json`` + ``sae_weights.safetensors``, v6 layout): ``W_enc``
 ``(d_in, d_sae)``, ``W_dec`` ``(d_sae, d_in)``, ``b_enc``, ``b_dec`` and, for JumpReLU (and a
@@ -46,8 +47,8 @@ from faithful_train.tasks.base import Task
 
 ACTIVATIONS = ("topk", "batch_topk", "jumprelu", "relu")
 SAELENS_ARCHITECTURES = {"topk": "topk", "batch_topk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
-SAELENS_VERSION = "6.18.0"
-SPARSE_FROM = 256  # latents from which TopK runs sparse (measured: benchmarks/sae.py)  # the cfg.json layout written (and read: 6.x)
+SAELENS_VERSION = "6.18.0"  # the cfg.json layout written (and read: 6.x)
+SPARSE_FROM = 256  # latents from which TopK runs sparse (measured: benchmarks/sae.py)
 
 
 @dataclass
@@ -92,16 +93,22 @@ class _TopKEncode(torch.autograd.Function):
         return values, index, pre
 
     @staticmethod
-    def backward(ctx: Any, grad_values: Tensor, grad_index: Any, grad_pre: Any) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    def backward(
+        ctx: Any, grad_values: Tensor, grad_index: Any, grad_pre: Any
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, weight, index = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.functional.embedding_bag(index, weight, per_sample_weights=grad_values.to(weight.dtype), mode="sum")
+            grad_x = torch.nn.functional.embedding_bag(
+                index, weight, per_sample_weights=grad_values.to(weight.dtype), mode="sum"
+            )
         if ctx.needs_input_grad[1]:
             rows = (grad_values.unsqueeze(-1) * x.unsqueeze(1)).reshape(-1, x.shape[-1]).to(weight.dtype)
             grad_w = torch.zeros_like(weight).index_add_(0, index.flatten(), rows)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device).index_add_(0, index.flatten(), grad_values.flatten().to(weight.dtype))
+            grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device).index_add_(
+                0, index.flatten(), grad_values.flatten().to(weight.dtype)
+            )
         return grad_x, grad_w, grad_b, None
 
 
@@ -241,8 +248,13 @@ class SparseAutoencoder(nn.Module):
         y = x if y is None else y
         top_values = top_indices = z = None
         if self.activation == "topk" and self.sparse:
-            top_values, top_indices, pre = _TopKEncode.apply(x if self.transcoder else x - self.b_dec, self.encoder.weight, self.encoder.bias, self.k)
-            y_hat = torch.nn.functional.embedding_bag(top_indices, self.W_dec, per_sample_weights=top_values, mode="sum") + self.b_dec
+            top_values, top_indices, pre = _TopKEncode.apply(
+                x if self.transcoder else x - self.b_dec, self.encoder.weight, self.encoder.bias, self.k
+            )
+            y_hat = (
+                torch.nn.functional.embedding_bag(top_indices, self.W_dec, per_sample_weights=top_values, mode="sum")
+                + self.b_dec
+            )
             l0 = (top_values > 0).float().sum(-1).mean()
         else:
             pre = self.pre_acts(x)
@@ -266,7 +278,9 @@ class SparseAutoencoder(nn.Module):
             else:  # every dead latent: no selection to make
                 values, index = candidates, dead_index.expand(candidates.shape[0], -1)
             # the residual already holds b_dec: the dead latents' decode adds no bias (sparsify 1.3)
-            e_hat = torch.nn.functional.embedding_bag(index, self.W_dec, per_sample_weights=values.clamp_min(0), mode="sum")
+            e_hat = torch.nn.functional.embedding_bag(
+                index, self.W_dec, per_sample_weights=values.clamp_min(0), mode="sum"
+            )
             auxk = scale * (e_hat - error.detach()).pow(2).sum() / total
         if self.activation == "relu":
             sparsity = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
@@ -336,7 +350,9 @@ def attach_sae(model: nn.Module, site: str, sae: SparseAutoencoder, owner: str) 
     own). Returns the name."""
     taken = featurized_sites(model).get(f"{site}.sae")
     if taken is not None and taken[1] is not sae and getattr(taken[1], "owner", None) != owner:
-        raise ConfigError(f"{owner}: {site}.sae already holds another SAE's latents (an sae objective's); read that one by its label")
+        raise ConfigError(
+            f"{owner}: {site}.sae already holds another SAE's latents (an sae objective's); read that one by its label"
+        )
     sae.owner = owner
     return attach_featurizer(model, site, sae)
 
@@ -344,12 +360,23 @@ def attach_sae(model: nn.Module, site: str, sae: SparseAutoencoder, owner: str) 
 def saelens_config(sae: SparseAutoencoder, hook_name: str, model_name: str = "faithful_train") -> dict[str, Any]:
     architecture = SAELENS_ARCHITECTURES[sae.activation]
     cfg: dict[str, Any] = {
-        "d_in": sae.d_in, "d_sae": sae.n_latents, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": not sae.transcoder, "normalize_activations": "none", "reshape_activations": "none",
+        "d_in": sae.d_in,
+        "d_sae": sae.n_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": not sae.transcoder,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
         "architecture": architecture,
-        "metadata": {"sae_lens_version": SAELENS_VERSION, "hook_name": hook_name, "model_name": model_name,
-                     "hook_head_index": None, "prepend_bos": False, "faithful_train_activation": sae.activation},
-    }  # fmt: skip
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "hook_name": hook_name,
+            "model_name": model_name,
+            "hook_head_index": None,
+            "prepend_bos": False,
+            "faithful_train_activation": sae.activation,
+        },
+    }
     if architecture == "topk":
         cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
     if sae.transcoder:
@@ -382,7 +409,9 @@ def save_saelens(sae: SparseAutoencoder, folder: str | Path, hook_name: str) -> 
     os.replace(tmp, folder / "cfg.json")
 
 
-def load_saelens(folder: str | Path, d_in: int | None = None, where: str = "sae") -> tuple[SparseAutoencoder, dict[str, Any]]:
+def load_saelens(
+    folder: str | Path, d_in: int | None = None, where: str = "sae"
+) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """An SAE from SAELens's layout (v6 ``cfg.json``; topk, jumprelu or standard), checked
     against the site's width ``d_in``; anything else is a one-line ``DataError``."""
     from safetensors.torch import load_file
@@ -391,14 +420,20 @@ def load_saelens(folder: str | Path, d_in: int | None = None, where: str = "sae"
     cfg_path, weights_path = folder / "cfg.json", folder / "sae_weights.safetensors"
     if not cfg_path.is_file() or not weights_path.is_file():
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        raise DataError(f"{where}: {folder} is not an SAE in SAELens's layout (cfg.json + sae_weights.safetensors); found {found or 'nothing'}")
+        raise DataError(
+            f"{where}: {folder} is not an SAE in SAELens's layout (cfg.json + sae_weights.safetensors); "
+            f"found {found or 'nothing'}"
+        )
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: {cfg_path} is not JSON: {first_line(e)}") from None
     version = str((cfg.get("metadata") or {}).get("sae_lens_version", cfg.get("sae_lens_version", "")))
     if not version.startswith("6."):
-        raise DataError(f"{where}: {cfg_path} is not a SAELens 6.x config (sae_lens_version {version or 'missing'}); convert it with SAELens 6")
+        raise DataError(
+            f"{where}: {cfg_path} is not a SAELens 6.x config (sae_lens_version {version or 'missing'}); "
+            "convert it with SAELens 6"
+        )
     architecture = cfg.get("architecture")
     if architecture not in ("topk", "jumprelu", "standard"):
         raise DataError(f"{where}: {cfg_path} architecture {architecture!r} is not one of topk, jumprelu, standard")
@@ -410,14 +445,29 @@ def load_saelens(folder: str | Path, d_in: int | None = None, where: str = "sae"
     if needed - set(tensors):
         raise DataError(f"{where}: {weights_path} lacks {', '.join(sorted(needed - set(tensors)))}")
     d_in_file, d_sae = tensors["W_enc"].shape
-    if (int(cfg.get("d_in", d_in_file)), int(cfg.get("d_sae", d_sae))) != (d_in_file, d_sae) or tensors["W_dec"].shape[0] != d_sae:
-        raise DataError(f"{where}: {folder}: cfg.json says d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')}; the tensors are W_enc {tuple(tensors['W_enc'].shape)}, W_dec {tuple(tensors['W_dec'].shape)}")
+    if (int(cfg.get("d_in", d_in_file)), int(cfg.get("d_sae", d_sae))) != (d_in_file, d_sae) or tensors["W_dec"].shape[
+        0
+    ] != d_sae:
+        raise DataError(
+            f"{where}: {folder}: cfg.json says d_in {cfg.get('d_in')}, d_sae {cfg.get('d_sae')}; "
+            f"the tensors are W_enc {tuple(tensors['W_enc'].shape)}, W_dec {tuple(tensors['W_dec'].shape)}"
+        )
     if d_in is not None and d_in_file != d_in:
         raise DataError(f"{where}: the SAE in {folder} reads {d_in_file} dimensions, the site has {d_in}")
-    activation = (cfg.get("metadata") or {}).get("faithful_train_activation") or {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu"}[architecture]
+    activation = (cfg.get("metadata") or {}).get("faithful_train_activation") or {
+        "topk": "topk",
+        "jumprelu": "jumprelu",
+        "standard": "relu",
+    }[architecture]
     d_out = tensors["W_dec"].shape[1]
-    sae = SparseAutoencoder(d_in_file, d_sae, k=int(cfg.get("k", 1) or 1), activation=activation,
-                            d_out=None if d_out == d_in_file and cfg.get("apply_b_dec_to_input", True) else d_out, normalize_decoder=False)  # fmt: skip
+    sae = SparseAutoencoder(
+        d_in_file,
+        d_sae,
+        k=int(cfg.get("k", 1) or 1),
+        activation=activation,
+        d_out=None if d_out == d_in_file and cfg.get("apply_b_dec_to_input", True) else d_out,
+        normalize_decoder=False,
+    )
     with torch.no_grad():
         sae.encoder.weight.copy_(tensors["W_enc"].T)
         sae.encoder.bias.copy_(tensors["b_enc"])

@@ -54,7 +54,10 @@ class PositionSpec:
         if isinstance(spec, str):
             match = _ANSWER_OFFSET.match(spec.strip())
             if match is None:
-                raise ConfigError(f"positions {spec!r}: use a list of ints, 'last', 'answer', 'answer-<k>' or {{span: <name>, token: first|last|all}}")
+                raise ConfigError(
+                    f"positions {spec!r}: use a list of ints, 'last', 'answer', 'answer-<k>' or "
+                    f"{{span: <name>, token: first|last|all}}"
+                )
             offset = int(match[3] or 0) * (-1 if match[2] == "-" else 1)
             return cls(offset=offset)
         allowed = {"span", "token"}
@@ -143,7 +146,9 @@ class SiteRef:
         """Boolean mask of shape ``(1, *shape[1:])``: True where this ref selects."""
         mask = torch.ones((1, *shape[1:]), dtype=torch.bool, device=device)
         if self.name.endswith("attn.pattern") and (self.positions is not None or self.heads is not None):
-            raise ConfigError(f"site {self.name} is (batch, head, query, key): narrow it with dims (keys), not positions or heads")
+            raise ConfigError(
+                f"site {self.name} is (batch, head, query, key): narrow it with dims (keys), not positions or heads"
+            )
         if self.per_example:
             raise ValueError(f"site {self.name}: per-example positions need resolve_positions")
         if self.positions is not None:
@@ -202,11 +207,15 @@ def resolve_positions(ref: SiteRef, batch: Mapping[str, Tensor]) -> Tensor | Non
             return (stop - 1)[:, None]
         lengths = stop - start
         if (lengths != lengths[0]).any():
-            raise ConfigError(f"span {spec.span!r} has different token lengths across examples; use token: first or last")
+            raise ConfigError(
+                f"span {spec.span!r} has different token lengths across examples; use token: first or last"
+            )
         return start[:, None] + torch.arange(int(lengths[0]), device=ids.device)[None]
     offsets = torch.tensor(spec, dtype=torch.long, device=ids.device)[None]
     mask = batch.get("attention_mask")
-    first = torch.zeros(B, 1, dtype=torch.long, device=ids.device) if mask is None else mask.long().argmax(1, keepdim=True)
+    first = (
+        torch.zeros(B, 1, dtype=torch.long, device=ids.device) if mask is None else mask.long().argmax(1, keepdim=True)
+    )
     end = answer_position(batch)[:, None] + 1 if "answer_pos" in batch else torch.full((B, 1), T, device=ids.device)
     return torch.where(offsets >= 0, first + offsets, end + offsets)
 

@@ -27,7 +27,10 @@ def build_model(
         from faithful_train.modeling.lora import add_lora
 
         if bottleneck is not None:
-            raise ConfigError("model.lora: a concept-bottleneck model cannot take LoRA adapters (its bottleneck and head train in full)")
+            raise ConfigError(
+                "model.lora: a concept-bottleneck model cannot take LoRA adapters "
+                "(its bottleneck and head train in full)"
+            )
         add_lora(backbone, **dict(lora))
     if checkpointing:
         backbone.enable_activation_checkpointing()
@@ -36,7 +39,9 @@ def build_model(
     return _with_bottleneck(backbone, dict(bottleneck), vocab_size, seed, concepts or {})
 
 
-def _with_bottleneck(backbone: nn.Module, spec: dict[str, Any], vocab_size: int, seed: int, concepts: Mapping) -> nn.Module:
+def _with_bottleneck(
+    backbone: nn.Module, spec: dict[str, Any], vocab_size: int, seed: int, concepts: Mapping
+) -> nn.Module:
     from faithful_train.modeling.bottleneck import BottleneckModel
     from faithful_train.modeling.concept_layout import ConceptLayout
 
@@ -95,7 +100,10 @@ def freeze(model: nn.Module, patterns: Sequence[str], key: str = "optim.freeze")
     names = [name for name, _ in model.named_parameters()]
     for i, pattern in enumerate(patterns):
         if not any(fnmatchcase(name, pattern) for name in names):
-            raise ConfigError(f"config key '{key}.{i}' ({pattern!r}) names no parameter of the model; it has {', '.join(names[:6])}, ...")
+            raise ConfigError(
+                f"config key '{key}.{i}' ({pattern!r}) names no parameter of the model; "
+                f"it has {', '.join(names[:6])}, ..."
+            )
     frozen = []
     for name, parameter in model.named_parameters():
         if any(fnmatchcase(name, pattern) for pattern in patterns):

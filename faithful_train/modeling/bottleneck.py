@@ -144,7 +144,11 @@ class ConceptBottleneck(nn.Module):
     def _noisy(self, side: Tensor) -> Tensor:
         if not (self.training and self.side_noise > 0):
             return side
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        rank = (
+            torch.distributed.get_rank()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 0
+        )
         generator = torch.Generator(device=side.device).manual_seed(int(self.noise_draws) * 1_000_003 + rank)
         self.noise_draws += 1
         noise = torch.randn(side.shape, generator=generator, device=side.device, dtype=side.dtype)
@@ -162,7 +166,9 @@ class ConceptBottleneck(nn.Module):
 def bottleneck_of(model: nn.Module, owner: str) -> BottleneckModel:
     """``model`` if it has a concept bottleneck, else a config error naming ``owner``."""
     if not isinstance(model, BottleneckModel):
-        raise ConfigError(f"{owner} needs a model with a concept bottleneck: add 'bottleneck: {{mode: hard}}' to the model section")
+        raise ConfigError(
+            f"{owner} needs a model with a concept bottleneck: add 'bottleneck: {{mode: hard}}' to the model section"
+        )
     return model
 
 
@@ -172,7 +178,9 @@ class BottleneckModel(nn.Module):
 
     per_token_logits = False  # it answers only where it reads: no next-token logits elsewhere
 
-    def __init__(self, backbone: nn.Module, layout: ConceptLayout, vocab_size: int, layer: int | None = None, **bottleneck: Any):
+    def __init__(
+        self, backbone: nn.Module, layout: ConceptLayout, vocab_size: int, layer: int | None = None, **bottleneck: Any
+    ):
         super().__init__()
         n = backbone.n_layers
         layer = n - 1 if layer is None else layer
@@ -192,13 +200,19 @@ class BottleneckModel(nn.Module):
         return self.layer + 1
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, narrow: bool = True
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        narrow: bool = True,
     ) -> Tensor:
         """Answer logits ``(B, P, vocab)`` through the concepts, read at ``positions`` (B, P)
         (default: each row's last real token). Every block below the bottleneck runs in full."""
         return self.bottleneck(self.features(input_ids, attention_mask, positions))
 
-    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def features(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
         """The bottleneck's input: ``blocks.{layer}.resid_post`` at ``positions``, ``(B, P, D)``."""
         if positions is None:
             B, T = input_ids.shape
@@ -256,7 +270,10 @@ class BottleneckModel(nn.Module):
     def check_task(self, task: Any, owner: str) -> None:
         """Every concept of the bottleneck must be labelled by ``task``, whose answers are one token."""
         if task.answer_length > 1:
-            raise ConfigError(f"{owner}: a concept bottleneck answers with one token; task {task.name!r} has answers of up to {task.answer_length}")
+            raise ConfigError(
+                f"{owner}: a concept bottleneck answers with one token; "
+                f"task {task.name!r} has answers of up to {task.answer_length}"
+            )
         for name in self.layout.names:
             task.check_concept(name, owner)
 

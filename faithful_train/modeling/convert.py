@@ -23,11 +23,22 @@ def to_gpt2(model: Transformer):
     if cfg.n_experts:
         raise ConfigError("export: a mixture-of-experts transformer has no GPT-2 counterpart; only dense models export")
     config = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-        n_head=cfg.n_heads, n_inner=cfg.d_mlp, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=None, eos_token_id=None,  # GPT-2's 50256 lies outside our vocabularies
-    )  # fmt: skip
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_seq_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.d_mlp,
+        activation_function="gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=cfg.tie_embeddings,
+        # GPT-2's 50256 lies outside our vocabularies
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     hf = GPT2LMHeadModel(config).eval()
     own = model.state_dict()
     new = {
@@ -41,7 +52,12 @@ def to_gpt2(model: Transformer):
         ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
         for a, b in (("ln1", "ln_1"), ("ln2", "ln_2")):
             new[f"{theirs}{b}.weight"], new[f"{theirs}{b}.bias"] = own[f"{ours}{a}.weight"], own[f"{ours}{a}.bias"]
-        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+        for a, b in (
+            ("attn.qkv", "attn.c_attn"),
+            ("attn.proj", "attn.c_proj"),
+            ("mlp.up", "mlp.c_fc"),
+            ("mlp.down", "mlp.c_proj"),
+        ):
             new[f"{theirs}{b}.weight"] = own[f"{ours}{a}.weight"].T.contiguous()
             new[f"{theirs}{b}.bias"] = own[f"{ours}{a}.bias"]
     with torch.no_grad():

@@ -138,8 +138,16 @@ PATTERN_ATTENTION = "faithful_eager"
 _LOAD_KWARGS = {"attn_implementation": "eager", "experts_implementation": "eager"}
 
 
-def _pattern_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                       scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor]:
+def _pattern_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
     """The family's own eager attention, unless the layer's ``attn.pattern`` site is recorded or
     edited: then the same computation written out, with the probabilities ``(B, H, T, T)``
     passed through the site's hook before they weight the values (softmax in float32)."""
@@ -248,7 +256,9 @@ class HFAdapter(nn.Module):
 
     def _gates(self) -> dict[int, nn.Module]:
         spec = self._spec
-        gates = {i: _submodule(layer, spec.router) if spec.router else None for i, layer in enumerate(self.decoder_layers())}
+        gates = {
+            i: _submodule(layer, spec.router) if spec.router else None for i, layer in enumerate(self.decoder_layers())
+        }
         return {i: g for i, g in gates.items() if g is not None}
 
     def _biased_routing(self, gate: nn.Module, layer: int) -> Callable:
@@ -303,7 +313,8 @@ class HFAdapter(nn.Module):
         where = Path(path)
         if not where.is_dir():
             raise ConfigError(
-                f"model.path {str(path)!r} is not a directory (a local save_pretrained directory; nothing is downloaded)"
+                f"model.path {str(path)!r} is not a directory (a local save_pretrained directory; "
+                "nothing is downloaded)"
             )
         if not (where / "config.json").is_file():
             raise ConfigError(
@@ -401,7 +412,9 @@ class HFAdapter(nn.Module):
             sliding = self.family == "mixtral" and getattr(config, "sliding_window", None) is not None
             kinds = ["sliding_attention" if sliding else "full_attention"] * self.n_layers
         masks = {
-            kind: makers[kind](config=config, inputs_embeds=resid, attention_mask=attention_mask, cache=None, position_ids=ids)
+            kind: makers[kind](
+                config=config, inputs_embeds=resid, attention_mask=attention_mask, cache=None, position_ids=ids
+            )
             for kind in set(kinds)
         }
         shared: dict[str, Any] = {"position_ids": ids, "use_cache": False}

@@ -38,7 +38,9 @@ def lora_target(model: nn.Module) -> nn.Module:
     if hf is not None:
         return hf
     if hasattr(model, "backbone"):
-        raise ConfigError("model.lora: a concept-bottleneck model cannot take LoRA adapters (its bottleneck and head train in full)")
+        raise ConfigError(
+            "model.lora: a concept-bottleneck model cannot take LoRA adapters (its bottleneck and head train in full)"
+        )
     if not hasattr(model, "blocks"):
         raise ConfigError(f"model.lora: a {type(model).__name__} has no layers peft can adapt")
     return model
@@ -61,7 +63,9 @@ def check_targets(target: nn.Module, modules: Sequence[str], key: str = "model.l
     kinds = sorted({name.rsplit(".", 1)[-1] for name in names})
     for i, module in enumerate(modules):
         if not any(name == module or name.endswith(f".{module}") for name in names):
-            raise ConfigError(f"config key '{key}.{i}' ({module!r}) names no linear layer of the model; it has {', '.join(kinds)}")
+            raise ConfigError(
+                f"config key '{key}.{i}' ({module!r}) names no linear layer of the model; it has {', '.join(kinds)}"
+            )
 
 
 def add_lora(
@@ -72,16 +76,21 @@ def add_lora(
     from peft.tuners.lora import LoraModel
 
     if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
-        raise ConfigError(f"model.lora: r >= 1, alpha > 0 and 0 <= dropout < 1 required, got r={r}, alpha={alpha}, dropout={dropout}")
+        raise ConfigError(
+            f"model.lora: r >= 1, alpha > 0 and 0 <= dropout < 1 required, got r={r}, alpha={alpha}, dropout={dropout}"
+        )
     target = lora_target(model)
     family = _family(model)
     modules = list(target_modules) if target_modules else list(DEFAULT_TARGETS.get(family, ("q_proj", "v_proj")))
     check_targets(target, modules)
     config = LoraConfig(
-        r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=modules,
+        r=int(r),
+        lora_alpha=float(alpha),
+        lora_dropout=float(dropout),
+        target_modules=modules,
         fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D stores (in, out)
         task_type="CAUSAL_LM" if family != "transformer" else None,
-    )  # fmt: skip
+    )
     base = base_hash(model)  # before the adapters: the weights the run starts from
     LoraModel(target, config, "default")  # in place; freezes every parameter of target but the adapters
     model.requires_grad_(False)
@@ -108,9 +117,7 @@ def base_hash(model: nn.Module) -> str:
 
 def base_parameters(model: nn.Module) -> dict[str, Tensor]:
     """The base's parameters by their names before LoRA (``...qkv.base_layer.weight`` is ``...qkv.weight``)."""
-    return {
-        name.replace(".base_layer.", "."): p for name, p in model.named_parameters() if "lora_" not in name
-    }
+    return {name.replace(".base_layer.", "."): p for name, p in model.named_parameters() if "lora_" not in name}
 
 
 @contextmanager
@@ -171,7 +178,13 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 # our transformer's module names -> GPT-2's (modeling.convert.to_gpt2)
-_GPT2_NAMES = {"blocks.": "transformer.h.", ".attn.qkv.": ".attn.c_attn.", ".attn.proj.": ".attn.c_proj.", ".mlp.up.": ".mlp.c_fc.", ".mlp.down.": ".mlp.c_proj."}
+_GPT2_NAMES = {
+    "blocks.": "transformer.h.",
+    ".attn.qkv.": ".attn.c_attn.",
+    ".attn.proj.": ".attn.c_proj.",
+    ".mlp.up.": ".mlp.c_fc.",
+    ".mlp.down.": ".mlp.c_proj.",
+}
 
 
 def hugging_face_adapter(model: nn.Module) -> tuple[dict[str, Tensor], Any]:

@@ -57,7 +57,12 @@ def is_sharded(model: nn.Module) -> bool:
 
 def _adapter_layers(block: nn.Module) -> list[nn.Module]:
     """The LoRA adapters' linear layers inside ``block`` (the modules that run)."""
-    return [m for name, m in block.named_modules() if ".lora_A." in f".{name}." or ".lora_B." in f".{name}." if isinstance(m, nn.Linear)]
+    return [
+        m
+        for name, m in block.named_modules()
+        if ".lora_A." in f".{name}." or ".lora_B." in f".{name}."
+        if isinstance(m, nn.Linear)
+    ]
 
 
 def shard_model(model: nn.Module, mesh: Any) -> None:
@@ -79,7 +84,9 @@ def meta_replica(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         empty = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+        memo[id(tensor)] = (
+            nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+        )
     for key, value in model.__dict__.items():
         if not key.startswith("_") or key == "_featurized_sites":
             memo[id(value)] = value  # plain attributes: the same objects (an SAE stays the trained one)

@@ -89,7 +89,10 @@ class Attention(nn.Module):
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         else:
             z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed_keys(mask, positions, B, T, x.device)
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=allowed_keys(mask, positions, B, T, x.device),
             )
         z = self.hook_heads(z.transpose(1, 2))  # (B, T or P, H, Dh)
         return self.hook_out(self.proj(z.reshape(B, q.shape[1], D)))
@@ -149,7 +152,9 @@ class MoE(nn.Module):
             rows = flat_w[:, e].nonzero(as_tuple=True)[0]  # tokens routed to expert e
             # an expert with no tokens still runs (on zero rows), so it gets a (zero) gradient:
             # DDP needs every parameter in every step's graph
-            out = out.index_add(0, rows, (expert(flat_x[rows]) * flat_w[rows, e, None]).to(out.dtype))  # autocast: bf16 experts
+            out = out.index_add(
+                0, rows, (expert(flat_x[rows]) * flat_w[rows, e, None]).to(out.dtype)
+            )  # autocast: bf16 experts
         return out.view_as(x)
 
 
@@ -235,7 +240,9 @@ class Transformer(nn.Module):
             longest = T if attention_mask is None else int(attention_mask.sum(1).max())
             if longest > self.cfg.max_seq_len:
                 raise ValueError(f"sequence length {longest} exceeds max_seq_len {self.cfg.max_seq_len}")
-        return self.hook_embed(self.tok_emb(input_ids) + self.pos_emb(position_ids(attention_mask, T, input_ids.device)))
+        return self.hook_embed(
+            self.tok_emb(input_ids) + self.pos_emb(position_ids(attention_mask, T, input_ids.device))
+        )
 
     def enable_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them
@@ -283,7 +290,11 @@ class Transformer(nn.Module):
         return self.unembed(final)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None, narrow: bool = True
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        narrow: bool = True,
     ) -> Tensor:
         """Next-token logits ``(B, T, vocab)``, or ``(B, P, vocab)`` at ``positions`` only.
         ``attention_mask`` (B, T): 1 on real tokens; an example's logits do not depend on its padding."""

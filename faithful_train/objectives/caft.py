@@ -92,7 +92,9 @@ class CaftObjective(Objective):
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         check_labelled(task, self.concept, f"objective {self.label!r}")
         if self.positions is not None:
-            check_positions(SiteRef.parse({"site": f"objective {self.label!r} positions", "positions": self.positions}), task)
+            check_positions(
+                SiteRef.parse({"site": f"objective {self.label!r} positions", "positions": self.positions}), task
+            )
         task.check_sample_size(self.probe_examples, f"objective {self.label!r}")
         self.probe_seed, self._probe = run_seed + 2_000_029, None
 
@@ -105,7 +107,8 @@ class CaftObjective(Objective):
                 if isinstance(m, SparseAutoencoder) and not m.transcoder
             )
             raise ConfigError(
-                f"objective {self.label!r}: no sae objective labelled {self.sae_label!r} (an SAE of a site); sae objectives: {names or 'none'}"
+                f"objective {self.label!r}: no sae objective labelled {self.sae_label!r} (an SAE of a site); "
+                f"sae objectives: {names or 'none'}"
             )
         self.sae = module
         self.site = self.at or module.site

@@ -76,7 +76,10 @@ class CircuitObjective(Objective):
             check_positions(ref, task)
         self.answer_tokens = task.answer_tokens
         if self.necessity_weight and not self.answer_tokens:
-            raise ConfigError(f"objective {self.label!r}: necessity needs a task with a fixed set of answers (chance is uniform over them)")
+            raise ConfigError(
+                f"objective {self.label!r}: necessity needs a task with a fixed set of answers "
+                "(chance is uniform over them)"
+            )
 
     def sites(self) -> list[str]:
         names = {ref.name for ref in (*self.universe, *self.nodes)}

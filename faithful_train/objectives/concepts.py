@@ -60,7 +60,10 @@ class ConceptsObjective(Objective):
         model = bottleneck_of(model, owner)
         model.check_task(task, owner)
         if self.leakage and model.bottleneck.mode != "hybrid":
-            raise ConfigError(f"{owner}: the leakage penalty acts on a hybrid bottleneck's side channel; this one is {model.bottleneck.mode!r}")
+            raise ConfigError(
+                f"{owner}: the leakage penalty acts on a hybrid bottleneck's side channel; "
+                f"this one is {model.bottleneck.mode!r}"
+            )
         if self.sparsity and 2 not in model.layout.n_values:
             raise ConfigError(f"{owner}: sparsity acts on binary concepts, and the bottleneck has none")
         self._sites = sorted(model.bottleneck.site_points())

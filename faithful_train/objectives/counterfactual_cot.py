@@ -29,7 +29,14 @@ class CounterfactualCotObjective(Objective):
     name = "counterfactual_cot"
     supports_activation_checkpointing = True
 
-    def __init__(self, fraction: float = 1.0, steps: str = "any", weight: float = 1.0, schedule: Any = None, label: str | None = None):
+    def __init__(
+        self,
+        fraction: float = 1.0,
+        steps: str = "any",
+        weight: float = 1.0,
+        schedule: Any = None,
+        label: str | None = None,
+    ):
         super().__init__(weight, schedule, label)
         if not 0 < fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {fraction}")

@@ -18,8 +18,9 @@ Sources: other rows of the batch (``task.interchange_pairs``), or, for a file wi
 counterfactual pairs (``source.<v>`` columns), the rows it names, which cost one extra forward.
 Multi-token answers are teacher-forced: each variant reads its own counterfactual answer.
 
-Cost: in-batch sources' activations come from the step's recorded forward; every swap of the step (all variables and the strict resample) shares ONE
-batched forward, and that forward resumes at the first block it changes (the engine).
+Cost: in-batch sources' activations come from the step's recorded forward; every swap of the
+step (all variables and the strict resample) shares ONE batched forward, and that forward
+resumes at the first block it changes (the engine).
 """
 
 from __future__ import annotations
@@ -116,7 +117,11 @@ class InterchangeObjective(Objective):
 
     def hypothesis(self) -> Hypothesis:
         """The alignment, with the learned rotation of each site (DAS) when the subspace is learned."""
-        rotations = {f"rotation/{name}": basis.detach() for name, basis in self.bases().items()} if self.bases is not None else {}
+        rotations = (
+            {f"rotation/{name}": basis.detach() for name, basis in self.bases().items()}
+            if self.bases is not None
+            else {}
+        )
         return Hypothesis(
             kind="alignment",
             label=self.label,
@@ -147,7 +152,12 @@ class InterchangeObjective(Objective):
         if self.strict:
             resample = torch.randperm(B, generator=ctx.generator).to(batch["input_ids"].device)
             resampled = take(batch, resample)
-            groups.append([Swap(ref, cache[ref.name][resample], None, *swap_positions(ref, batch, resampled)) for ref in self.strict])
+            groups.append(
+                [
+                    Swap(ref, cache[ref.name][resample], None, *swap_positions(ref, batch, resampled))
+                    for ref in self.strict
+                ]
+            )
         targets, masks = counterfactual_targets(pairs, names)
         if self.strict:
             targets = torch.cat([targets, answer_targets(batch)])
@@ -177,6 +187,11 @@ class InterchangeObjective(Objective):
         for v in names:
             source = pairs.sources[v]
             with nullcontext() if self.update_model else torch.no_grad():
-                _, acts = run_with(ctx.model, source["input_ids"], record=[self.alignment[v].name], attention_mask=source.get("attention_mask"))
+                _, acts = run_with(
+                    ctx.model,
+                    source["input_ids"],
+                    record=[self.alignment[v].name],
+                    attention_mask=source.get("attention_mask"),
+                )
             out[v] = acts
         return out

@@ -35,7 +35,10 @@ class LanguageModelObjective(Objective):
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         if not per_token_logits(model):
-            raise ConfigError(f"objective {self.label!r} needs a model with next-token logits at every position (a concept bottleneck has none)")
+            raise ConfigError(
+                f"objective {self.label!r} needs a model with next-token logits at every position "
+                "(a concept bottleneck has none)"
+            )
 
     def term(self, ctx: StepContext) -> Tensor:
         batch = ctx.batch
@@ -43,6 +46,10 @@ class LanguageModelObjective(Objective):
         text = unprefixed(batch, "lm_text")
         if not text:
             return lm
-        text_lm = language_model_loss(ctx.model(text["input_ids"], attention_mask=text["attention_mask"]), text["input_ids"], text["attention_mask"])
+        text_lm = language_model_loss(
+            ctx.model(text["input_ids"], attention_mask=text["attention_mask"]),
+            text["input_ids"],
+            text["attention_mask"],
+        )
         self.parts = {"rows": lm.detach(), "text": text_lm.detach()}
         return (lm + text_lm) / 2

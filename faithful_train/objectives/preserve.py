@@ -36,7 +36,14 @@ class PreserveObjective(Objective):
     supports_activation_checkpointing = True
     needs_reference = True
 
-    def __init__(self, text: str | None = None, batch_size: int = 32, weight: float = 1.0, schedule: Any = None, label: str | None = None):
+    def __init__(
+        self,
+        text: str | None = None,
+        batch_size: int = 32,
+        weight: float = 1.0,
+        schedule: Any = None,
+        label: str | None = None,
+    ):
         super().__init__(weight, schedule, label)
         if batch_size < 1:
             raise ConfigError(f"objective {self.label!r}: batch_size must be >= 1, got {batch_size}")
@@ -46,12 +53,17 @@ class PreserveObjective(Objective):
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         if not per_token_logits(model):
-            raise ConfigError(f"objective {self.label!r} needs a model with next-token logits at every position (a concept bottleneck has none)")
+            raise ConfigError(
+                f"objective {self.label!r} needs a model with next-token logits at every position "
+                "(a concept bottleneck has none)"
+            )
         if self.text is None:
             return
         tokenizer = getattr(task, "tokenizer", None)
         if tokenizer is None:
-            raise ConfigError(f"objective {self.label!r}: text: needs a task with a tokenizer (task: {{name: text, ...}})")
+            raise ConfigError(
+                f"objective {self.label!r}: text: needs a task with a tokenizer (task: {{name: text, ...}})"
+            )
         path = Path(self.text)
         if not path.is_file():
             raise DataError(f"objective {self.label!r}: text file not found: {path}")

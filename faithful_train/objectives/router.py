@@ -88,7 +88,9 @@ class RouterObjective(Objective):
         if pooling not in POOLINGS:
             raise UnknownNameError("load-balance pooling", pooling, POOLINGS)
         if isinstance(mapping, str) and mapping != "learned":
-            raise ConfigError(f"objective {self.label!r}: mapping must be 'learned' or {{value: expert}}, got {mapping!r}")
+            raise ConfigError(
+                f"objective {self.label!r}: mapping must be 'learned' or {{value: expert}}, got {mapping!r}"
+            )
         self.coefficients = {"load_balance": load_balance, "z_loss": z_loss, "entropy": entropy, "alignment": alignment}
         self.require_non_negative(**self.coefficients, bias_rate=bias_rate)
         self.pooling, self.concept, self.mapping, self.bias_rate = pooling, concept, mapping, bias_rate
@@ -145,7 +147,11 @@ class RouterObjective(Objective):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if self._pending_load is None:
             return
-        load = trainer.strategy.reduce(self._pending_load, reduce_op="sum") if trainer.world_size > 1 else self._pending_load
+        load = (
+            trainer.strategy.reduce(self._pending_load, reduce_op="sum")
+            if trainer.world_size > 1
+            else self._pending_load
+        )
         with torch.no_grad():
             for row, layer in zip(load, self.layers):
                 bias = pl_module.model.selection_bias(layer)

@@ -89,7 +89,12 @@ class SaeObjective(Objective):
         self.site, self.target = site, target
         self.expansion, self.n_latents, self.k, self.activation = int(expansion), n_latents, int(k), activation
         self.lr, self.auxk_alpha, self.dead_after = lr, float(auxk_alpha), int(dead_after)
-        self.l1, self.l0, self.joint, self.normalize_decoder = float(l1), float(l0), bool(joint), bool(normalize_decoder)
+        self.l1, self.l0, self.joint, self.normalize_decoder = (
+            float(l1),
+            float(l0),
+            bool(joint),
+            bool(normalize_decoder),
+        )
         if activation == "relu" and l1 == 0:
             raise ConfigError(f"objective {self.label!r}: a relu SAE needs an l1 coefficient > 0 (its only sparsity)")
         self.path, self.train = path, bool(train)
@@ -115,11 +120,22 @@ class SaeObjective(Objective):
             with torch.random.fork_rng():
                 torch.manual_seed(run_seed + 7919)  # the SAE's start depends on the run's seed only
                 n_latents = self.n_latents or self.expansion * d_in
-                self.sae = SparseAutoencoder(d_in, n_latents, k=self.k, activation=self.activation, d_out=d_out, normalize_decoder=self.normalize_decoder)
+                self.sae = SparseAutoencoder(
+                    d_in,
+                    n_latents,
+                    k=self.k,
+                    activation=self.activation,
+                    d_out=d_out,
+                    normalize_decoder=self.normalize_decoder,
+                )
         self.sae.register_buffer("tokens_since_fired", torch.zeros(self.sae.n_latents, dtype=torch.long))
         self.sae.requires_grad_(self.train)
         self.sae.lr = self.lr if self.train else None  # its own parameter group (FaithfulModule.configure_optimizers)
-        self.sae.site, self.sae.target, self.sae.rows_at = self.site, self.target, self.rows_at  # what the sae audit reads
+        self.sae.site, self.sae.target, self.sae.rows_at = (
+            self.site,
+            self.target,
+            self.rows_at,
+        )  # what the sae audit reads
         if self.target is None:  # its latents become a site: <site>.sae, for any objective or audit
             attach_sae(model, self.site, self.sae, f"objective {self.label!r}")
 
@@ -153,7 +169,12 @@ class SaeObjective(Objective):
             term = term + self.l1 * out.sparsity
         elif self.activation == "jumprelu":
             term = term + self.l0 * out.sparsity
-        self.parts = {"fvu": out.fvu.detach(), "l0": out.l0.detach(), "dead": dead.float().mean(), "auxk": out.auxk.detach()}
+        self.parts = {
+            "fvu": out.fvu.detach(),
+            "l0": out.l0.detach(),
+            "dead": dead.float().mean(),
+            "auxk": out.auxk.detach(),
+        }
         return term
 
     def _rows(self, ctx: StepContext, site: str) -> Tensor:

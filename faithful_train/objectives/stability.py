@@ -71,18 +71,32 @@ class StabilityObjective(Objective):
             raise UnknownNameError("quadrature", quadrature, QUADRATURES)
         self.require_non_negative(stability=stability, right_reasons=right_reasons)
         if not 0 < fraction <= 1 or steps < 1:
-            raise ConfigError(f"objective {self.label!r}: 0 < fraction <= 1 and steps >= 1 required, got {fraction}, {steps}")
+            raise ConfigError(
+                f"objective {self.label!r}: 0 < fraction <= 1 and steps >= 1 required, got {fraction}, {steps}"
+            )
         if not stability and not right_reasons:
             raise ConfigError(f"objective {self.label!r}: set stability or right_reasons (both are 0)")
         self.stability, self.right_reasons = stability, right_reasons
-        self.method, self.steps, self.quadrature, self.output, self.fraction = method, steps, quadrature, output, fraction
+        self.method, self.steps, self.quadrature, self.output, self.fraction = (
+            method,
+            steps,
+            quadrature,
+            output,
+            fraction,
+        )
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         owner = f"objective {self.label!r}"
         if self.stability and "aligned_perturbations" not in task.provides:
-            raise ConfigError(f"{owner}: stability needs a task with meaning-preserving perturbations; {task.name!r} has none{task.column_hint('perturbations')}")
+            raise ConfigError(
+                f"{owner}: stability needs a task with meaning-preserving perturbations; "
+                f"{task.name!r} has none{task.column_hint('perturbations')}"
+            )
         if self.right_reasons and "irrelevant" not in task.provides:
-            raise ConfigError(f"{owner}: right_reasons needs a task that marks irrelevant tokens; {task.name!r} does not{task.column_hint('irrelevant')}")
+            raise ConfigError(
+                f"{owner}: right_reasons needs a task that marks irrelevant tokens; "
+                f"{task.name!r} does not{task.column_hint('irrelevant')}"
+            )
 
     def term(self, ctx: StepContext) -> Tensor:
         batch = ctx.batch
@@ -100,18 +114,29 @@ class StabilityObjective(Objective):
         total = ctx.logits.new_zeros(())
         if self.stability:
             attr = attribute_tokens(
-                ctx.model, stacked["input_ids"], target, self.method, steps=self.steps, quadrature=self.quadrature,
-                create_graph=True, output=self.output, attention_mask=stacked.get("attention_mask"),
+                ctx.model,
+                stacked["input_ids"],
+                target,
+                self.method,
+                steps=self.steps,
+                quadrature=self.quadrature,
+                create_graph=True,
+                output=self.output,
+                attention_mask=stacked.get("attention_mask"),
                 positions=answer_position(stacked),
-            ).values  # fmt: skip
+            ).values
             source = pad_columns(source, attr.shape[1], -1)
             parts["stability"] = (1 - aligned_cosine(attr[:m], attr[m:], source)).mean()
             total = total + self.stability * parts["stability"]
         if self.right_reasons:
             grads = input_gradients(
-                ctx.model, sub["input_ids"], sub["labels"], output="sum_logprob",
-                attention_mask=sub.get("attention_mask"), positions=answer_position(sub),
-            )  # fmt: skip
+                ctx.model,
+                sub["input_ids"],
+                sub["labels"],
+                output="sum_logprob",
+                attention_mask=sub.get("attention_mask"),
+                positions=answer_position(sub),
+            )
             parts["right_reasons"] = (grads.pow(2).sum(-1) * sub["irrelevant"]).sum(1).mean()
             total = total + self.right_reasons * parts["right_reasons"]
         self.parts = {k: v.detach() for k, v in parts.items()}

@@ -31,7 +31,10 @@ class ToolCallObjective(Objective):
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         if "tool_calls" not in task.provides:
-            raise ConfigError(f"objective {self.label!r} needs a task whose rows call a tool; {task.name!r} has none{task.column_hint('tool_calls')}")
+            raise ConfigError(
+                f"objective {self.label!r} needs a task whose rows call a tool; "
+                f"{task.name!r} has none{task.column_hint('tool_calls')}"
+            )
 
     def reads(self, batch: Batch) -> Tensor | None:
         call = tool_call(batch)

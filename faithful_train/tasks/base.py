@@ -96,7 +96,9 @@ class Task(ABC):
         if name is None and len(self.concepts) == 1:
             return next(iter(self.concepts))
         if name not in self.concepts:
-            raise UnknownNameError(f"concept of task {self.name!r} for {owner}{self.column_hint('concepts')}", str(name), self.concepts)
+            raise UnknownNameError(
+                f"concept of task {self.name!r} for {owner}{self.column_hint('concepts')}", str(name), self.concepts
+            )
         return name
 
     marks_irrelevant: bool = False  # whether batches carry ``irrelevant`` (tokens the label ignores)
@@ -138,7 +140,9 @@ class Task(ABC):
         supporting document's fact, the tool's result) changed, the schema and length kept, and
         the answer that evidence then gives. A task that overrides this provides
         ``counterfactual_evidence`` (``provides``); objectives and audits check that first."""
-        raise ConfigError(f"task {self.name!r} has no counterfactual evidence: it does not override Task.counterfactual_evidence")
+        raise ConfigError(
+            f"task {self.name!r} has no counterfactual evidence: it does not override Task.counterfactual_evidence"
+        )
 
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor | None:
         """Meaning-preserving perturbations: ``input_ids`` of the same shape whose labels and
@@ -231,9 +235,11 @@ class Task(ABC):
     def check_context(self, context: int) -> None:
         """Raise a ``FaithfulError`` if an input is longer than a model's ``context``."""
         if self.seq_len > context:
-            raise ConfigError(f"task {self.name!r}: sequences of {self.seq_len} tokens exceed the model's context ({context})")
+            raise ConfigError(
+                f"task {self.name!r}: sequences of {self.seq_len} tokens exceed the model's context ({context})"
+            )
 
-    def check_sample_size(self, n: int, owner: str) -> None:
+    def check_sample_size(self, n: int, owner: str) -> None:  # noqa: B027  (an overridable hook: no check by default)
         """Raise a ``FaithfulError`` if ``n`` examples cannot be sampled (finite data)."""
 
     def column_hint(self, feature: str) -> str:

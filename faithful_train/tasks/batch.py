@@ -120,7 +120,9 @@ def pad_and_stack(batches: list[Batch]) -> tuple[list[Batch], Batch]:
     padded = [pad_to(b, length) for b in batches]
     stacked = {"input_ids": torch.cat([b["input_ids"] for b in padded])}
     if any("attention_mask" in b for b in padded):
-        stacked["attention_mask"] = torch.cat([b.get("attention_mask", torch.ones_like(b["input_ids"])) for b in padded])
+        stacked["attention_mask"] = torch.cat(
+            [b.get("attention_mask", torch.ones_like(b["input_ids"])) for b in padded]
+        )
     return padded, stacked
 
 

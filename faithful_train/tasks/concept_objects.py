@@ -61,7 +61,9 @@ class ConceptObjects(Task):
         occlusion: float = 0.0,
     ):
         if n_noise < 0 or noise_vocab < 1 or n_classes < 2:
-            raise ValueError(f"n_noise >= 0, noise_vocab >= 1 and n_classes >= 2 required, got {n_noise}, {noise_vocab}, {n_classes}")
+            raise ValueError(
+                f"n_noise >= 0, noise_vocab >= 1 and n_classes >= 2 required, got {n_noise}, {noise_vocab}, {n_classes}"
+            )
         if hidden_concept and n_classes % 2:
             raise ValueError(f"hidden_concept needs an even n_classes (pattern picks a half), got {n_classes}")
         if not 0.0 <= occlusion < 1.0:

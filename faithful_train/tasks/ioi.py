@@ -75,7 +75,11 @@ NAMES = [
 ]  # fmt: skip
 # more names than a small model's width: a copying circuit that works for every train name must
 # then be close to the identity on the name embeddings, which carries it over to held-out names
-NAMES += [a + b for a in ("Ka", "Lo", "Mi", "Ra", "Te", "Vo", "Su", "Ne", "Di", "Bo", "Fa", "Zu") for b in ("ren", "la", "mo", "tis", "van", "del", "ria", "son", "bek")]
+NAMES += [
+    a + b
+    for a in ("Ka", "Lo", "Mi", "Ra", "Te", "Vo", "Su", "Ne", "Di", "Bo", "Fa", "Zu")
+    for b in ("ren", "la", "mo", "tis", "van", "del", "ria", "son", "bek")
+]
 PLACES = ["store", "garden", "restaurant", "school", "hospital", "office", "house", "station", "park", "library"]
 OBJECTS = ["ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack", "book", "bottle"]
 # plain sentences for the language-model corpus: every name (held-out ones too) in contexts that are
@@ -152,9 +156,11 @@ def make_split(rng: random.Random, names: list[str], n: int) -> list[dict[str, A
     by_pair: dict[tuple[str, str], list[int]] = {}
     for i, row in enumerate(rows):
         by_pair.setdefault((row["variables"]["IO"], row["variables"]["S"]), []).append(i)
-    for i, row in enumerate(rows):
+    for _i, row in enumerate(rows):
         io, s = row["variables"]["IO"], row["variables"]["S"]
-        j = _pick(rng, n, lambda j: rows[j]["variables"]["IO"] not in (io, s) and rows[j]["variables"]["S"] != io)
+        j = _pick(
+            rng, n, lambda j, io=io, s=s: rows[j]["variables"]["IO"] not in (io, s) and rows[j]["variables"]["S"] != io
+        )
         swapped = by_pair[(s, io)]
         other_template = [k for k in swapped if rows[k]["template"] != row["template"]]
         k = rng.choice(other_template or swapped)

@@ -35,7 +35,15 @@ class KVRetrieval(Task):
     name = "kv_retrieval"
     variables = ("doc", "value")
 
-    def __init__(self, n_docs: int = 4, n_entities: int = 8, n_keys: int = 8, n_values: int = 16, parametric: bool = False, table_seed: int = 0):
+    def __init__(
+        self,
+        n_docs: int = 4,
+        n_entities: int = 8,
+        n_keys: int = 8,
+        n_values: int = 16,
+        parametric: bool = False,
+        table_seed: int = 0,
+    ):
         if n_docs < 3:
             raise ValueError(f"n_docs must be >= 3 (the gold document and its two distractors), got {n_docs}")
         if n_entities < 2 or n_keys < 2 or n_values < 2:
@@ -46,7 +54,9 @@ class KVRetrieval(Task):
         self.query_token = self.first_value + n_values
         self._filler = self.query_token + 1
         # the memorisable world: one value per (entity, key)
-        self.table = torch.randint(0, n_values, (n_entities, n_keys), generator=torch.Generator().manual_seed(table_seed))
+        self.table = torch.randint(
+            0, n_values, (n_entities, n_keys), generator=torch.Generator().manual_seed(table_seed)
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -112,15 +122,26 @@ class KVRetrieval(Task):
             entities.append(e)
             keys.append(kk)
         entities, keys = torch.stack(entities, 1), torch.stack(keys, 1)  # (n, k), slot 0 gold
-        values = torch.stack([value] + [self._value(entities[:, j], keys[:, j], generator, avoid=value) for j in range(1, k)], 1)
+        values = torch.stack(
+            [value] + [self._value(entities[:, j], keys[:, j], generator, avoid=value) for j in range(1, k)], 1
+        )
         kinds = torch.tensor([GOLD, SAME_KEY, NEAR_DUPLICATE] + [OTHER] * (k - 3)).expand(n, k)
         order = torch.rand(n, k, generator=generator).argsort(1)  # document j is fact order[:, j]
-        docs = torch.stack([entities.gather(1, order), self.first_key + keys.gather(1, order), self.first_value + values.gather(1, order)], 2)
+        docs = torch.stack(
+            [
+                entities.gather(1, order),
+                self.first_key + keys.gather(1, order),
+                self.first_value + values.gather(1, order),
+            ],
+            2,
+        )
         query = torch.stack([torch.full((n,), self.query_token), entity, self.first_key + key], 1)
         ids = torch.cat([docs.reshape(n, 3 * k), query], 1)
         gold = (order == 0).long().argmax(1)
         starts = torch.arange(k) * 3
-        spans = {f"span/doc{j}": torch.tensor([int(starts[j]), int(starts[j]) + 3]).expand(n, 2).clone() for j in range(k)}
+        spans = {
+            f"span/doc{j}": torch.tensor([int(starts[j]), int(starts[j]) + 3]).expand(n, 2).clone() for j in range(k)
+        }
         spans["span/query"] = torch.tensor([3 * k, 3 * k + 3]).expand(n, 2).clone()
         return {
             "input_ids": ids,

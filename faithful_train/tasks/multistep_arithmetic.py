@@ -40,7 +40,9 @@ class MultiStepArithmetic(ReasoningTask):
         self.modulus, self.n_operands, self.answer_hint = modulus, n_operands, bool(answer_hint)
         self.offset = int(self.answer_hint)  # where the operands start
         self.equals_token, self.answer_token, self._filler = modulus, modulus + 1, modulus + 2
-        self.variables = tuple(f"x{i + 1}" for i in range(n_operands)) + tuple(f"s{j + 1}" for j in range(n_operands - 2))
+        self.variables = tuple(f"x{i + 1}" for i in range(n_operands)) + tuple(
+            f"s{j + 1}" for j in range(n_operands - 2)
+        )
 
     @property
     def vocab_size(self) -> int:

@@ -45,7 +45,14 @@ class ToolUse(Task):
     name = "tool_use"
     variables = ("tool", "result")
 
-    def __init__(self, n_entities: int = 8, n_values: int = 16, lookup_fraction: float = 0.5, parametric: bool = True, table_seed: int = 0):
+    def __init__(
+        self,
+        n_entities: int = 8,
+        n_values: int = 16,
+        lookup_fraction: float = 0.5,
+        parametric: bool = True,
+        table_seed: int = 0,
+    ):
         if n_entities < 2 or n_values < 3:
             raise ValueError(f"n_entities must be >= 2 and n_values >= 3, got {n_entities}, {n_values}")
         if not 0 <= lookup_fraction <= 1:
@@ -57,8 +64,12 @@ class ToolUse(Task):
         self.first_op = self.first_key + N_FIELDS  # + - *
         self.first_tool = self.first_op + len(OPS)  # lookup calc
         specials = self.first_tool + len(TOOLS)
-        self.question_token, self.call_token, self.result_token, self.equals_token, self._filler = range(specials, specials + 5)
-        self.table = torch.randint(0, n_values, (n_entities, N_FIELDS), generator=torch.Generator().manual_seed(table_seed))
+        self.question_token, self.call_token, self.result_token, self.equals_token, self._filler = range(
+            specials, specials + 5
+        )
+        self.table = torch.randint(
+            0, n_values, (n_entities, N_FIELDS), generator=torch.Generator().manual_seed(table_seed)
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -125,13 +136,18 @@ class ToolUse(Task):
         field_tokens = torch.where(lookup[:, None], self.first_key, self.first_op) + order
         pairs = torch.stack([field_tokens, self.first_value + records.gather(1, order)], 2).reshape(n, 2 * N_FIELDS)
         op_token = torch.where(lookup, self.first_key, self.first_op) + field
-        question = torch.stack([
-            torch.full((n,), self.question_token),
-            torch.where(lookup, entity, self.first_value + a),
-            op_token,
-            torch.where(lookup, torch.full((n,), self._filler), self.first_value + b),
-        ], 1)  # fmt: skip
-        call = torch.stack([torch.full((n,), self.call_token), self.first_tool + tool, torch.full((n,), self.result_token)], 1)
+        question = torch.stack(
+            [
+                torch.full((n,), self.question_token),
+                torch.where(lookup, entity, self.first_value + a),
+                op_token,
+                torch.where(lookup, torch.full((n,), self._filler), self.first_value + b),
+            ],
+            1,
+        )
+        call = torch.stack(
+            [torch.full((n,), self.call_token), self.first_tool + tool, torch.full((n,), self.result_token)], 1
+        )
         ids = torch.cat([question, call, pairs, torch.full((n, 1), self.equals_token)], 1)
         value = records.gather(1, field[:, None])[:, 0]
         slot = (order == field[:, None]).long().argmax(1)
@@ -159,6 +175,8 @@ class ToolUse(Task):
         value (fields, order and length kept), and the answer the result then gives ``(B,)``."""
         ids = batch["input_ids"].clone()
         old = batch["var/result"]
-        new = ((old.cpu() + torch.randint(1, self.n_values, old.shape, generator=generator)) % self.n_values).to(ids.device)
+        new = ((old.cpu() + torch.randint(1, self.n_values, old.shape, generator=generator)) % self.n_values).to(
+            ids.device
+        )
         ids.scatter_(1, batch["value_pos"][:, None], (self.first_value + new)[:, None])
         return ids, self.first_value + new

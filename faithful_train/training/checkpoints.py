@@ -44,7 +44,9 @@ class SoundCheckpoint(ModelCheckpoint):
                 checkpoint["metrics_csv_rows"] = logger.experiment.rows_written
 
 
-def model_weights(model: torch.nn.Module, state: Mapping[str, Any], path: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+def model_weights(
+    model: torch.nn.Module, state: Mapping[str, Any], path: Path, prefix: str = "model."
+) -> dict[str, torch.Tensor]:
     """The model's weights in checkpoint ``state`` (its keys under ``prefix``), checked against
     ``model`` before anything loads, each mismatch one line: a weight of another shape (another
     size or vocabulary), weights missing or unexpected. A LoRA run's checkpoint holds the
@@ -63,7 +65,9 @@ def model_weights(model: torch.nn.Module, state: Mapping[str, Any], path: Path, 
     base = (state.get("faithful_train") or {}).get("base")
     adapters = has_adapters(model)
     if base is not None and not adapters:
-        raise ConfigError(f"checkpoint {path} holds LoRA adapters only (trained on base {base}); the config has no model.lora")
+        raise ConfigError(
+            f"checkpoint {path} holds LoRA adapters only (trained on base {base}); the config has no model.lora"
+        )
     optional: set[str] = set()
     if base is not None:
         if base != model.__dict__["lora_base_hash"]:
@@ -76,5 +80,8 @@ def model_weights(model: torch.nn.Module, state: Mapping[str, Any], path: Path, 
     unexpected = [k for k in saved if k not in own]
     if missing or unexpected:
         hint = " (the config adds LoRA adapters; the checkpoint has none)" if adapters and base is None else ""
-        raise ConfigError(f"checkpoint {path} does not fit the config's model{hint}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ConfigError(
+            f"checkpoint {path} does not fit the config's model{hint}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
     return saved

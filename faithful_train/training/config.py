@@ -55,7 +55,9 @@ class OptimSection:
     decay: str = "none"  # none | cosine (to min_lr_ratio * lr at schedule_steps)
     min_lr_ratio: float = 0.1
     schedule_steps: int | None = None  # steps the decay spans (default: trainer.max_steps of the run's first start)
-    freeze: list[str] = field(default_factory=list)  # model parameters that never train (fnmatch patterns of their names)
+    freeze: list[str] = field(
+        default_factory=list
+    )  # model parameters that never train (fnmatch patterns of their names)
 
 
 @dataclass
@@ -246,7 +248,8 @@ def _load_yaml(path: Path) -> DictConfig:
     return data
 
 
-# sections a config may give as a name (``model: dense-tiny``, ``task: hierarchical_equality``): the mapping it stands for
+# sections a config may give as a name (``model: dense-tiny``, ``task: hierarchical_equality``): the mapping it
+# stands for
 _NAMED_BY = {"model": "preset", "task": "name"}
 
 
@@ -257,7 +260,9 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value")
         top, _, rest = key.partition(".")
-        if rest and top in _NAMED_BY and isinstance(cfg.get(top), str):  # model=cbm-tiny model.lora=...: keep the preset
+        if (
+            rest and top in _NAMED_BY and isinstance(cfg.get(top), str)
+        ):  # model=cbm-tiny model.lora=...: keep the preset
             OmegaConf.update(cfg, top, {_NAMED_BY[top]: cfg.get(top)}, merge=False, force_add=True)
         try:
             value = yaml.safe_load(text) if text else ""

@@ -70,9 +70,15 @@ class StepLoss:
 
 
 def step_loss(
-    model: nn.Module, task: Task, active: list[tuple[Objective, float]], batch: Batch, step: int, seed: int,
-    reference: Any = None, answer_weight: float = 1.0,
-) -> StepLoss:  # fmt: skip
+    model: nn.Module,
+    task: Task,
+    active: list[tuple[Objective, float]],
+    batch: Batch,
+    step: int,
+    seed: int,
+    reference: Any = None,
+    answer_weight: float = 1.0,
+) -> StepLoss:
     """The training loss of one step, without Lightning (``FaithfulModule.training_step`` logs it):
     one forward that records the sites ``active`` objectives declare, with their step edits, and
     unembeds the positions something reads (every position when a term ``needs_token_logits``; a
@@ -87,7 +93,13 @@ def step_loss(
         for name, fn in obj.step_edits(model, task, step, batch).items():
             edits.setdefault(name, []).append(fn)
     logits, cache = run_with(
-        model, batch["input_ids"], record=sites, edits=edits, attention_mask=mask, positions=None if every else read, narrow=False
+        model,
+        batch["input_ids"],
+        record=sites,
+        edits=edits,
+        attention_mask=mask,
+        positions=None if every else read,
+        narrow=False,
     )
     picked = gather_positions(logits, read) if every else logits
     answers = picked[:, : answer_positions(batch).shape[1]]
@@ -96,9 +108,17 @@ def step_loss(
     loss = answer_weight * answer
     if active:
         ctx = StepContext(
-            batch, logits, cache, model, task, step, torch.Generator().manual_seed(seed), reference=reference,
-            answer_logits=answers, read_logits={label: picked[:, where] for label, where in spans.items()},
-        )  # fmt: skip
+            batch,
+            logits,
+            cache,
+            model,
+            task,
+            step,
+            torch.Generator().manual_seed(seed),
+            reference=reference,
+            answer_logits=answers,
+            read_logits={label: picked[:, where] for label, where in spans.items()},
+        )
         for objective, weight in active:
             term = objective.term(ctx)
             terms[f"train/objective/{objective.label}"] = term
@@ -170,7 +190,12 @@ class FaithfulModule(LightningModule):
         self.log("train/task_loss", out.terms["train/task_loss"], prog_bar=True, batch_size=size)
         self.log("train/task_acc", self.train_acc, batch_size=size)
         for objective, _ in active:
-            self.log(f"train/objective/{objective.label}", out.terms[f"train/objective/{objective.label}"], prog_bar=True, batch_size=size)
+            self.log(
+                f"train/objective/{objective.label}",
+                out.terms[f"train/objective/{objective.label}"],
+                prog_bar=True,
+                batch_size=size,
+            )
             for part, value in objective.parts.items():
                 self.log(f"train/objective/{objective.label}/{part}", value, batch_size=size)
         loss = out.loss
@@ -189,18 +214,33 @@ class FaithfulModule(LightningModule):
         read, spans = read_positions(batch, self.objectives)
         compare = self.reference is not None and per_token_logits(self.model)
         logits, cache = run_with(
-            self.model, batch["input_ids"], record=["final"] if compare else [], attention_mask=mask,
-            positions=read, narrow=not compare,
-        )  # fmt: skip
+            self.model,
+            batch["input_ids"],
+            record=["final"] if compare else [],
+            attention_mask=mask,
+            positions=read,
+            narrow=not compare,
+        )
         answers = logits[:, : answer_positions(batch).shape[1]]
         figures = {"task_loss": task_loss(answers, batch)}
         if compare:  # how far the model has moved from where it started, every token's distribution
             reference = self.reference.final_states(batch["input_ids"], mask)
-            figures["kl_to_start"] = token_kl_from_states(cache["final"], reference, mask, partial(unembed, self.model), self.reference.unembed)
+            figures["kl_to_start"] = token_kl_from_states(
+                cache["final"], reference, mask, partial(unembed, self.model), self.reference.unembed
+            )
         figures |= self.task.validation_metrics(answers, batch)
-        ctx = StepContext(batch, logits, cache, self.model, self.task, self.global_step, torch.Generator(),
-                          reference=self.reference, answer_logits=answers,
-                          read_logits={label: logits[:, where] for label, where in spans.items()})  # fmt: skip
+        ctx = StepContext(
+            batch,
+            logits,
+            cache,
+            self.model,
+            self.task,
+            self.global_step,
+            torch.Generator(),
+            reference=self.reference,
+            answer_logits=answers,
+            read_logits={label: logits[:, where] for label, where in spans.items()},
+        )
         for objective in self.objectives:
             figures |= objective.validation_metrics(ctx)
         for name, value in figures.items():
@@ -211,7 +251,9 @@ class FaithfulModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         """``val/ppl``: the perplexity of the task's held-out text, this rank's share of its
         batches, summed over ranks (a full vocabulary's logits unembedded a chunk at a time)."""
-        text = self.task.perplexity_batches(self.trainer.datamodule.val_batch_size) if self._trainer is not None else None
+        text = (
+            self.task.perplexity_batches(self.trainer.datamodule.val_batch_size) if self._trainer is not None else None
+        )
         if not text or not per_token_logits(self.model):
             return
         nll, tokens = SumMetric().to(self.device), SumMetric().to(self.device)
@@ -219,7 +261,9 @@ class FaithfulModule(LightningModule):
         with torch.no_grad():
             for batch in text[rank::world]:
                 ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-                total, count = token_nll_from_states(final_states(self.model, ids, mask), ids, mask, partial(unembed, self.model))
+                total, count = token_nll_from_states(
+                    final_states(self.model, ids, mask), ids, mask, partial(unembed, self.model)
+                )
                 nll.update(total)
                 tokens.update(count)
         self.log("val/ppl", torch.exp(nll.compute() / tokens.compute().clamp_min(1)), sync_dist=False)
@@ -268,7 +312,8 @@ class FaithfulModule(LightningModule):
             raise TrainingDiverged(f"{what} (skip is impossible with {self._world_size()} processes)")
         if self.skipped_in_row > self.max_skipped_steps:
             raise TrainingDiverged(
-                f"{what}, the {self.skipped_in_row}th non-finite step in a row (trainer.max_skipped_steps={self.max_skipped_steps})"
+                f"{what}, the {self.skipped_in_row}th non-finite step in a row "
+                f"(trainer.max_skipped_steps={self.max_skipped_steps})"
             )
 
     def _world_size(self) -> int:
@@ -296,8 +341,9 @@ class FaithfulModule(LightningModule):
         if self.keep_schedule and started != self.total_steps:
             if self.optim.decay != "none":
                 note(
-                    f"trainer.max_steps is {self.total_steps}, the run started with {started}: the {self.optim.decay} schedule keeps "
-                    f"its {started} steps (the lr stays at its floor after them); set optim.schedule_steps to stretch it"
+                    f"trainer.max_steps is {self.total_steps}, the run started with {started}: "
+                    f"the {self.optim.decay} schedule keeps its {started} steps (the lr stays at its floor after "
+                    "them); set optim.schedule_steps to stretch it"
                 )
             self.total_steps = started
 
@@ -315,13 +361,17 @@ class FaithfulModule(LightningModule):
         """The learning rate's factor at ``step`` (``optim.lr_factor``)."""
         return lr_factor(step, self.optim.warmup_steps, self.optim.decay, self.total_steps, self.optim.min_lr_ratio)
 
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
         """Clip as Lightning does, except that a group with its own learning rate (an SAE trained
         beside the model) is clipped by its own norm, and a sharded model's norm counts every
         rank's shards (``training.optim.clip_own_groups``)."""
         sharded = "replica" in self.__dict__
         if gradient_clip_val is None or not (sharded or any(g.get("own") for g in optimizer.param_groups)):
-            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+            self.clip_gradients(
+                optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+            )
             return
         clip_own_groups(optimizer, gradient_clip_val, value=gradient_clip_algorithm == "value", sharded=sharded)
 

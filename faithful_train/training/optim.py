@@ -29,9 +29,15 @@ def parameter_groups(model: nn.Module, objective_modules: nn.ModuleDict, weight_
     ]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups += [
-        {"params": [p for p in objective_modules[label].parameters() if p.requires_grad], "weight_decay": 0.0, "lr": lr, "own": True}
-        for label, lr in own_lr.items() if lr is not None
-    ]  # fmt: skip
+        {
+            "params": [p for p in objective_modules[label].parameters() if p.requires_grad],
+            "weight_decay": 0.0,
+            "lr": lr,
+            "own": True,
+        }
+        for label, lr in own_lr.items()
+        if lr is not None
+    ]
     return groups
 
 
@@ -45,7 +51,9 @@ def lr_factor(step: int, warmup_steps: int, decay: str, total_steps: int, min_lr
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def clip_own_groups(optimizer: torch.optim.Optimizer, max_norm: float, value: bool = False, sharded: bool = False) -> None:
+def clip_own_groups(
+    optimizer: torch.optim.Optimizer, max_norm: float, value: bool = False, sharded: bool = False
+) -> None:
     """Clip the shared groups by their joint norm and each own-learning-rate group by its own (by
     value, when ``value``); a sharded model's norm counts every rank's shards."""
     own = [g["params"] for g in optimizer.param_groups if g.get("own")]

@@ -75,11 +75,11 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
     if vocab < task.vocab_size:
         raise ConfigError(f"model vocabulary ({vocab}) is smaller than task {task.name!r}'s ({task.vocab_size})")
     objectives = [
-        _entry("objectives", i, lambda: instantiate("objective", to_plain(o), OBJECTIVES, Objective, config_dir))
+        _entry("objectives", i, lambda o=o: instantiate("objective", to_plain(o), OBJECTIVES, Objective, config_dir))
         for i, o in enumerate(cfg.objectives)
     ]
     audits = [
-        _entry("audits", i, lambda: instantiate("audit", to_plain(a), AUDITS, Audit, config_dir))
+        _entry("audits", i, lambda a=a: instantiate("audit", to_plain(a), AUDITS, Audit, config_dir))
         for i, a in enumerate(cfg.audits)
     ]
     _unique_labels(objectives, "objectives")
@@ -88,14 +88,14 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
         for i, objective in enumerate(objectives):
             if not objective.supports_activation_checkpointing:
                 raise ConfigError(
-                    f"objectives.{i}: objective {objective.label!r} ({type(objective).__name__}) does not declare that it supports "
-                    "model.activation_checkpointing (supports_activation_checkpointing = True: its edits are the same when a block "
-                    "is recomputed); turn model.activation_checkpointing off"
+                    f"objectives.{i}: objective {objective.label!r} ({type(objective).__name__}) does not declare that "
+                    "it supports model.activation_checkpointing (supports_activation_checkpointing = True: "
+                    "its edits are the same when a block is recomputed); turn model.activation_checkpointing off"
                 )
     for kind, items in (("objectives", objectives), ("audits", audits)):
         # objectives that add sites (an SAE's <site>.sae) first: the rest may name those sites
         for i, item in sorted(enumerate(items), key=lambda entry: not getattr(entry[1], "adds_sites", False)):
-            _entry(kind, i, lambda: item.bind(model, task, cfg.seed))
+            _entry(kind, i, lambda item=item: item.bind(model, task, cfg.seed))
     owned = {o.label: o.module() for o in objectives if o.module() is not None}
     for label in owned:
         if "." in label:
@@ -110,15 +110,23 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
             "(the loss that teaches it to pick the tool)"
         )
     module = FaithfulModule(
-        model, task, cfg.optim, cfg.loss, cfg.trainer, cfg.seed, objective_modules=owned,
+        model,
+        task,
+        cfg.optim,
+        cfg.loss,
+        cfg.trainer,
+        cfg.seed,
+        objective_modules=owned,
         reference=starting_point(model) if wants_reference else None,
     )
     for i, objective in enumerate(objectives):
-        _entry("objectives", i, lambda: objective.attach(module))  # e.g. caft takes an sae objective's SAE
+        # e.g. caft takes an sae objective's SAE
+        _entry("objectives", i, lambda objective=objective: objective.attach(module))
     files = HypothesisFiles(run_dir, {o.label: o.hypothesis for o in objectives if o.hypothesis() is not None})
     for i, audit in enumerate(audits):
-        _entry("audits", i, lambda: audit.use_hypotheses(files))  # e.g. the alignment (and rotation) an objective writes
-        _entry("audits", i, lambda: audit.attach(module))  # e.g. an SAE read from its files
+        # e.g. the alignment (and rotation) an objective writes
+        _entry("audits", i, lambda audit=audit: audit.use_hypotheses(files))
+        _entry("audits", i, lambda audit=audit: audit.attach(module))  # e.g. an SAE read from its files
     data = TaskDataModule(task, cfg.data.batch_size, cfg.seed, cfg.data.val_size, cfg.data.val_batch_size)
     return Run(cfg, Path(run_dir), task, module, data, objectives, audits)
 
@@ -169,7 +177,11 @@ def fsdp_strategy(t: DictConfig) -> Any:
         devices = int(devices)
     if not isinstance(devices, int) or devices < 1:  # auto / -1 / a list of device ids
         cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-        devices = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else (torch.cuda.device_count() if cuda else 1)
+        devices = (
+            len(devices)
+            if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices)
+            else (torch.cuda.device_count() if cuda else 1)
+        )
     world = devices * t.num_nodes
     return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False)
 
@@ -200,7 +212,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
-    warnings.filterwarnings("ignore", message=".*training_step. returned .None.*")  # on purpose: trainer.on_nonfinite=skip
+    warnings.filterwarnings(
+        "ignore", message=".*training_step. returned .None.*"
+    )  # on purpose: trainer.on_nonfinite=skip
 
 
 class RunInterrupted(Exception):
@@ -274,11 +288,16 @@ def fitting_weights(run: Run, state: dict[str, Any], path: Path) -> tuple[dict[s
     weights = model_weights(run.module.model, state, path)
     mine = run.module.objective_modules.state_dict()
     prefix = "objective_modules."
-    owned = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix) and k[len(prefix) :].split(".")[0] in run.module.objective_modules}
+    owned = {
+        k[len(prefix) :]: v
+        for k, v in state["state_dict"].items()
+        if k.startswith(prefix) and k[len(prefix) :].split(".")[0] in run.module.objective_modules
+    }
     for key, value in owned.items():
         if key in mine and tuple(mine[key].shape) != tuple(value.shape):
             raise ConfigError(
-                f"checkpoint {path} does not fit the config's objectives: {prefix}{key} is {list(value.shape)} there and {list(mine[key].shape)} here"
+                f"checkpoint {path} does not fit the config's objectives: {prefix}{key} is {list(value.shape)} there "
+                f"and {list(mine[key].shape)} here"
             )
     missing = [k for k in mine if k not in owned]
     if missing:

@@ -85,7 +85,9 @@ def preregister(
     import hashlib
     import time
 
-    thresholds = {f"audit/{a.label}/{metric}": f"{op} {value:g}" for a in audits for metric, (op, value) in a.thresholds.items()}
+    thresholds = {
+        f"audit/{a.label}/{metric}": f"{op} {value:g}" for a in audits for metric, (op, value) in a.thresholds.items()
+    }
     path = Path(run_dir) / "preregistration.json"
     if keep_existing and path.is_file():
         try:

@@ -17,12 +17,26 @@ pytestmark = pytest.mark.distributed
 def test_fit_with_two_cpu_processes(tmp_path, repo):
     run_dir = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", "configs/quickstart.yaml", "--run-dir", str(run_dir),
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-        "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false",
-        "audits.0.every_n_steps=4", "audits.0.n_examples=64", "data.batch_size=16", "data.val_size=64",
+        sys.executable,
+        "-m",
+        "faithful_train.commands.cli",
+        "fit",
+        "-c",
+        "configs/quickstart.yaml",
+        "--run-dir",
+        str(run_dir),
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=8",
+        "trainer.val_every=4",
+        "trainer.progress_bar=false",
+        "audits.0.every_n_steps=4",
+        "audits.0.n_examples=64",
+        "data.batch_size=16",
+        "data.val_size=64",
         "logger.wandb.mode=disabled",
-    ]  # fmt: skip
+    ]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_jsonl(run_dir / "audits.jsonl")
@@ -34,11 +48,25 @@ def test_fit_with_two_cpu_processes(tmp_path, repo):
 
     # the DDP figure is the mean over both ranks' shards: it equals one process auditing all 64
     single = subprocess.run(
-        [sys.executable, "-m", "faithful_train.commands.cli", "audit", "-c", "configs/quickstart.yaml", "--ckpt",
-         str(run_dir / "checkpoints" / "last.ckpt"), "--run-dir", str(tmp_path / "single"),
-         "audits.0.n_examples=64", "logger.wandb.mode=disabled"],
-        cwd=repo, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "faithful_train.commands.cli",
+            "audit",
+            "-c",
+            "configs/quickstart.yaml",
+            "--ckpt",
+            str(run_dir / "checkpoints" / "last.ckpt"),
+            "--run-dir",
+            str(tmp_path / "single"),
+            "audits.0.n_examples=64",
+            "logger.wandb.mode=disabled",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     alone = json.loads((tmp_path / "single" / "summary.json").read_text())["metrics"]
     for key, value in records[-1]["metrics"].items():
@@ -52,13 +80,28 @@ def test_learned_basis_under_ddp(tmp_path, repo):
 
     run_dir = tmp_path / "das"
     cmd = [
-        sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", "configs/iit-das.yaml", "--run-dir", str(run_dir),
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-        "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false",
-        "objectives.0.schedule.start=4", "objectives.0.schedule.steps=0",
-        "audits.0.every_n_steps=4", "audits.0.n_examples=64", "data.batch_size=16", "data.val_size=64",
+        sys.executable,
+        "-m",
+        "faithful_train.commands.cli",
+        "fit",
+        "-c",
+        "configs/iit-das.yaml",
+        "--run-dir",
+        str(run_dir),
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=8",
+        "trainer.val_every=4",
+        "trainer.progress_bar=false",
+        "objectives.0.schedule.start=4",
+        "objectives.0.schedule.steps=0",
+        "audits.0.every_n_steps=4",
+        "audits.0.n_examples=64",
+        "data.batch_size=16",
+        "data.val_size=64",
         "logger.wandb.mode=disabled",
-    ]  # fmt: skip
+    ]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from faithful_train.training import run as runs
@@ -81,20 +124,49 @@ def test_router_objective_and_audit_under_ddp(tmp_path, repo):
     run_dir = tmp_path / "router"
     common = ["audits.0.n_examples=64", "audits.0.batch_size=16", "logger.wandb.mode=disabled"]
     cmd = [
-        sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", "configs/moe-router.yaml", "--run-dir", str(run_dir),
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-        "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false", "objectives.0.bias_rate=0.01",
-        "audits.0.every_n_steps=4", "data.batch_size=16", "data.val_size=64", *common,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "faithful_train.commands.cli",
+        "fit",
+        "-c",
+        "configs/moe-router.yaml",
+        "--run-dir",
+        str(run_dir),
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=8",
+        "trainer.val_every=4",
+        "trainer.progress_bar=false",
+        "objectives.0.bias_rate=0.01",
+        "audits.0.every_n_steps=4",
+        "data.batch_size=16",
+        "data.val_size=64",
+        *common,
+    ]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["state_dict"]["model.blocks.0.mlp.selection_bias"].abs().max() > 0
     single = subprocess.run(
-        [sys.executable, "-m", "faithful_train.commands.cli", "audit", "-c", "configs/moe-router.yaml", "--ckpt", str(ckpt),
-         "--run-dir", str(tmp_path / "single"), *common],
-        cwd=repo, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "faithful_train.commands.cli",
+            "audit",
+            "-c",
+            "configs/moe-router.yaml",
+            "--ckpt",
+            str(ckpt),
+            "--run-dir",
+            str(tmp_path / "single"),
+            *common,
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     alone = json.loads((tmp_path / "single" / "summary.json").read_text())["metrics"]
     figures = read_jsonl(run_dir / "audits.jsonl")[-1]["metrics"]

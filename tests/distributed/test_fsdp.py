@@ -17,14 +17,39 @@ from tests.integration.test_scale import saved_llama
 
 pytestmark = pytest.mark.distributed
 
-TWO = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false",
-       "data.batch_size=16", "data.val_size=64", "logger.wandb.mode=disabled", "audits.0.every_n_steps=4", "audits.0.n_examples=64"]  # fmt: skip
-DAS = ["objectives.0.subspace=learned", "objectives.0.alignment.left.dims=[0,8]", "objectives.0.alignment.right.dims=[8,16]",
-       "model.activation_checkpointing=true"]  # fmt: skip
+TWO = [
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.max_steps=8",
+    "trainer.val_every=4",
+    "trainer.progress_bar=false",
+    "data.batch_size=16",
+    "data.val_size=64",
+    "logger.wandb.mode=disabled",
+    "audits.0.every_n_steps=4",
+    "audits.0.n_examples=64",
+]
+DAS = [
+    "objectives.0.subspace=learned",
+    "objectives.0.alignment.left.dims=[0,8]",
+    "objectives.0.alignment.right.dims=[8,16]",
+    "model.activation_checkpointing=true",
+]
 
 
 def _fit(repo: Path, run_dir: Path, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TWO, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "faithful_train.commands.cli",
+        "fit",
+        "-c",
+        "configs/quickstart.yaml",
+        "--run-dir",
+        str(run_dir),
+        *TWO,
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -40,11 +65,26 @@ def test_fsdp_trains_as_ddp_does_and_its_audits_are_a_single_process_audit(tmp_p
     records = read_jsonl(tmp_path / "fsdp" / "audits.jsonl")
     assert [r["step"] for r in records] == [4, 8]
     single = subprocess.run(
-        [sys.executable, "-m", "faithful_train.commands.cli", "audit", "-c", "configs/quickstart.yaml", "--ckpt",
-         str(tmp_path / "fsdp" / "checkpoints" / "last.ckpt"), "--run-dir", str(tmp_path / "single"),
-         "audits.0.n_examples=64", "logger.wandb.mode=disabled", *DAS],
-        cwd=repo, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "faithful_train.commands.cli",
+            "audit",
+            "-c",
+            "configs/quickstart.yaml",
+            "--ckpt",
+            str(tmp_path / "fsdp" / "checkpoints" / "last.ckpt"),
+            "--run-dir",
+            str(tmp_path / "single"),
+            "audits.0.n_examples=64",
+            "logger.wandb.mode=disabled",
+            *DAS,
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     alone = json.loads((tmp_path / "single" / "summary.json").read_text())["metrics"]
     for key, value in records[-1]["metrics"].items():
@@ -56,13 +96,22 @@ def test_fsdp_trains_as_ddp_does_and_its_audits_are_a_single_process_audit(tmp_p
 def test_fsdp_with_lora_gives_the_frozen_base_no_gradient(tmp_path, repo):
     base = saved_llama(tmp_path / "base")
     overrides = [
-        *TWO, "trainer.strategy=fsdp", "trainer.max_steps=4", "audits.0.every_n_steps=2",
-        f"model={{arch: hf, path: {base}, lora: {{r: 4, target_modules: [q_proj, v_proj]}}, activation_checkpointing: true}}",
+        *TWO,
+        "trainer.strategy=fsdp",
+        "trainer.max_steps=4",
+        "audits.0.every_n_steps=2",
+        f"model={{arch: hf, path: {base}, lora: {{r: 4, target_modules: [q_proj, v_proj]}}, "
+        f"activation_checkpointing: true}}",
         *DAS[:3],
-    ]  # fmt: skip
+    ]
     probe = Path(__file__).with_name("fsdp_probe.py")
-    proc = subprocess.run([sys.executable, str(probe), str(tmp_path), "configs/quickstart.yaml", *overrides], cwd=repo,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(probe), str(tmp_path), "configs/quickstart.yaml", *overrides],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         grads = json.loads((tmp_path / f"grads.{rank}.json").read_text())

@@ -13,7 +13,12 @@ from faithful_train.commands.cli import main
 from faithful_train.io.files import read_jsonl
 from tests.integration.test_cli import TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
-CONFIGS = ["configs/stability.yaml", "configs/stability-baseline.yaml", "configs/right-reasons-decoy.yaml", "configs/right-reasons-decoy-baseline.yaml"]
+CONFIGS = [
+    "configs/stability.yaml",
+    "configs/stability-baseline.yaml",
+    "configs/right-reasons-decoy.yaml",
+    "configs/right-reasons-decoy-baseline.yaml",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +31,13 @@ def test_shipped_configs_run(tmp_path, config):
     assert Path(config).read_text().splitlines()[0] == f"# faithful-train fit -c {config}"
     assert main(["fit", "-c", config, "--run-dir", str(tmp_path), *TINY]) == 0
     metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
-    for key in ("audit/attribution/stability/spearman", "audit/attribution/randomisation/spearman",
-                "audit/attribution/eraser/comprehensiveness", "audit/attribution/calibration", "audit/attribution/completeness_error"):  # fmt: skip
+    for key in (
+        "audit/attribution/stability/spearman",
+        "audit/attribution/randomisation/spearman",
+        "audit/attribution/eraser/comprehensiveness",
+        "audit/attribution/calibration",
+        "audit/attribution/completeness_error",
+    ):
         assert key in metrics, key
     if config.startswith("configs/stability"):  # and the gradient x input audit beside it
         assert {"audit/attribution_gxi/stability/cosine", "audit/attribution/stability/cosine"} <= set(metrics)
@@ -40,7 +50,23 @@ def test_shipped_configs_run(tmp_path, config):
 
 def _fit_short(tmp_path: Path, config: str, *overrides: str) -> dict:
     run_dir = tmp_path / Path(config).stem
-    assert main(["fit", "-c", config, "--run-dir", str(run_dir), "trainer.progress_bar=false", "logger.wandb.mode=disabled", "optim.decay=none", "data.batch_size=64", *overrides]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "-c",
+                config,
+                "--run-dir",
+                str(run_dir),
+                "trainer.progress_bar=false",
+                "logger.wandb.mode=disabled",
+                "optim.decay=none",
+                "data.batch_size=64",
+                *overrides,
+            ]
+        )
+        == 0
+    )
     return json.loads((run_dir / "summary.json").read_text())["metrics"]
 
 
@@ -53,7 +79,10 @@ def test_right_reasons_term_escapes_the_decoy(tmp_path):
     penalised = _fit_short(tmp_path, "configs/right-reasons-decoy.yaml", *short)["val/task_acc"]
     baseline = _fit_short(tmp_path, "configs/right-reasons-decoy-baseline.yaml", *short)["val/task_acc"]
     assert baseline <= 0.3, baseline  # chance is 0.25: the shortcut
-    assert penalised >= baseline + 0.15, (penalised, baseline)  # 400 steps: 0.86 against 0.27 (3000 steps: 0.41 to 1.00 over seeds, README)
+    assert penalised >= baseline + 0.15, (
+        penalised,
+        baseline,
+    )  # 400 steps: 0.86 against 0.27 (3000 steps: 0.41 to 1.00 over seeds, README)
 
 
 @pytest.mark.slow
@@ -65,7 +94,10 @@ def test_stability_objective_makes_attributions_stable_under_perturbation(tmp_pa
     # 1000 steps: at 600 the run with the objective ended at cosine 0.95 and task accuracy 0.986
     # on one machine (1.00 and 1.00 on another): float rounding decided it. At 1000, cosine 1.000
     # against 0.71, Spearman 0.97 against 0.55, both accuracies 1.000.
-    gxi_audit = "{name: attribution, method: gradient_x_input, every_n_steps: 1000, n_examples: 512, randomisation: false, calibration: false}"
+    gxi_audit = (
+        "{name: attribution, method: gradient_x_input, every_n_steps: 1000, n_examples: 512, "
+        "randomisation: false, calibration: false}"
+    )
     short = ["trainer.max_steps=1000", "trainer.val_every=1000", "data.val_size=512", f"audits=[{gxi_audit}]"]
     stable = _fit_short(tmp_path, "configs/stability.yaml", *short)
     plain = _fit_short(tmp_path, "configs/stability-baseline.yaml", *short)
@@ -83,7 +115,13 @@ def test_stability_objective_makes_attributions_stable_under_perturbation(tmp_pa
 def test_both_terms_train_a_hugging_face_model(tmp_path, preset):
     """Double backprop through a Hugging Face model (generic hooked path): both terms are
     logged, finite, and the audit measures the fine-tuned model."""
-    overrides = [*TINY, "trainer.max_steps=10", f"model={preset}", "objectives.0.stability=1.0", "objectives.0.fraction=0.25"]
+    overrides = [
+        *TINY,
+        "trainer.max_steps=10",
+        f"model={preset}",
+        "objectives.0.stability=1.0",
+        "objectives.0.fraction=0.25",
+    ]
     # on the tiny random llama, zero-baseline IG does not converge (completeness error 1.3 at 512
     # points): the points go up to the cap and the audit says so; a low cap keeps the test short
     overrides.append("audits.0.max_steps=64")
@@ -115,7 +153,11 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
         (["objectives.0.quadrature=simpson"], "unknown quadrature 'simpson'", "gausslegendre"),
         (["objectives.0.right_reasons=-1"], "right_reasons must be >= 0", "-1"),
         (["objectives.0.fraction=0"], "0 < fraction <= 1", "fraction"),
-        (["task.name=hierarchical_equality"], "right_reasons needs a task that marks irrelevant tokens", "hierarchical_equality"),
+        (
+            ["task.name=hierarchical_equality"],
+            "right_reasons needs a task that marks irrelevant tokens",
+            "hierarchical_equality",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, overrides, message, valid):

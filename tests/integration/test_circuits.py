@@ -48,8 +48,14 @@ def two_runs(tmp_path_factory):
 def test_the_circuit_config_trains_audits_and_writes_hypotheses(two_runs):
     run = two_runs / "circuit"
     summary = json.loads((run / "summary.json").read_text())["metrics"]
-    for key in ("train/objective/circuit", "train/objective/circuit/sufficiency", "audit/ablation/faithfulness",
-                "audit/ablation/necessity", "audit/ablation/sufficiency", "audit/ablation/cpr"):
+    for key in (
+        "train/objective/circuit",
+        "train/objective/circuit/sufficiency",
+        "audit/ablation/faithfulness",
+        "audit/ablation/necessity",
+        "audit/ablation/sufficiency",
+        "audit/ablation/cpr",
+    ):
         assert key in summary, key
     objective = json.loads((run / "hypotheses" / "circuit.json").read_text())
     audit = json.loads((run / "hypotheses" / "ablation.json").read_text())
@@ -67,14 +73,19 @@ def test_verify_prints_the_drift_on_another_checkpoint_and_on_a_shifted_task(two
     row = next(line for line in same.splitlines() if line.startswith("faithfulness "))
     assert row.split()[-1] in ("+0.0000", "-0.0000")
     # the baseline's checkpoint: other weights, a drift
-    assert main(["verify", str(hypothesis), "--ckpt", str(two_runs / "circuit-baseline" / "checkpoints" / "last.ckpt")]) == 0
+    assert (
+        main(["verify", str(hypothesis), "--ckpt", str(two_runs / "circuit-baseline" / "checkpoints" / "last.ckpt")])
+        == 0
+    )
     other = capsys.readouterr().out
     assert "other weights" in other
     row = next(line for line in other.splitlines() if line.startswith("faithfulness "))
     assert abs(float(row.split()[-1])) > 0
     # a shifted task: more symbols, the same model
     ckpt = two_runs / "circuit" / "checkpoints" / "last.ckpt"
-    assert main(["verify", str(hypothesis), "--ckpt", str(ckpt), "-c", "configs/circuit.yaml", "task.equal_rate=0.9"]) == 0
+    assert (
+        main(["verify", str(hypothesis), "--ckpt", str(ckpt), "-c", "configs/circuit.yaml", "task.equal_rate=0.9"]) == 0
+    )
     assert "shifted" in capsys.readouterr().out
 
 

@@ -48,8 +48,15 @@ def test_fit_writes_the_run_directory(tmp_path, capsys):
         assert (tmp_path / name).is_file(), name
     summary = _summary(tmp_path)
     metrics = summary["metrics"]
-    for key in ("val/task_acc", "val/task_loss", "train/task_loss", "train/objective/interchange",
-                "audit/interchange/iia", "audit/interchange/iia/left", "audit/interchange/iia/right"):
+    for key in (
+        "val/task_acc",
+        "val/task_loss",
+        "train/task_loss",
+        "train/objective/interchange",
+        "audit/interchange/iia",
+        "audit/interchange/iia/left",
+        "audit/interchange/iia/right",
+    ):
         assert key in metrics, key
     assert summary["step"] == 30
     assert set(summary["thresholds"]) == {"audit/interchange/iia"}
@@ -71,7 +78,11 @@ BAD_INPUTS = [
     (["objectives.0.name=interchnage"], "unknown objective 'interchnage'", "interchange"),
     (["audits.0.name=nope"], "unknown audit 'nope'", "interchange"),
     (["task.name=equality"], "unknown task 'equality'", "hierarchical_equality"),
-    (["objectives.0.alignment.left.site=blocks.7.resid_post"], "unknown site 'blocks.7.resid_post'", "blocks.1.resid_post"),
+    (
+        ["objectives.0.alignment.left.site=blocks.7.resid_post"],
+        "unknown site 'blocks.7.resid_post'",
+        "blocks.1.resid_post",
+    ),
     (["audits.0.alignment.middle=blocks.0.resid_post"], "unknown variable", "left, right"),
     (["model=dense-huge"], "unknown model preset 'dense-huge'", "dense-tiny"),
     (["objectives.0.wieght=2"], "unknown argument of objective 'interchange' 'wieght'", "weight"),
@@ -86,9 +97,17 @@ BAD_INPUTS = [
     (["trainer.devices=0"], "trainer.devices", "0"),
     (["trainer.precision=bogus"], "unknown trainer.precision 'bogus'", "bf16-mixed"),
     (["trainer.strategy=bogus"], "unknown trainer.strategy 'bogus'", "ddp"),
-    (["objectives.0.alignment.left.positions=[99]"], "position 99 is outside the task's sequence length 4", "objectives"),
+    (
+        ["objectives.0.alignment.left.positions=[99]"],
+        "position 99 is outside the task's sequence length 4",
+        "objectives",
+    ),
     (["objectives.0.weight=-1e-3"], "weight must be >= 0, got -0.001", "weight"),
-    (["objectives.0.alignment.left.positions=[-99]"], "position -99 is outside the task's sequence length 4", "objectives.0"),
+    (
+        ["objectives.0.alignment.left.positions=[-99]"],
+        "position -99 is outside the task's sequence length 4",
+        "objectives.0",
+    ),
     (["audits.0.alignment.left.positions=[99]"], "position 99 is outside", "audits.0"),
     (["model.n_layers=0"], "model.n_layers must be >= 1, got 0", "n_layers"),
     (["model={arch: hf, path: {inputs}/nowhere}"], "is not a directory", "nowhere"),
@@ -96,19 +115,31 @@ BAD_INPUTS = [
     (["model={arch: hf, path: {inputs}/no_weights}"], "holds no loadable weights", "no_weights"),
     (["--run-dir", "{inputs}/a_file"], "is a file, not a directory", "a_file"),
     (["--run-dir", "{inputs}/a_file/run"], "cannot be made", "a_file"),
-    (["--resume-from", "{inputs}/a_file"], "is not a checkpoint that loads safely: not a file written by torch.save", "a_file"),
+    (
+        ["--resume-from", "{inputs}/a_file"],
+        "is not a checkpoint that loads safely: not a file written by torch.save",
+        "a_file",
+    ),
     (["--resume-from", "{inputs}/none.ckpt"], "not found", "none.ckpt"),
     (["task.name=tests/integration/assets/helper_task/broken.py:Broken"], "broken.py line 3", "task"),
     (["optim.lr=${oc.env:FAITHFUL_TRAIN_UNSET_VARIABLE}"], "FAITHFUL_TRAIN_UNSET_VARIABLE' not found", "optim.lr"),
     (["trainer.on_nonfinite=ignore"], "unknown trainer.on_nonfinite 'ignore'", "skip"),
     (["optim.schedule_steps=0"], "optim.schedule_steps", "0"),
     (["audits=[{name: attribution, max_completeness_error: 0}]"], "max_completeness_error > 0", "audit"),
-    (["trainer.on_nonfinite=skip", "trainer.accumulate_grad_batches=2"], "needs one process and no gradient accumulation", "accumulate_grad_batches=2"),
+    (
+        ["trainer.on_nonfinite=skip", "trainer.accumulate_grad_batches=2"],
+        "needs one process and no gradient accumulation",
+        "accumulate_grad_batches=2",
+    ),
     (["trainer.on_nonfinite=skip", "trainer.devices=2"], "needs one process", "devices=2"),
     (["trainer.max_skipped_steps=0"], "trainer.max_skipped_steps' must be >= 1", "0"),
     (["audits=[{name: attribution, steps: 32, max_steps: 16}]"], "max_steps >= steps required", "16"),
-    pytest.param(["trainer.accelerator=gpu"], "trainer.accelerator' is 'gpu', but this machine has no CUDA device", "gpu",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param(
+        ["trainer.accelerator=gpu"],
+        "trainer.accelerator' is 'gpu', but this machine has no CUDA device",
+        "gpu",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+    ),
 ]
 
 
@@ -118,7 +149,9 @@ def _bad_input_files(root: Path) -> Path:
     (root / "a_file").write_text("not a checkpoint\n")
     (root / "empty").mkdir(exist_ok=True)
     (root / "no_weights").mkdir(exist_ok=True)
-    (root / "no_weights" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+    (root / "no_weights" / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2})
+    )
     return root
 
 
@@ -144,7 +177,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, overrides, message, 
 
 
 def test_a_task_file_imports_a_module_beside_it(tmp_path):
-    cfg = load_config(QUICKSTART, [*TINY, "task={name: tests/integration/assets/helper_task/uses_helper.py:HelperTask}", "objectives=[]", "audits=[]"])
+    cfg = load_config(
+        QUICKSTART,
+        [
+            *TINY,
+            "task={name: tests/integration/assets/helper_task/uses_helper.py:HelperTask}",
+            "objectives=[]",
+            "audits=[]",
+        ],
+    )
     run = runs.build(cfg, tmp_path)
     assert run.task.vocab_size == 8 and run.task.answer_tokens == tuple(range(8))
 
@@ -152,7 +193,9 @@ def test_a_task_file_imports_a_module_beside_it(tmp_path):
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", QUICKSTART, "trainer.max_step=3"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown config key 'trainer.max_step'" in proc.stderr
@@ -245,7 +288,10 @@ def test_audits_do_not_change_training(tmp_path):
 def test_wandb_offline_by_default_does_not_hang(tmp_path):
     """Offline by default; and two runs in one process (a recipe) get a wandb run each: wandb
     keeps one run per process, so each fit closes its own (the second once logged into the first)."""
-    overrides = [o for o in TINY if not o.startswith("logger.wandb")] + ["trainer.max_steps=5", "audits.0.every_n_steps=5"]
+    overrides = [o for o in TINY if not o.startswith("logger.wandb")] + [
+        "trainer.max_steps=5",
+        "audits.0.every_n_steps=5",
+    ]
     for name in ("first", "second"):
         assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / name), *overrides]) == 0
         offline_runs = list((tmp_path / name / "wandb").glob("offline-run-*"))
@@ -270,7 +316,9 @@ def test_overrides_go_anywhere_and_read_numbers_as_a_yaml_file_does(tmp_path):
 
 
 def test_resume_and_resume_from_together_is_one_line(tmp_path, capsys):
-    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), "--resume", "--resume-from", "x.ckpt", *TINY]) == 2
+    assert (
+        main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), "--resume", "--resume-from", "x.ckpt", *TINY]) == 2
+    )
     assert "--resume or --resume-from, not both" in capsys.readouterr().err
 
 

@@ -38,8 +38,15 @@ def test_shipped_configs_run(tmp_path, config):
     assert "val/task_acc" in metrics
     if config == BASELINE:
         return
-    for key in ("train/objective/concepts/concept", "train/objective/concepts/intervention", "audit/concepts/concept_acc/shape",
-                "audit/concepts/tti/0", "audit/concepts/tti/4", "audit/concepts/tti_area", "audit/concepts/leakage"):  # fmt: skip
+    for key in (
+        "train/objective/concepts/concept",
+        "train/objective/concepts/intervention",
+        "audit/concepts/concept_acc/shape",
+        "audit/concepts/tti/0",
+        "audit/concepts/tti/4",
+        "audit/concepts/tti_area",
+        "audit/concepts/leakage",
+    ):
         assert key in metrics, key
     assert ("audit/concepts/leakage/side" in metrics) == (config == JOINT)
     curves = sorted(p.name for p in (tmp_path / "concepts").iterdir())
@@ -57,7 +64,14 @@ def test_other_modes_from_overrides(tmp_path, mode):
 
 def test_finetune_a_local_hugging_face_checkpoint_with_a_bottleneck(tmp_path):
     task = ConceptObjects()
-    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16)
+    config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=16,
+    )
     source = HFAdapter.from_config("llama", config, vocab_size=task.vocab_size, seed=1)
     source.save_pretrained(tmp_path / "ckpt")
     model = f"model={{arch: hf, path: {tmp_path / 'ckpt'}, bottleneck: {{mode: hybrid, layer: 1}}}}"
@@ -105,7 +119,7 @@ BAD = [
     (["task={name: hierarchical_equality}"], "needs a task that labels concepts", "labels none"),
     (["audits.0.thresholds.tti/9=0.5"], "unknown metric of audit 'concepts' 'tti/9'", "tti_area"),
     (["audits.0.order=greedy"], "unknown intervention order 'greedy'", "random, uncertainty"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("overrides, message, valid", BAD)
@@ -119,8 +133,16 @@ def test_leakage_rises_with_the_side_channel_and_falls_with_its_penalty(tmp_path
     bottleneck has nothing to leak it through; opening an 8-unit side channel without a penalty
     leaks it (the leakage figure up, and task accuracy above the hard model's); the leakage
     penalty on the same channel brings the figure back down."""
-    short = [*TINY[2:], "task.hidden_concept=true", "trainer.max_steps=300", "trainer.val_every=300", "optim.decay=none",
-             "audits.0.every_n_steps=300", "audits.0.n_examples=1024", "data.batch_size=64"]  # fmt: skip
+    short = [
+        *TINY[2:],
+        "task.hidden_concept=true",
+        "trainer.max_steps=300",
+        "trainer.val_every=300",
+        "optim.decay=none",
+        "audits.0.every_n_steps=300",
+        "audits.0.n_examples=1024",
+        "data.batch_size=64",
+    ]
     runs = {
         "hard": (HARD, []),
         "open": (JOINT, ["objectives.0.leakage=0"]),

@@ -42,7 +42,10 @@ def _finite(ckpt: Path) -> bool:
 
 def test_a_diverging_run_stops_names_the_term_and_keeps_no_nonfinite_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(run_dir), *TINY, "optim.lr=1e6", "trainer.checkpoint_every=1"]) == 3
+    assert (
+        main(["fit", "-c", QUICKSTART, "--run-dir", str(run_dir), *TINY, "optim.lr=1e6", "trainer.checkpoint_every=1"])
+        == 3
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "training diverged:" in err and " at step " in err, err
     assert "train/" in err or "non-finite weights" in err, err
@@ -73,7 +76,12 @@ def test_a_nonfinite_gradient_from_a_finite_loss_stops_or_is_skipped(tmp_path, c
     planted = [f"objectives=[{{name: '{NAN_AT}', at: 5, gradient: true}}]", "audits=[]"]
     assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "stop"), *TINY, *planted]) == 3
     assert "the gradient is non-finite at step 5" in capsys.readouterr().err
-    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "skip"), *TINY, *planted, "trainer.on_nonfinite=skip"]) == 0
+    assert (
+        main(
+            ["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "skip"), *TINY, *planted, "trainer.on_nonfinite=skip"]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
     assert summary["metrics"]["train/skipped_steps"] == 1.0 and _finite(tmp_path / "skip" / "checkpoints" / "last.ckpt")
 
@@ -91,11 +99,19 @@ def test_a_nonfinite_checkpoint_is_refused_by_audit(tmp_path, capsys):
     name = next(k for k in state["state_dict"] if k.startswith("model."))
     state["state_dict"][name] = torch.full_like(state["state_dict"][name], float("nan"))
     torch.save(state, tmp_path / "nan.ckpt")
-    assert main(["audit", "-c", QUICKSTART, "--ckpt", str(tmp_path / "nan.ckpt"), "--run-dir", str(tmp_path / "a"), *TINY]) == 2
+    assert (
+        main(["audit", "-c", QUICKSTART, "--ckpt", str(tmp_path / "nan.ckpt"), "--run-dir", str(tmp_path / "a"), *TINY])
+        == 2
+    )
     assert "holds non-finite weights" in capsys.readouterr().err
     assert main(["audit", "-c", QUICKSTART, "--ckpt", str(tmp_path / "nan.ckpt").replace("nan", "none"), *TINY]) == 2
     (tmp_path / "text.ckpt").write_text("hello\n")
-    assert main(["audit", "-c", QUICKSTART, "--ckpt", str(tmp_path / "text.ckpt"), "--run-dir", str(tmp_path / "b"), *TINY]) == 2
+    assert (
+        main(
+            ["audit", "-c", QUICKSTART, "--ckpt", str(tmp_path / "text.ckpt"), "--run-dir", str(tmp_path / "b"), *TINY]
+        )
+        == 2
+    )
     assert "not a file written by torch.save" in capsys.readouterr().err
 
 
@@ -143,7 +159,18 @@ def test_strict_fails_the_run_on_a_failed_threshold_and_the_thresholds_are_prere
 def test_ctrl_c_says_where_the_checkpoint_is_how_to_resume_and_exits_130(tmp_path, repo):
     run_dir = tmp_path / "run"
     overrides = [*TINY, "trainer.max_steps=100000", "trainer.val_every=5", "trainer.checkpoint_every=5", "audits=[]"]
-    cmd = [sys.executable, "-m", "faithful_train.commands.cli", "fit", "-c", QUICKSTART, "--run-dir", str(run_dir), "--strict", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "faithful_train.commands.cli",
+        "fit",
+        "-c",
+        QUICKSTART,
+        "--run-dir",
+        str(run_dir),
+        "--strict",
+        *overrides,
+    ]
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
@@ -155,7 +182,13 @@ def test_ctrl_c_says_where_the_checkpoint_is_how_to_resume_and_exits_130(tmp_pat
     assert f"the last checkpoint is {run_dir / 'checkpoints' / 'last.ckpt'} (step " in line
     command = line.split("resume with: ", 1)[1]
     args = _parse(shlex.split(command)[1:])
-    assert args.resume and args.strict and args.run_dir == str(run_dir) and args.config == QUICKSTART and args.overrides == overrides
+    assert (
+        args.resume
+        and args.strict
+        and args.run_dir == str(run_dir)
+        and args.config == QUICKSTART
+        and args.overrides == overrides
+    )
     assert "Traceback" not in err
 
 
@@ -167,7 +200,22 @@ def test_values_from_the_environment_are_written_as_references(tmp_path, monkeyp
     cfg = load_config(QUICKSTART, [*TINY, "optim.lr=${oc.env:FT_TEST_SECRET_LR}", "trainer.max_steps=2", "audits=[]"])
     assert cfg.optim.lr == pytest.approx(0.0012345)  # used as the value
     assert written(cfg)["optim"]["lr"] == "${oc.env:FT_TEST_SECRET_LR}"  # what wandb's config receives
-    assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path), *TINY, "optim.lr=${oc.env:FT_TEST_SECRET_LR}", "trainer.max_steps=2", "audits=[]"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "-c",
+                QUICKSTART,
+                "--run-dir",
+                str(tmp_path),
+                *TINY,
+                "optim.lr=${oc.env:FT_TEST_SECRET_LR}",
+                "trainer.max_steps=2",
+                "audits=[]",
+            ]
+        )
+        == 0
+    )
     text = (tmp_path / "config.yaml").read_text()
     assert "${oc.env:FT_TEST_SECRET_LR}" in text and "0.0012345" not in text
     assert load_config(tmp_path / "config.yaml").optim.lr == pytest.approx(0.0012345)  # reads back
@@ -175,14 +223,17 @@ def test_values_from_the_environment_are_written_as_references(tmp_path, monkeyp
 
 def test_a_resume_with_more_steps_keeps_the_decay_schedule_unless_asked(capsys):
     from faithful_train.tasks.hierarchical_equality import HierarchicalEquality
+    from faithful_train.training.config import OptimSection, TrainerSection
     from faithful_train.training.module import FaithfulModule
     from tests.conftest import tiny_transformer
 
-    from faithful_train.training.config import OptimSection, TrainerSection
-
-    def module(total: int, keep: bool) -> FaithfulModule:  # keep: the schedule follows trainer.max_steps of the first start
+    def module(
+        total: int, keep: bool
+    ) -> FaithfulModule:  # keep: the schedule follows trainer.max_steps of the first start
         optim = OptimSection(decay="cosine", schedule_steps=None if keep else total)
-        return FaithfulModule(tiny_transformer(), HierarchicalEquality(), optim, trainer=TrainerSection(max_steps=total))
+        return FaithfulModule(
+            tiny_transformer(), HierarchicalEquality(), optim, trainer=TrainerSection(max_steps=total)
+        )
 
     saved: dict = {}
     module(300, keep=True).on_save_checkpoint(saved)
@@ -225,7 +276,7 @@ def test_metrics_csv_survives_a_kill_while_its_header_is_rewritten(tmp_path, mon
     rows = _rows(tmp_path / "metrics.csv")
     assert len(rows) == 6 and rows[-1]["val/task_acc"] == "0.5" and all(None not in row for row in rows)
     resumed = RunCSVLogger(tmp_path, resume_step=6)  # and it reads back on resume
-    resumed.experiment
+    _ = resumed.experiment  # the property opens the file and reads it back
     assert len(_rows(tmp_path / "metrics.csv")) == 6
 
 
@@ -246,11 +297,11 @@ def test_a_resume_says_when_metrics_csv_lost_rows(tmp_path, capsys):
     header = "step,train/loss\n"
     atomic_write_text(tmp_path / "metrics.csv", header + "".join(f"{s},{s}.0\n" for s in range(11)))
     logger = RunCSVLogger(tmp_path, resume_step=24, expected_rows=25)
-    logger.experiment  # opens the file: keeps rows <= 24, compares with the checkpoint's count
+    _ = logger.experiment  # opens the file: keeps rows <= 24, compares with the checkpoint's count
     err = capsys.readouterr().err
     assert "holds 11 rows up to step 24, the checkpoint recorded 25" in err
     intact = RunCSVLogger(tmp_path, resume_step=10, expected_rows=11)
-    intact.experiment
+    _ = intact.experiment
     assert "rows were lost" not in capsys.readouterr().err
     assert len(_rows(tmp_path / "metrics.csv")) == 11
 
@@ -321,7 +372,7 @@ def test_a_resume_drops_the_rows_the_resumed_run_logs_again(tmp_path):
     rows += "20,,0.5,\n20,,,0.7\n20,20.0,,\n21,21.0,,\n"  # val and audit at 20; the next steps' training rows
     atomic_write_text(tmp_path / "metrics.csv", rows)
     logger = RunCSVLogger(tmp_path, resume_step=20, expected_rows=21)
-    logger.experiment
+    _ = logger.experiment
     kept = _rows(tmp_path / "metrics.csv")
     assert [r["step"] for r in kept[-3:]] == ["19", "20", "20"] and len(kept) == 22
     assert kept[-2]["val/task_acc"] == "0.5" and kept[-1]["audit/x/iia"] == "0.7"

@@ -27,18 +27,37 @@ def test_config_runs_and_writes_the_heatmap(tmp_path):
     run = tmp_path / "fit"
     assert main(["fit", "-c", CONFIG, "--run-dir", str(run), *TINY]) == 0
     metrics = json.loads((run / "summary.json").read_text())["metrics"]
-    for key in ("clean", "corrupted", "max/heads/layer0", "max/mlp.out/layer1", "max/resid_pre/layer1", "max/attn.out/layer0",
-                "atp/spearman", "atp/missed", "atp/spearman_all", "circuit/cpr", "circuit/cmd"):  # fmt: skip
+    for key in (
+        "clean",
+        "corrupted",
+        "max/heads/layer0",
+        "max/mlp.out/layer1",
+        "max/resid_pre/layer1",
+        "max/attn.out/layer0",
+        "atp/spearman",
+        "atp/missed",
+        "atp/spearman_all",
+        "circuit/cpr",
+        "circuit/cmd",
+    ):
         assert f"audit/patching/{key}" in metrics, key
     assert [r["step"] for r in read_jsonl(run / "audits.jsonl")] == [10, 20, 30]
     for step in (10, 20, 30):
         assert (run / "patching" / f"step{step:06d}.png").read_bytes()[:4] == b"\x89PNG"
     with open(run / "patching" / "step000030.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 4 * 3 + 2 * 4 * 4 and {r["component"] for r in rows} == {"resid_pre", "attn.out", "mlp.out", "heads"}
+    assert len(rows) == 2 * 4 * 3 + 2 * 4 * 4 and {r["component"] for r in rows} == {
+        "resid_pre",
+        "attn.out",
+        "mlp.out",
+        "heads",
+    }
 
     again = tmp_path / "audit"
-    assert main(["audit", "-c", CONFIG, "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--run-dir", str(again), *TINY]) == 0
+    assert (
+        main(["audit", "-c", CONFIG, "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--run-dir", str(again), *TINY])
+        == 0
+    )
     assert (again / "patching" / "step000030.png").is_file() and (again / "patching" / "step000030.csv").is_file()
 
 

@@ -96,7 +96,8 @@ def test_resume_with_a_learned_basis_continues_exactly(tmp_path):
 
 
 BAD = [
-    (DAS, ["audits.0.hypothesis=hypotheses/nope.json"], "hypotheses/nope.json' does not exist and no objective of this run writes it", "hypotheses/das.json"),
+    (DAS, ["audits.0.hypothesis=hypotheses/nope.json"],
+     "hypotheses/nope.json' does not exist and no objective of this run writes it", "hypotheses/das.json"),
     (DAS, ["objectives.0.subspace=rotated"], "unknown interchange subspace 'rotated'", "learned"),
     (DAS, ["audits.0.controls=[shuffle]"], "unknown interchange audit control 'shuffle'", "random_subspace"),
     (DAS, ["objectives.0.strict=[blocks.9.mlp.out]"], "unknown site 'blocks.9.mlp.out'", "blocks.1.mlp.out"),
@@ -104,7 +105,8 @@ BAD = [
      "unknown argument of objective 'counterfactual_cot' 'alignment'", "fraction"),
     ("configs/cot-faithful.yaml", ["task={name: hierarchical_equality}"],
      "written reasoning steps", "valid: multistep_arithmetic"),
-    ("configs/cot-faithful.yaml", ["audits.0.thresholds.follow=0.9"], "unknown metric of audit 'cot' 'follow'", "follow_rate"),
+    ("configs/cot-faithful.yaml", ["audits.0.thresholds.follow=0.9"],
+     "unknown metric of audit 'cot' 'follow'", "follow_rate"),
 ]  # fmt: skip
 
 
@@ -134,8 +136,16 @@ def test_counterfactual_cot_makes_answers_follow_the_steps(tmp_path):
     """With a cue that gives the answer away, plain training takes the shortcut (answers ignore
     corrupted steps); counterfactual CoT training makes the answers follow the steps."""
     config = "configs/cot-faithful.yaml"
-    short = ["trainer.max_steps=600", "trainer.val_every=300", "trainer.progress_bar=false", "optim.decay=none",
-             "audits.0.every_n_steps=300", "audits.0.n_examples=256", "data.val_size=256", "logger.wandb.mode=disabled"]  # fmt: skip
+    short = [
+        "trainer.max_steps=600",
+        "trainer.val_every=300",
+        "trainer.progress_bar=false",
+        "optim.decay=none",
+        "audits.0.every_n_steps=300",
+        "audits.0.n_examples=256",
+        "data.val_size=256",
+        "logger.wandb.mode=disabled",
+    ]
     figures = {}
     for name, extra in (("objective", []), ("baseline", ["objectives=[]"])):
         assert main(["fit", "-c", config, "--run-dir", str(tmp_path / name), *short, *extra]) == 0

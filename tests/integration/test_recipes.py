@@ -6,8 +6,16 @@ import sys
 
 import pytest
 
-TINY = ["trainer.max_steps=6", "trainer.val_every=3", "trainer.progress_bar=false", "audits.0.every_n_steps=3",
-        "audits.0.n_examples=32", "data.batch_size=16", "data.val_size=32", "logger.wandb.mode=disabled"]  # fmt: skip
+TINY = [
+    "trainer.max_steps=6",
+    "trainer.val_every=3",
+    "trainer.progress_bar=false",
+    "audits.0.every_n_steps=3",
+    "audits.0.n_examples=32",
+    "data.batch_size=16",
+    "data.val_size=32",
+    "logger.wandb.mode=disabled",
+]
 
 
 def _run(path, args, monkeypatch):
@@ -42,4 +50,3 @@ def test_finetune_hf_through_a_concept_bottleneck(tmp_path, repo, monkeypatch):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 6 and "audit/concepts/leakage/side" in summary["metrics"]
     assert (run_dir / "concepts" / "intervention_step000006.png").is_file()
-

@@ -34,13 +34,25 @@ def test_shipped_configs_run(tmp_path, config):
     assert Path(config).read_text().splitlines()[0] == f"# faithful-train fit -c {config}"
     assert main(["fit", "-c", config, "--run-dir", str(tmp_path), *TINY]) == 0
     metrics = _metrics(tmp_path)
-    for key in ("train/objective/router/load_balance", "train/objective/router/z_loss", "train/objective/router/max_violation",
-                "audit/router/expert_concept_nmi", "audit/router/entropy/layer1", "audit/router/load_cv",
-                "audit/router/routing_stability", "audit/router/ablation/layer0/expert3/sort", "audit/router/ablation/own_drop"):  # fmt: skip
+    for key in (
+        "train/objective/router/load_balance",
+        "train/objective/router/z_loss",
+        "train/objective/router/max_violation",
+        "audit/router/expert_concept_nmi",
+        "audit/router/entropy/layer1",
+        "audit/router/load_cv",
+        "audit/router/routing_stability",
+        "audit/router/ablation/layer0/expert3/sort",
+        "audit/router/ablation/own_drop",
+    ):
         assert key in metrics, key
     assert ("train/objective/router/alignment" in metrics) == (config != BASELINE)
     choices = sorted((tmp_path / "router").glob("choices_step*.jsonl"))
-    assert [p.name for p in choices] == ["choices_step000010.jsonl", "choices_step000020.jsonl", "choices_step000030.jsonl"]
+    assert [p.name for p in choices] == [
+        "choices_step000010.jsonl",
+        "choices_step000020.jsonl",
+        "choices_step000030.jsonl",
+    ]
     row = json.loads(choices[-1].read_text().splitlines()[0])
     assert row["token"].startswith("<") and set(row["layers"]) == {"0", "1"}
 
@@ -52,7 +64,9 @@ def test_finetune_a_local_hugging_face_checkpoint(tmp_path, family):
     source = HFAdapter.from_config(family, dict(preset.config), vocab_size=task.vocab_size, seed=1)
     source.save_pretrained(tmp_path / "ckpt")
     run_dir = tmp_path / "run"
-    assert main(["fit", "-c", HF, "--run-dir", str(run_dir), *TINY, f"model={{arch: hf, path: {tmp_path / 'ckpt'}}}"]) == 0
+    assert (
+        main(["fit", "-c", HF, "--run-dir", str(run_dir), *TINY, f"model={{arch: hf, path: {tmp_path / 'ckpt'}}}"]) == 0
+    )
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     layer = next(iter(source.moe_layers()))
     assert state[f"model.selection_bias_{layer}"].abs().sum() > 0  # bias balancing moved it
@@ -98,13 +112,16 @@ def test_audit_from_a_checkpoint_reproduces_the_figures(tmp_path):
     assert len(keys) > 50
     for key in keys:
         assert audited[key] == pytest.approx(fitted[key], abs=1e-6), key
-    assert (audit_dir / "router" / "choices_step000030.jsonl").read_text() == (fit_dir / "router" / "choices_step000030.jsonl").read_text()
+    assert (audit_dir / "router" / "choices_step000030.jsonl").read_text() == (
+        fit_dir / "router" / "choices_step000030.jsonl"
+    ).read_text()
 
 
 BAD = [
     (["objectives.0.mapping={copyy: 0}"], "unknown concept value in objective 'router''s mapping 'copyy'", "copy"),
     (["objectives.0.pooling=mean"], "unknown load-balance pooling 'mean'", "per_layer"),
-    (["objectives.0.concept=colour"], "unknown concept of task 'domain_mixture' for objective 'router' 'colour'", "domain"),
+    (["objectives.0.concept=colour"],
+     "unknown concept of task 'domain_mixture' for objective 'router' 'colour'", "domain"),
     (["model=dense-tiny"], "needs a mixture-of-experts model", "moe-tiny"),
     (["audits.0.thresholds.nmi=0.8"], "unknown metric of audit 'router' 'nmi'", "expert_concept_nmi"),
     (["task.domains=[copy, mul]"], "unknown domain 'mul'", "reverse"),
@@ -122,8 +139,16 @@ def test_alignment_makes_experts_specialise_by_domain_and_ablation_shows_it(tmp_
     """The alignment term brings expert-domain NMI high where the usual recipe leaves it low; on
     the aligned model, ablating the expert a domain routes to hurts that domain far more than
     the others (the audit's own_drop vs other_drop, and per expert)."""
-    short = ["trainer.max_steps=800", "trainer.val_every=800", "trainer.progress_bar=false", "optim.decay=none",
-             "audits.0.every_n_steps=800", "audits.0.n_examples=512", "data.val_size=256", "logger.wandb.mode=disabled"]  # fmt: skip
+    short = [
+        "trainer.max_steps=800",
+        "trainer.val_every=800",
+        "trainer.progress_bar=false",
+        "optim.decay=none",
+        "audits.0.every_n_steps=800",
+        "audits.0.n_examples=512",
+        "data.val_size=256",
+        "logger.wandb.mode=disabled",
+    ]
     assert main(["fit", "-c", BASELINE, "--run-dir", str(tmp_path / "base"), *short]) == 0
     assert main(["fit", "-c", ROUTER, "--run-dir", str(tmp_path / "aligned"), *short]) == 0
     base, aligned = _metrics(tmp_path / "base"), _metrics(tmp_path / "aligned")
@@ -135,7 +160,10 @@ def test_alignment_makes_experts_specialise_by_domain_and_ablation_shows_it(tmp_
     # choices) hurts it more than any domain that does not route there (the learned mapping may
     # give two similar domains, e.g. copy and reverse, one expert)
     record = read_jsonl(tmp_path / "aligned" / "audits.jsonl")[-1]["metrics"]
-    rows = [json.loads(line) for line in sorted((tmp_path / "aligned" / "router").glob("*.jsonl"))[-1].read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in sorted((tmp_path / "aligned" / "router").glob("*.jsonl"))[-1].read_text().splitlines()
+    ]
     domains = ("copy", "reverse", "sum", "sort")
     top = {}
     for domain in domains:

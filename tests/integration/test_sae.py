@@ -11,8 +11,16 @@ import pytest
 from faithful_train.commands.cli import main
 from tests.integration.test_cli import assert_fit_fails_in_one_line
 
-TINY = ["trainer.max_steps=30", "trainer.val_every=15", "trainer.progress_bar=false", "audits.0.every_n_steps=15",
-        "audits.0.n_examples=64", "data.val_size=32", "data.batch_size=16", "logger.wandb.mode=disabled"]  # fmt: skip
+TINY = [
+    "trainer.max_steps=30",
+    "trainer.val_every=15",
+    "trainer.progress_bar=false",
+    "audits.0.every_n_steps=15",
+    "audits.0.n_examples=64",
+    "data.val_size=32",
+    "data.batch_size=16",
+    "logger.wandb.mode=disabled",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -24,19 +32,48 @@ def test_sae_trains_writes_saelens_files_and_audits_from_them(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY]) == 0
     metrics = json.loads((run / "summary.json").read_text())["metrics"]
-    for key in ("audit/sae/fvu", "audit/sae/l0", "audit/sae/dead", "audit/sae/ce_recovered", "audit/sae/kl_recovered", "train/objective/sae/fvu"):
+    for key in (
+        "audit/sae/fvu",
+        "audit/sae/l0",
+        "audit/sae/dead",
+        "audit/sae/ce_recovered",
+        "audit/sae/kl_recovered",
+        "train/objective/sae/fvu",
+    ):
         assert key in metrics, key
     assert metrics["audit/sae/l0"] <= 16
     cfg = json.loads((run / "saes" / "sae" / "cfg.json").read_text())
-    assert cfg["architecture"] == "topk" and cfg["d_sae"] == 128 and cfg["metadata"]["hook_name"] == "blocks.1.resid_post"
+    assert (
+        cfg["architecture"] == "topk" and cfg["d_sae"] == 128 and cfg["metadata"]["hook_name"] == "blocks.1.resid_post"
+    )
     # the same checkpoint audited through the files, by a config with no objective
     again = tmp_path / "again"
-    overrides = ["objectives=[]", f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post, n_examples: 64, variables: {{domain: [-1]}}}}]"]
-    assert main(["audit", "-c", "configs/sae.yaml", "--run-dir", str(again), "--ckpt", str(run / "checkpoints" / "last.ckpt"), *overrides]) == 0
+    overrides = [
+        "objectives=[]",
+        f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post, n_examples: 64, "
+        f"variables: {{domain: [-1]}}}}]",
+    ]
+    assert (
+        main(
+            [
+                "audit",
+                "-c",
+                "configs/sae.yaml",
+                "--run-dir",
+                str(again),
+                "--ckpt",
+                str(run / "checkpoints" / "last.ckpt"),
+                *overrides,
+            ]
+        )
+        == 0
+    )
     audited = json.loads((again / "summary.json").read_text())["metrics"]
     for name in ("fvu", "l0", "dead", "ce_recovered"):
         assert audited[f"audit/sae/{name}"] == pytest.approx(metrics[f"audit/sae/{name}"], rel=1e-5, abs=1e-6), name
-    assert 0.5 <= audited["audit/sae/auroc/domain"] <= 1 and 0 <= audited["audit/sae/latent_iia/domain"] <= 1  # its latents, a site from the files
+    assert (
+        0.5 <= audited["audit/sae/auroc/domain"] <= 1 and 0 <= audited["audit/sae/latent_iia/domain"] <= 1
+    )  # its latents, a site from the files
 
 
 def test_sae_files_of_another_layout_or_width_are_one_line(tmp_path, capsys):
@@ -47,11 +84,33 @@ def test_sae_files_of_another_layout_or_width_are_one_line(tmp_path, capsys):
     (other / "sae.safetensors").write_bytes(b"x")
     (other / "cfg.json").write_text("{}")
     audit = [f"audits=[{{name: sae, path: {other}, site: blocks.1.resid_post}}]", "objectives=[]"]
-    assert_fit_fails_in_one_line("configs/sae.yaml", tmp_path / "a", capsys, audit, "is not an SAE in SAELens's layout", "sae.safetensors")
+    assert_fit_fails_in_one_line(
+        "configs/sae.yaml", tmp_path / "a", capsys, audit, "is not an SAE in SAELens's layout", "sae.safetensors"
+    )
     run = tmp_path / "run"
-    assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=2", "audits.0.every_n_steps=0"]) == 0
-    narrow = [f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post}}]", "objectives=[]", "model={preset: dense-tiny, d_model: 32}"]
-    assert_fit_fails_in_one_line("configs/sae.yaml", tmp_path / "b", capsys, narrow, "reads 64 dimensions, the site has 32", "audits.0")
+    assert (
+        main(
+            [
+                "fit",
+                "-c",
+                "configs/sae.yaml",
+                "--run-dir",
+                str(run),
+                *TINY,
+                "trainer.max_steps=2",
+                "audits.0.every_n_steps=0",
+            ]
+        )
+        == 0
+    )
+    narrow = [
+        f"audits=[{{name: sae, path: {run / 'saes' / 'sae'}, site: blocks.1.resid_post}}]",
+        "objectives=[]",
+        "model={preset: dense-tiny, d_model: 32}",
+    ]
+    assert_fit_fails_in_one_line(
+        "configs/sae.yaml", tmp_path / "b", capsys, narrow, "reads 64 dimensions, the site has 32", "audits.0"
+    )
 
 
 def test_a_detached_sae_leaves_the_model_as_it_would_be(tmp_path):
@@ -61,7 +120,22 @@ def test_a_detached_sae_leaves_the_model_as_it_would_be(tmp_path):
     runs = {}
     for name, extra in (("with", []), ("without", ["objectives=[]", "audits=[]"])):
         run = tmp_path / name
-        assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=12", "audits.0.every_n_steps=0", *extra]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    "-c",
+                    "configs/sae.yaml",
+                    "--run-dir",
+                    str(run),
+                    *TINY,
+                    "trainer.max_steps=12",
+                    "audits.0.every_n_steps=0",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         runs[name] = {k: v for k, v in state.items() if k.startswith("model.")}
     assert runs["with"].keys() == runs["without"].keys()
@@ -71,10 +145,15 @@ def test_a_detached_sae_leaves_the_model_as_it_would_be(tmp_path):
 def test_an_interchange_audit_runs_on_sae_latents(tmp_path):
     """The objective's latents are a site (``<site>.sae``) that an alignment can name."""
     run = tmp_path / "run"
-    alignment = "{left: {site: blocks.0.resid_post.sae, positions: [3], dims: [0, 4]}, right: {site: blocks.0.resid_post.sae, positions: [3], dims: [4, 8]}}"
+    alignment = (
+        "{left: {site: blocks.0.resid_post.sae, positions: [3], dims: [0, 4]}, "
+        "right: {site: blocks.0.resid_post.sae, positions: [3], dims: [4, 8]}}"
+    )
     audits = f"audits=[{{name: interchange, every_n_steps: 10, n_examples: 32, controls: [], alignment: {alignment}}}]"
     overrides = ["task={name: hierarchical_equality}", "objectives.0.site=blocks.0.resid_post", audits]
-    assert main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=10", *overrides]) == 0
+    assert (
+        main(["fit", "-c", "configs/sae.yaml", "--run-dir", str(run), *TINY, "trainer.max_steps=10", *overrides]) == 0
+    )
     metrics = json.loads((run / "summary.json").read_text())["metrics"]
     assert 0 <= metrics["audit/interchange/iia/left"] <= 1 and "audit/interchange/iia/right" in metrics
 
@@ -161,7 +240,10 @@ def test_an_sae_from_files_is_a_fixed_site_and_caft_ablates_its_latents(tmp_path
         f"objectives=[{{name: sae, site: blocks.0.resid_post, path: {folder}, train: false}},"
         " {name: caft, concept: decoy, min_auroc: 0.55, schedule: {kind: warmup, start: 5, steps: 0}}]"
     )
-    audits = "audits=[{name: interchange, every_n_steps: 10, n_examples: 32, controls: [], alignment: {decoy: {site: blocks.0.resid_post.sae, dims: [0, 8]}}}]"
+    audits = (
+        "audits=[{name: interchange, every_n_steps: 10, n_examples: 32, controls: [], "
+        "alignment: {decoy: {site: blocks.0.resid_post.sae, dims: [0, 8]}}}]"
+    )
     assert (
         main(
             [
@@ -205,7 +287,8 @@ def test_caft_names_an_sae_objective_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("config, extra", [
-    ("configs/caft-decoy.yaml", ["objectives.1.schedule.start=5", "audits.1.n_examples=64", "audits.1.every_n_steps=15"]),
+    ("configs/caft-decoy.yaml",
+     ["objectives.1.schedule.start=5", "audits.1.n_examples=64", "audits.1.every_n_steps=15"]),
     ("configs/sae-baseline.yaml", []),
     ("configs/caft-decoy-baseline.yaml", []),
 ])  # fmt: skip
@@ -229,13 +312,26 @@ def test_optim_freeze_keeps_the_named_parameters_fixed(tmp_path, capsys):
     states = []
     for steps in (1, 6):
         run = tmp_path / f"run{steps}"
-        args = ["fit", "-c", "configs/caft-decoy-baseline.yaml", "--run-dir", str(run), *TINY, f"trainer.max_steps={steps}", "audits=[]"]
+        args = [
+            "fit",
+            "-c",
+            "configs/caft-decoy-baseline.yaml",
+            "--run-dir",
+            str(run),
+            *TINY,
+            f"trainer.max_steps={steps}",
+            "audits=[]",
+        ]
         assert main(args) == 0
         states.append(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
     assert torch.equal(states[0]["model.tok_emb.weight"], states[1]["model.tok_emb.weight"])
     assert not torch.equal(states[0]["model.pos_emb.weight"], states[1]["model.pos_emb.weight"])
     (tmp_path / "bad").mkdir()
     assert_fit_fails_in_one_line(
-        "configs/caft-decoy-baseline.yaml", tmp_path / "bad", capsys, ["optim.freeze=[tok_emb.weight, embeddings.*]"],
-        "optim.freeze.1", "tok_emb.weight",
-    )  # fmt: skip
+        "configs/caft-decoy-baseline.yaml",
+        tmp_path / "bad",
+        capsys,
+        ["optim.freeze=[tok_emb.weight, embeddings.*]"],
+        "optim.freeze.1",
+        "tok_emb.weight",
+    )

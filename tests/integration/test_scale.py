@@ -14,7 +14,14 @@ from faithful_train.commands.cli import main
 from faithful_train.modeling.hf import HFAdapter
 from tests.integration.test_cli import QUICKSTART, TINY, assert_fit_fails_in_one_line, fit_whole_and_resumed
 
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=16,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +36,12 @@ def saved_llama(where: Path, seed: int = 0) -> Path:
 
 
 def lora_overrides(base: Path) -> list[str]:
-    return [*TINY, f"model={{arch: hf, path: {base}, lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}}}}",
-            "objectives=[{name: interchange, alignment: {left: {site: blocks.0.resid_post, positions: [3], dims: [0, 32]}, "
-            "right: {site: blocks.0.resid_post, positions: [3], dims: [32, 64]}}}, {name: preserve}]"]  # fmt: skip
+    return [
+        *TINY,
+        f"model={{arch: hf, path: {base}, lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}}}}",
+        "objectives=[{name: interchange, alignment: {left: {site: blocks.0.resid_post, positions: [3], dims: [0, 32]}, "
+        "right: {site: blocks.0.resid_post, positions: [3], dims: [32, 64]}}}, {name: preserve}]",
+    ]
 
 
 def _summary(run_dir: Path) -> dict:
@@ -57,11 +67,16 @@ def test_a_lora_run_checkpoints_its_adapters_audits_resumes_and_exports(tmp_path
     ckpt = whole / "checkpoints" / "last.ckpt"
     audit_dir = tmp_path / "audit"
     assert main(["audit", "-c", QUICKSTART, "--ckpt", str(ckpt), "--run-dir", str(audit_dir), *overrides]) == 0
-    assert _summary(audit_dir)["metrics"]["audit/interchange/iia"] == pytest.approx(a["metrics"]["audit/interchange/iia"], abs=1e-6)
+    assert _summary(audit_dir)["metrics"]["audit/interchange/iia"] == pytest.approx(
+        a["metrics"]["audit/interchange/iia"], abs=1e-6
+    )
 
     other = saved_llama(tmp_path / "other", seed=1)
     capsys.readouterr()
-    assert main(["audit", "-c", QUICKSTART, "--ckpt", str(ckpt), "--run-dir", str(tmp_path / "x"), *lora_overrides(other)]) == 2
+    assert (
+        main(["audit", "-c", QUICKSTART, "--ckpt", str(ckpt), "--run-dir", str(tmp_path / "x"), *lora_overrides(other)])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "holds adapters trained on another base model" in err and err.count("\n") == 0
 
@@ -88,8 +103,14 @@ def test_checkpointing_changes_no_weight_and_bf16_runs(tmp_path):
         weights.append(torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=1e-5, msg=key)
-    bf16 = [*TINY, "trainer.precision=bf16-mixed", "model.activation_checkpointing=true", "objectives.0.subspace=learned",
-            "objectives.0.alignment.left.dims=[0,8]", "objectives.0.alignment.right.dims=[8,16]"]  # fmt: skip
+    bf16 = [
+        *TINY,
+        "trainer.precision=bf16-mixed",
+        "model.activation_checkpointing=true",
+        "objectives.0.subspace=learned",
+        "objectives.0.alignment.left.dims=[0,8]",
+        "objectives.0.alignment.right.dims=[8,16]",
+    ]
     assert main(["fit", "-c", QUICKSTART, "--run-dir", str(tmp_path / "bf16"), *bf16]) == 0
     metrics = _summary(tmp_path / "bf16")["metrics"]
     assert all(value == value for value in metrics.values())  # finite (no NaN)
@@ -111,20 +132,31 @@ def test_a_checkpoint_of_another_shape_is_one_line_in_audit_resume_and_verify(tm
     ):
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "does not fit the config's model: model.blocks.0.mlp.up.weight is [256, 64] there and [128, 64] here" in err, err
+        assert (
+            err.count("\n") == 0
+            and "does not fit the config's model: model.blocks.0.mlp.up.weight is [256, 64] there and [128, 64] here"
+            in err
+        ), err
     hypothesis = tmp_path / "small" / "hypotheses" / "interchange.json"
     assert main(["verify", str(hypothesis), "--ckpt", str(ckpt)]) == 0  # the run's own config: fits
-    (tmp_path / "small" / "config.yaml").write_text((tmp_path / "small" / "config.yaml").read_text().replace("d_mlp: 256", "d_mlp: 128"))
+    (tmp_path / "small" / "config.yaml").write_text(
+        (tmp_path / "small" / "config.yaml").read_text().replace("d_mlp: 256", "d_mlp: 128")
+    )
     assert main(["verify", str(hypothesis), "--ckpt", str(ckpt)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is [256, 64] there and [128, 64] here" in err, err
 
 
 SCALE_BAD_INPUTS = [
-    (["model.lora={target_modules: [qkv, nope]}"], "'model.lora.target_modules.1' ('nope') names no linear layer", "qkv"),
-    (["model=cbm-tiny", "model.lora={r: 4}", "task={name: concept_objects}", "objectives=[]", "audits=[]"], "model.lora: a concept-bottleneck model", "LoRA"),
-    (["model.activation_checkpointing=true", "objectives.0={name: tests/integration/assets/plain_objective.py:PlainObjective}"],
-     "objectives.0: objective 'plain' (PlainObjective) does not declare that it supports model.activation_checkpointing", "supports_activation_checkpointing = True"),
+    (["model.lora={target_modules: [qkv, nope]}"],
+     "'model.lora.target_modules.1' ('nope') names no linear layer", "qkv"),
+    (["model=cbm-tiny", "model.lora={r: 4}", "task={name: concept_objects}", "objectives=[]", "audits=[]"],
+     "model.lora: a concept-bottleneck model", "LoRA"),
+    (["model.activation_checkpointing=true",
+      "objectives.0={name: tests/integration/assets/plain_objective.py:PlainObjective}"],
+     ("objectives.0: objective 'plain' (PlainObjective) does not declare that it supports "
+      "model.activation_checkpointing"),
+     "supports_activation_checkpointing = True"),
     (["trainer.precision=16-mixed"], "'trainer.precision' is '16-mixed': fp16 needs a CUDA device", "bf16-mixed"),
 ]  # fmt: skip
 

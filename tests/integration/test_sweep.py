@@ -15,8 +15,14 @@ import pytest
 from faithful_train.commands.cli import main
 from faithful_train.commands.sweep import load_sweep, open_study
 
-TINY = ["trainer.max_steps=20", "trainer.val_every=10", "audits.0.every_n_steps=10", "audits.0.n_examples=32",
-        "data.val_size=32", "data.batch_size=16"]  # fmt: skip
+TINY = [
+    "trainer.max_steps=20",
+    "trainer.val_every=10",
+    "audits.0.every_n_steps=10",
+    "audits.0.n_examples=32",
+    "data.val_size=32",
+    "data.batch_size=16",
+]
 SWEEP = "configs/sweeps/iit-weight.yaml"
 
 
@@ -57,7 +63,9 @@ def test_two_workers_give_the_figures_of_one(tmp_path):
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         assert main(["sweep", "-c", SWEEP, "--out", str(out), "--trials", "2", "--workers", str(workers), *TINY]) == 0
-        figures[workers] = {r["objectives.0.weight"]: (r["val/task_acc"], r["audit/interchange/iia"]) for r in rows(out)}
+        figures[workers] = {
+            r["objectives.0.weight"]: (r["val/task_acc"], r["audit/interchange/iia"]) for r in rows(out)
+        }
     common = set(figures[1]) & set(figures[2])
     assert common and all(figures[1][w] == figures[2][w] for w in common)
 
@@ -69,7 +77,9 @@ def test_a_stopped_sweep_runs_its_cut_off_trial_again(tmp_path):
     study = open_study(sweep, f"sqlite:///{out / 'study.db'}")
     cut = study.ask()
     cut.suggest_categorical("objectives.0.weight", sweep.params[0].values)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     import socket
 
     cut.set_user_attr("host", socket.gethostname())
@@ -78,5 +88,7 @@ def test_a_stopped_sweep_runs_its_cut_off_trial_again(tmp_path):
     trials = optuna.load_study(study_name="iit-weight", storage=f"sqlite:///{out / 'study.db'}").get_trials()
     assert trials[0].state == optuna.trial.TrialState.FAIL
     again = [t for t in trials if t.user_attrs.get("rerun_of") == 0]
-    assert len(again) == 1 and again[0].params == trials[0].params and again[0].state == optuna.trial.TrialState.COMPLETE
+    assert (
+        len(again) == 1 and again[0].params == trials[0].params and again[0].state == optuna.trial.TrialState.COMPLETE
+    )
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2  # the rerun and the one added

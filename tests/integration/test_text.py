@@ -15,7 +15,14 @@ from faithful_train.tasks.ioi import write_ioi
 from tests.integration.test_cli import _summary, fit_whole_and_resumed
 from tests.unit.text_rows import color_rows, word_tokenizer, write_jsonl
 
-TINY = ["trainer.max_steps=8", "trainer.val_every=4", "trainer.progress_bar=false", "logger.wandb.mode=disabled", "data.batch_size=16", "data.val_size=32"]
+TINY = [
+    "trainer.max_steps=8",
+    "trainer.val_every=4",
+    "trainer.progress_bar=false",
+    "logger.wandb.mode=disabled",
+    "data.batch_size=16",
+    "data.val_size=32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +39,14 @@ def _cache(tmp_path, monkeypatch, repo):
 
 
 def ioi_files(ioi: Path) -> list[str]:
-    return [f"task.train={ioi}/train.jsonl", f"task.val={ioi}/val.jsonl", f"task.audit={ioi}/audit.jsonl",
-            f"task.tokenizer={ioi}/tokenizer", f"task.ppl={ioi}/text.txt", f"task.lm_text={ioi}/corpus.txt"]  # fmt: skip
+    return [
+        f"task.train={ioi}/train.jsonl",
+        f"task.val={ioi}/val.jsonl",
+        f"task.audit={ioi}/audit.jsonl",
+        f"task.tokenizer={ioi}/tokenizer",
+        f"task.ppl={ioi}/text.txt",
+        f"task.lm_text={ioi}/corpus.txt",
+    ]
 
 
 def test_ioi_workflow_pretrain_export_finetune(ioi, tmp_path, capsys):
@@ -53,7 +66,9 @@ def test_ioi_workflow_pretrain_export_finetune(ioi, tmp_path, capsys):
     ids = tokenizer("When Mary and John went to the store , John gave a drink to", return_tensors="pt")["input_ids"]
     state = torch.load(pre / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     ours = {k.removeprefix("model.hf_model."): v for k, v in state.items() if k.startswith("model.hf_model.")}
-    torch.testing.assert_close(model.state_dict()["transformer.h.0.attn.c_attn.weight"], ours["transformer.h.0.attn.c_attn.weight"])
+    torch.testing.assert_close(
+        model.state_dict()["transformer.h.0.attn.c_attn.weight"], ours["transformer.h.0.attn.c_attn.weight"]
+    )
     assert model(ids).logits.shape[-1] == len(tokenizer)
     for config in ("configs/ioi-iit.yaml", "configs/ioi-baseline.yaml"):
         run = tmp_path / Path(config).stem
@@ -67,7 +82,14 @@ def test_ioi_workflow_pretrain_export_finetune(ioi, tmp_path, capsys):
 
 
 def test_text_run_resumes_at_the_exact_example(ioi, tmp_path):
-    overrides = [*TINY, *ioi_files(ioi), "trainer.max_steps=12", "trainer.checkpoint_every=6", "audits=[]", "data.batch_size=24"]
+    overrides = [
+        *TINY,
+        *ioi_files(ioi),
+        "trainer.max_steps=12",
+        "trainer.checkpoint_every=6",
+        "audits=[]",
+        "data.batch_size=24",
+    ]
     whole, split = fit_whole_and_resumed("configs/ioi-pretrain.yaml", overrides, tmp_path, stop=6)
     a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -100,7 +122,11 @@ def colors(tmp_path_factory) -> list[str]:
 def short_colors(tmp_path_factory) -> list[str]:
     """One-token answers only (a concept bottleneck answers with one token)."""
     root = tmp_path_factory.mktemp("short")
-    rows = [{k: v for k, v in r.items() if k not in ("source", "counterfactual_answer")} for r in color_rows(48) if " " not in r["answer"]]
+    rows = [
+        {k: v for k, v in r.items() if k not in ("source", "counterfactual_answer")}
+        for r in color_rows(48)
+        if " " not in r["answer"]
+    ]
     path = write_jsonl(root / "rows.jsonl", rows)
     tok = word_tokenizer(root / "tok")
     return ["task.name=text", f"task.train={path}", f"task.tokenizer={tok}"]
@@ -108,22 +134,60 @@ def short_colors(tmp_path_factory) -> list[str]:
 
 def _config(tmp_path: Path, model: object, objectives: list, audits: list) -> str:
     path = tmp_path / "config.yaml"
-    path.write_text(json.dumps({"model": model, "task": {"name": "text", "train": "x", "tokenizer": "x"},
-                                "objectives": objectives, "audits": audits}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "model": model,
+                "task": {"name": "text", "train": "x", "tokenizer": "x"},
+                "objectives": objectives,
+                "audits": audits,
+            }
+        )
+    )
     return str(path)
 
 
 SPAN = {"site": "blocks.0.resid_post", "positions": {"span": "thing", "token": "last"}}
 AUDIT = {"every_n_steps": 4, "n_examples": 16, "batch_size": 8}
 CASES = {
-    "interchange": ("dense-tiny", [{"name": "interchange", "alignment": {"thing": SPAN}}], [{"name": "interchange", "alignment": {"thing": SPAN}, **AUDIT}]),
-    "interchange-das": ("dense-tiny", [{"name": "interchange", "subspace": "learned", "alignment": {"thing": {**SPAN, "dims": [0, 8]}}}],
-                        [{"name": "interchange", "hypothesis": "hypotheses/interchange.json", "alignment": {"thing": {**SPAN, "dims": [0, 8]}}, **AUDIT}]),
-    "stability": ("dense-tiny", [{"name": "stability", "stability": 1.0, "right_reasons": 1.0, "fraction": 0.5}], [{"name": "attribution", "steps": 4, **AUDIT}]),
-    "concepts": ({"preset": "dense-tiny", "bottleneck": {"mode": "hybrid"}}, [{"name": "concepts", "leakage": 0.1}], [{"name": "concepts", "probe_steps": 20, **AUDIT}]),
-    "router": ("moe-tiny", [{"name": "router", "load_balance": 0.01, "alignment": 0.1, "concept": "kind"}], [{"name": "router", "stability": False, **AUDIT}]),
+    "interchange": (
+        "dense-tiny",
+        [{"name": "interchange", "alignment": {"thing": SPAN}}],
+        [{"name": "interchange", "alignment": {"thing": SPAN}, **AUDIT}],
+    ),
+    "interchange-das": (
+        "dense-tiny",
+        [{"name": "interchange", "subspace": "learned", "alignment": {"thing": {**SPAN, "dims": [0, 8]}}}],
+        [
+            {
+                "name": "interchange",
+                "hypothesis": "hypotheses/interchange.json",
+                "alignment": {"thing": {**SPAN, "dims": [0, 8]}},
+                **AUDIT,
+            }
+        ],
+    ),
+    "stability": (
+        "dense-tiny",
+        [{"name": "stability", "stability": 1.0, "right_reasons": 1.0, "fraction": 0.5}],
+        [{"name": "attribution", "steps": 4, **AUDIT}],
+    ),
+    "concepts": (
+        {"preset": "dense-tiny", "bottleneck": {"mode": "hybrid"}},
+        [{"name": "concepts", "leakage": 0.1}],
+        [{"name": "concepts", "probe_steps": 20, **AUDIT}],
+    ),
+    "router": (
+        "moe-tiny",
+        [{"name": "router", "load_balance": 0.01, "alignment": 0.1, "concept": "kind"}],
+        [{"name": "router", "stability": False, **AUDIT}],
+    ),
     "preserve": ("dense-tiny", [{"name": "preserve"}], []),
-    "hf-llama": ("llama-tiny", [{"name": "interchange", "alignment": {"thing": SPAN}}, {"name": "preserve"}], [{"name": "interchange", "alignment": {"thing": SPAN}, **AUDIT}]),
+    "hf-llama": (
+        "llama-tiny",
+        [{"name": "interchange", "alignment": {"thing": SPAN}}, {"name": "preserve"}],
+        [{"name": "interchange", "alignment": {"thing": SPAN}, **AUDIT}],
+    ),
 }
 
 
@@ -148,7 +212,11 @@ def test_every_objective_and_audit_runs_on_a_text_task(case, colors, short_color
         ([], [{"name": "cot"}], "needs a task with written reasoning steps"),
         ([], [{"name": "router", **AUDIT}], "position-aligned perturbations"),
         ([{"name": "interchange", "alignment": {"color": SPAN}}], [], "'variables.color' column"),
-        ([{"name": "interchange", "alignment": {"thing": {"site": "embed", "positions": {"span": "nope"}}}}], [], "unknown span"),
+        (
+            [{"name": "interchange", "alignment": {"thing": {"site": "embed", "positions": {"span": "nope"}}}}],
+            [],
+            "unknown span",
+        ),
         ([{"name": "concepts"}], [], "a concept bottleneck answers with one token"),
     ],
 )

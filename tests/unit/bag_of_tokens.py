@@ -30,7 +30,9 @@ class BagOfTokens(nn.Module):
     def site_points(self) -> dict[str, SitePoint]:
         return {"embed": SitePoint(self.hook_embed)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions=None, narrow=True) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions=None, narrow=True
+    ) -> torch.Tensor:
         e = self.hook_embed(self.emb(input_ids))
         if self.scales is not None:
             e = e * self.scales[: input_ids.shape[1], None]

@@ -19,13 +19,15 @@ def document_rows(n: int = 24, seed: int = 0) -> list[dict]:
         things = rng.sample(list(THINGS), 3)
         asked = rng.randrange(3)
         new = rng.choice([c for c in colors if c != THINGS[things[asked]]])
-        rows.append({
-            "documents": [f"{t} is {THINGS[t]}" for t in things],
-            "gold_document": asked,
-            "prompt": f"the color of {things[asked]} is",
-            "answer": THINGS[things[asked]],
-            "counterfactual": {"document": f"{things[asked]} is {new}", "answer": new},
-        })  # fmt: skip
+        rows.append(
+            {
+                "documents": [f"{t} is {THINGS[t]}" for t in things],
+                "gold_document": asked,
+                "prompt": f"the color of {things[asked]} is",
+                "answer": THINGS[things[asked]],
+                "counterfactual": {"document": f"{things[asked]} is {new}", "answer": new},
+            }
+        )
     return rows
 
 
@@ -36,9 +38,19 @@ def tool_rows(n: int = 24, seed: int = 0) -> list[dict]:
     for _ in range(n):
         thing = rng.choice(list(THINGS))
         new = rng.choice([c for c in colors if c != THINGS[thing]])
-        rows.append({
-            "prompt": f"what color is {thing} ?",
-            "tool_calls": [{"tool": "lookup", "arguments": thing, "result": THINGS[thing], "counterfactual_result": new, "counterfactual_answer": f"{new} it says"}],
-            "answer": f"{THINGS[thing]} it says",
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": f"what color is {thing} ?",
+                "tool_calls": [
+                    {
+                        "tool": "lookup",
+                        "arguments": thing,
+                        "result": THINGS[thing],
+                        "counterfactual_result": new,
+                        "counterfactual_answer": f"{new} it says",
+                    }
+                ],
+                "answer": f"{THINGS[thing]} it says",
+            }
+        )
     return rows

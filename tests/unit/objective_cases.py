@@ -43,7 +43,9 @@ class _Module(nn.Module):
         self.model, self.task, self.objective_modules = model, task, nn.ModuleDict(owned)
 
 
-def bound(model: nn.Module, task: Task, objectives: list[Objective], batch: dict[str, Tensor], reference: bool = False) -> Case:
+def bound(
+    model: nn.Module, task: Task, objectives: list[Objective], batch: dict[str, Tensor], reference: bool = False
+) -> Case:
     for objective in sorted(objectives, key=lambda o: not o.adds_sites):
         objective.bind(model, task, 0)
     owned = {o.label: o.module() for o in objectives if o.module() is not None}
@@ -150,7 +152,9 @@ def concepts() -> Case:
 
     task = ConceptObjects()
     torch.manual_seed(0)
-    section = OmegaConf.create(dict(arch="transformer", d_model=32, n_layers=2, n_heads=4, d_mlp=64, bottleneck={"mode": "hybrid"}))
+    section = OmegaConf.create(
+        dict(arch="transformer", d_model=32, n_layers=2, n_heads=4, d_mlp=64, bottleneck={"mode": "hybrid"})
+    )
     model = build_model(section, task.vocab_size, task.seq_len, concepts=task.concepts)
     objective = ConceptsObjective(concept=2.0, leakage=0.5, sparsity=0.1, intervention_prob=0.5, intervention=1.0)
     return bound(model, task, [objective], task.sample(16, 0))

@@ -28,6 +28,7 @@ class AttributeReader(nn.Module):
         self.d_model = sum(1 if len(ATTRIBUTES[a]) == 2 else len(ATTRIBUTES[a]) for a in (*LABELLED, "pattern"))
         self.hook = HookPoint()
         self.dummy = nn.Parameter(torch.zeros(()))
+
     def forward(self, ids, attention_mask=None):
         cols = []
         for attr in (*LABELLED, "pattern"):
@@ -36,8 +37,10 @@ class AttributeReader(nn.Module):
             cols.append(present[:, 1:] if n == 2 else present)
         feats = torch.cat(cols, -1)[:, None].expand(-1, ids.shape[1], -1) + 0 * self.dummy
         return self.hook(feats)
+
     def site_points(self):
         return {"blocks.0.resid_post": SitePoint(self.hook)}
+
 
 class RuleHead(nn.Module):
     """The task's rule on the predicted concepts (plus, if leaky, pattern decoded from size's confidence)."""
@@ -45,6 +48,7 @@ class RuleHead(nn.Module):
     def __init__(self, layout, task, leaky):
         super().__init__()
         self.layout, self.task, self.leaky = layout, task, leaky
+
     def forward(self, x):
         u = x[:, 0]
         values = dict(zip(self.layout.names, self.layout.predict(u).unbind(1)))
@@ -68,17 +72,20 @@ def planted(task: ConceptObjects, leaky: bool = False) -> BottleneckModel:
         for k, s in enumerate(layout.slices):
             for u in range(s.start, s.stop):
                 if layout.n_values[k] == 2:
-                    w[u, u], b[u] = 8.0, -4.0   # logit = 4 (2f - 1)
+                    w[u, u], b[u] = 8.0, -4.0  # logit = 4 (2f - 1)
                 else:
                     w[u, u] = 8.0
-        bn.concept_logits.weight.copy_(w); bn.concept_logits.bias.copy_(b)
+        bn.concept_logits.weight.copy_(w)
+        bn.concept_logits.bias.copy_(b)
     if leaky:  # size's |logit| grows from 4 to 4.5 on striped objects
         su = layout.slices[2].start
+
         def leak(module, args, out):
             f, pattern = args[0][..., su], args[0][..., -1]
             out = out.clone()
             out[..., su] = out[..., su] + 0.5 * pattern * (2 * f - 1)
             return out
+
         bn.concept_logits.register_forward_hook(leak)
     bn.head = RuleHead(layout, task, leaky)
     return model

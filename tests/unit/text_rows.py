@@ -33,18 +33,29 @@ def color_rows(n: int = 16) -> list[dict]:
         answer = f"very {COLORS[thing]}" if long else COLORS[thing]
         prompt = f"the color of {thing} is" if i % 2 else f"the color of the {thing} is"
         other = things[(i + 1) % 4]
-        rows.append({
-            "prompt": prompt, "answer": answer,
-            "variables": {"thing": thing}, "spans": {"thing": thing, "color_word": [4, 9]},
-            "concepts": {"kind": "fruit" if thing in ("apple", "banana") else "nature"},
-            "paraphrase": f"{thing} ' s color is", "irrelevant": ["the"],
-            "source": {"thing": (i + 1) % n},
-            "counterfactual_answer": {"thing": f"very {COLORS[things[(i + 1) % 4]]}" if long else COLORS[things[(i + 1) % 4]]},
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": prompt,
+                "answer": answer,
+                "variables": {"thing": thing},
+                "spans": {"thing": thing, "color_word": [4, 9]},
+                "concepts": {"kind": "fruit" if thing in ("apple", "banana") else "nature"},
+                "paraphrase": f"{thing} ' s color is",
+                "irrelevant": ["the"],
+                "source": {"thing": (i + 1) % n},
+                "counterfactual_answer": {
+                    "thing": f"very {COLORS[things[(i + 1) % 4]]}" if long else COLORS[things[(i + 1) % 4]]
+                },
+            }
+        )
         del other
     # the source row of each must have the same answer length: fix sources to the next row of the same length class
     for i, row in enumerate(rows):
-        j = next(k for k in list(range(i + 1, n)) + list(range(i)) if (k % 3 == 0) == (i % 3 == 0) and rows[k]["variables"]["thing"] != row["variables"]["thing"])
+        j = next(
+            k
+            for k in list(range(i + 1, n)) + list(range(i))
+            if (k % 3 == 0) == (i % 3 == 0) and rows[k]["variables"]["thing"] != row["variables"]["thing"]
+        )
         row["source"]["thing"] = j
         row["counterfactual_answer"]["thing"] = rows[j]["answer"]
     return rows

@@ -53,9 +53,17 @@ def write_results(sweep: Sweep, study: Any, out: Path) -> dict[str, Any]:
     """``trials.csv``, ``pareto.csv``, ``pareto.md``, ``pareto.png`` and ``summary.json``."""
     rows = _rows(sweep, study)
     columns = [
-        "trial", "state", *(p.name for p in sweep.params), *sweep.figures, *sweep.report,
-        "steps", "pruned_at", "seconds", "run_dir", "error",
-    ]  # fmt: skip
+        "trial",
+        "state",
+        *(p.name for p in sweep.params),
+        *sweep.figures,
+        *sweep.report,
+        "steps",
+        "pruned_at",
+        "seconds",
+        "run_dir",
+        "error",
+    ]
     atomic_write_text(out / "trials.csv", _csv(rows, columns))
     done = [r for r in rows if r["state"] == "complete"]
     points = (
@@ -94,13 +102,17 @@ def write_results(sweep: Sweep, study: Any, out: Path) -> dict[str, Any]:
         f"Hypervolume {volume:.6g} against the reference point "
         + ", ".join(f"{f} = {_cell(v)}" for f, v in zip(sweep.figures, reference or []))
         + ("" if sweep.reference else " (the finished trials' nadir)"),
-    ]  # fmt: skip
+    ]
     atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
     _plot(sweep, rows, front, out / "pareto.png")
     summary = {
-        "trials": len(rows), **states, "front": [r["trial"] for r in front], "hypervolume": volume,
-        "reference_point": reference, "steps": steps,
-    }  # fmt: skip
+        "trials": len(rows),
+        **states,
+        "front": [r["trial"] for r in front],
+        "hypervolume": volume,
+        "reference_point": reference,
+        "steps": steps,
+    }
     atomic_write_json(out / "summary.json", summary)
     return summary
 

@@ -17,8 +17,13 @@ from faithful_train.functional.pareto import DIRECTIONS
 KINDS = ("float", "log_float", "int", "choice", "grid")
 SAMPLERS = ("nsga2", "tpe", "grid")
 VAL_FIGURES = (
-    "val/task_acc", "val/task_loss", "val/logit_diff", "val/ppl", "val/kl_to_start", "val/tool_selection_acc",
-)  # fmt: skip
+    "val/task_acc",
+    "val/task_loss",
+    "val/logit_diff",
+    "val/ppl",
+    "val/kl_to_start",
+    "val/tool_selection_acc",
+)
 TRAIN_FIGURES = ("train/task_loss", "train/task_acc", "train/loss")
 TRIAL_OVERRIDES = ["trainer.progress_bar=false", "logger.wandb.mode=disabled"]
 
@@ -177,11 +182,20 @@ def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = ()) -> Swe
         if margin < 0 or min_step < 0:
             raise ConfigError(f"sweep {path} pruning: margin and min_step must be >= 0, got {margin} and {min_step}")
     return Sweep(
-        path=path, name=path.stem, base=base, overrides=[*(_override(k, v) for k, v in overrides.items()), *extra],
+        path=path,
+        name=path.stem,
+        base=base,
+        overrides=[*(_override(k, v) for k, v in overrides.items()), *extra],
         params=params,
-        figures=[str(f) for f in figures], directions=[str(d) for d in figures.values()], sampler=sampler,
-        seed=int(raw.get("seed", 0)), reference=reference, margin=margin, min_step=min_step, report=list(report),
-    )  # fmt: skip
+        figures=[str(f) for f in figures],
+        directions=[str(d) for d in figures.values()],
+        sampler=sampler,
+        seed=int(raw.get("seed", 0)),
+        reference=reference,
+        margin=margin,
+        min_step=min_step,
+        report=list(report),
+    )
 
 
 def trial_config(sweep: Sweep, params: dict[str, Any]) -> Any:

@@ -40,9 +40,16 @@ def _worker(
             write_results(sweep, study, Path(out))
 
 
-def run_sweep(sweep_path: str | Path, out: str | Path | None = None, trials: int | None = None, workers: int = 1,
-              storage: str | None = None, threads: int = 1, extra: list[str] | tuple[str, ...] = (),
-              pruning: bool = True) -> dict[str, Any]:  # fmt: skip
+def run_sweep(
+    sweep_path: str | Path,
+    out: str | Path | None = None,
+    trials: int | None = None,
+    workers: int = 1,
+    storage: str | None = None,
+    threads: int = 1,
+    extra: list[str] | tuple[str, ...] = (),
+    pruning: bool = True,
+) -> dict[str, Any]:
     """Check the sweep, open (or continue) its study, add ``trials`` trials with ``workers``
     processes, and write the results. Returns the sweep's summary."""
     import multiprocessing as mp

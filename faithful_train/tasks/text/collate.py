@@ -46,9 +46,13 @@ def collate(
         answer_pos[b, a:] = shift + p - 1 + a - 1  # empty slots repeat the last (masked out)
         answer_mask[b, :a] = True
     batch: Batch = {
-        "input_ids": ids, "attention_mask": mask, "labels": answer_ids[:, 0].clone(),
-        "answer_ids": answer_ids, "answer_pos": answer_pos, "answer_mask": answer_mask,
-    }  # fmt: skip
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": answer_ids[:, 0].clone(),
+        "answer_ids": answer_ids,
+        "answer_pos": answer_pos,
+        "answer_mask": answer_mask,
+    }
     shift_t = torch.tensor(shifts, dtype=torch.long)
 
     def token_spans(spans: list) -> Tensor:

@@ -53,16 +53,26 @@ class RowEncoder:
             )
         cf_evidence = "counterfactual.document" in columns or _calls_have(rows[0], "counterfactual_result")
         out: dict[str, Any] = {
-            "path": str(path), "tokens": [], "prompt_len": [], "answer_len": [], "spans": {s: [] for s in spans},
-            "variables": {v: [] for v in variables}, "values": {}, "concepts": {c: [] for c in concepts},
-            "concept_values": {}, "pairs": {v: [] for v in pairs}, "cf_answers": {v: [] for v in pairs},
+            "path": str(path),
+            "tokens": [],
+            "prompt_len": [],
+            "answer_len": [],
+            "spans": {s: [] for s in spans},
+            "variables": {v: [] for v in variables},
+            "values": {},
+            "concepts": {c: [] for c in concepts},
+            "concept_values": {},
+            "pairs": {v: [] for v in pairs},
+            "cf_answers": {v: [] for v in pairs},
             "irrelevant": [] if "irrelevant" in columns else None,
             "paraphrase": [] if "paraphrase" in columns else None,
             "paraphrase_source": [] if "paraphrase" in columns else None,
-            "foil": [] if "foil" in columns else None, "documents": [] if "documents" in columns else None,
-            "doc_kind": [] if "documents" in columns else None, "tool": [] if "tool_calls" in columns else None,
+            "foil": [] if "foil" in columns else None,
+            "documents": [] if "documents" in columns else None,
+            "doc_kind": [] if "documents" in columns else None,
+            "tool": [] if "tool_calls" in columns else None,
             "cf_evidence": [] if cf_evidence else None,
-        }  # fmt: skip
+        }
         n_docs = None
         for r, row in enumerate(rows):
             where = f"{path} row {r}"

@@ -150,7 +150,7 @@ class TextTask(Task):
 
     def check_context(self, context: int) -> None:
         """Every input fits the model's context, or an error naming the longest row."""
-        for split, data in self.splits.items():
+        for _split, data in self.splits.items():
             lengths = [p + a - 1 for p, a in zip(data["prompt_len"], data["answer_len"])]
             longest = max(range(len(lengths)), key=lengths.__getitem__)
             if lengths[longest] > context:
@@ -211,13 +211,17 @@ class TextTask(Task):
 
     def column_hint(self, feature: str) -> str:
         columns = {
-            "perturbations": "paraphrase", "irrelevant": "irrelevant", "concepts": "concepts.<name>",
+            "perturbations": "paraphrase",
+            "irrelevant": "irrelevant",
+            "concepts": "concepts.<name>",
             "variables": "variables.<name>",
             "counterfactuals": "source.<name> + counterfactual_answer.<name>, or label_fn",
-            "documents": "documents", "tool_calls": "tool_calls",
-            "counterfactual_evidence":
-                "counterfactual.document (with documents), or tool_calls with counterfactual_result",
-        }  # fmt: skip
+            "documents": "documents",
+            "tool_calls": "tool_calls",
+            "counterfactual_evidence": (
+                "counterfactual.document (with documents), or tool_calls with counterfactual_result"
+            ),
+        }
         return f" (needs a {columns[feature]!r} column in {self.files['train']})" if feature in columns else ""
 
     def check_variables(self, names: Sequence[str]) -> None:
@@ -259,9 +263,14 @@ class TextTask(Task):
 
     def _collate(self, data: dict[str, Any], index: list[int], length: int | None = None) -> Batch:
         return collate(
-            data, index, length, pad_id=self.pad_id, padding_side=self.padding_side, values=self._values,
+            data,
+            index,
+            length,
+            pad_id=self.pad_id,
+            padding_side=self.padding_side,
+            values=self._values,
             concept_values=self.splits["train"]["concept_values"],
-        )  # fmt: skip
+        )
 
     def train_batch(self, index: int, batch_size: int, seed: int) -> Batch:
         """Batch ``index`` of the training stream: epoch ``index // n`` is a permutation seeded by
@@ -384,8 +393,10 @@ class TextTask(Task):
         device = batch["input_ids"].device
         perturbed = {k: batch[k] for k in ("labels", "answer_ids", "answer_mask")}
         perturbed |= {
-            "input_ids": ids.to(device), "attention_mask": mask.to(device), "answer_pos": answer_pos.to(device)
-        }  # fmt: skip
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "answer_pos": answer_pos.to(device),
+        }
         return perturbed, source.to(device)
 
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor | None:

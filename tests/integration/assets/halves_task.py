@@ -28,8 +28,11 @@ class HalvesTask(Task):
         a = torch.randint(0, self.n_symbols, (n,), generator=generator)
         b = torch.randint(0, self.n_symbols, (n,), generator=generator)
         variables = {"low": (a < self.n_symbols // 2).long(), "even": (b % 2 == 0).long()}
-        return {"input_ids": torch.stack([a, b], 1), "labels": self.label_from_variables(variables),
-                **{f"var/{k}": v for k, v in variables.items()}}
+        return {
+            "input_ids": torch.stack([a, b], 1),
+            "labels": self.label_from_variables(variables),
+            **{f"var/{k}": v for k, v in variables.items()},
+        }
 
     def label_from_variables(self, variables):
         return torch.where(variables["low"] == variables["even"], self.n_symbols + 1, self.n_symbols)

@@ -70,7 +70,10 @@ def test_batched_knockouts_equal_one_forward_each(ablation):
     sites = sorted({r.name for r in universe})
     _, clean = run_with(model, ids, record=sites, attention_mask=mask)
     values = AblationValues.from_reference(ablation, clean, mask)
-    circuit = (SiteRef("blocks.0.attn.heads", heads=(1,), positions=(1, 2)), SiteRef.parse({"site": "blocks.1.mlp.out", "positions": "answer"}))
+    circuit = (
+        SiteRef("blocks.0.attn.heads", heads=(1,), positions=(1, 2)),
+        SiteRef.parse({"site": "blocks.1.mlp.out", "positions": "answer"}),
+    )
     knockouts = [Knockout(), Knockout(tuple(universe)), Knockout(tuple(universe), circuit), Knockout(circuit)]
     together = knockout_logits(model, batch, knockouts, values, clean)
     for v, knockout in enumerate(knockouts):

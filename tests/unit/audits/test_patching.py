@@ -25,8 +25,18 @@ def test_audit_figures_and_artifacts(tmp_path):
     names = audit.metric_names(task)
     results = audit.evaluate(model, task)
     assert set(results) == set(names)
-    for key in ("clean", "corrupted", "max/heads/layer1", "max/resid_pre/layer0", "atp/spearman", "atp/missed",
-                "atp/spearman_all", "circuit/cpr", "circuit/cmd", "cell/heads/layer0/pos3/head1"):  # fmt: skip
+    for key in (
+        "clean",
+        "corrupted",
+        "max/heads/layer1",
+        "max/resid_pre/layer0",
+        "atp/spearman",
+        "atp/missed",
+        "atp/spearman_all",
+        "circuit/cpr",
+        "circuit/cmd",
+        "cell/heads/layer0/pos3/head1",
+    ):
         assert key in results, key
     assert all(v == v for v in results.values())  # no NaN: the clean and corrupted answers differ
     assert 0.0 <= results["atp/missed"] <= 1.0 and -1.0 <= results["atp/spearman"] <= 1.0
@@ -45,8 +55,14 @@ def test_audit_figures_and_artifacts(tmp_path):
     logger = WandbLike()
     audit.write_artifacts(model, task, tmp_path, 7, [logger])
     (_, image), (_, table) = logger.calls
-    assert image["key"] == "audit/patching/map" and image["images"] == [str(tmp_path / "patching" / "step000007.png")] and image["step"] == 7
-    assert table["columns"] == ["component", "layer", "position", "head", "exact", "atp"] and len(table["data"]) == len(audit.cells)
+    assert (
+        image["key"] == "audit/patching/map"
+        and image["images"] == [str(tmp_path / "patching" / "step000007.png")]
+        and image["step"] == 7
+    )
+    assert table["columns"] == ["component", "layer", "position", "head", "exact", "atp"] and len(table["data"]) == len(
+        audit.cells
+    )
     with open(tmp_path / "patching" / "step000007.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["component", "layer", "position", "head", "exact", "atp"]
@@ -56,7 +72,9 @@ def test_audit_figures_and_artifacts(tmp_path):
     assert (tmp_path / "patching" / "step000007.png").read_bytes()[:4] == b"\x89PNG"
 
     # AtP only: the top-k cells are re-run exactly (missed within the verified set)
-    atp_only = PatchingAudit(n_examples=64, batch_size=64, exact=False, verify_top=4, circuit=False, components=["resid_pre", "mlp.out"])
+    atp_only = PatchingAudit(
+        n_examples=64, batch_size=64, exact=False, verify_top=4, circuit=False, components=["resid_pre", "mlp.out"]
+    )
     atp_only.bind(model, task)
     figures = atp_only.evaluate(model, task)
     assert set(figures) == set(atp_only.metric_names(task)) and "atp/spearman_all" not in figures
@@ -66,12 +84,28 @@ def test_audit_figures_and_artifacts(tmp_path):
 def test_audit_noising_and_exact_only_and_sharding():
     task = HierarchicalEquality()
     model = _trained_enough(task)
-    audit = PatchingAudit(n_examples=32, batch_size=16, atp=False, direction="noising", metric="acc", components=["resid_pre"], positions=[1, 3, "answer"])
+    audit = PatchingAudit(
+        n_examples=32,
+        batch_size=16,
+        atp=False,
+        direction="noising",
+        metric="acc",
+        components=["resid_pre"],
+        positions=[1, 3, "answer"],
+    )
     audit.bind(model, task)
     assert audit.metric_names(task) == ["clean", "corrupted", "max/resid_pre/layer0", "max/resid_pre/layer1"]
     whole = audit.evaluate(model, task)
     assert whole["max/resid_pre/layer0"] >= 0.0
-    shards = PatchingAudit(n_examples=32, batch_size=8, atp=False, direction="noising", metric="acc", components=["resid_pre"], positions=[1, 3, "answer"])
+    shards = PatchingAudit(
+        n_examples=32,
+        batch_size=8,
+        atp=False,
+        direction="noising",
+        metric="acc",
+        components=["resid_pre"],
+        positions=[1, 3, "answer"],
+    )
     shards.bind(model, task)
     assert shards.evaluate(model, task) == pytest.approx(whole, nan_ok=True)
 
@@ -79,14 +113,26 @@ def test_audit_noising_and_exact_only_and_sharding():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"components": ["resid_post"]}, UnknownNameError, "unknown patching component 'resid_post'; valid: attn.out, heads, mlp.out, resid_pre"),
+        (
+            {"components": ["resid_post"]},
+            UnknownNameError,
+            "unknown patching component 'resid_post'; valid: attn.out, heads, mlp.out, resid_pre",
+        ),
         ({"metric": "loss"}, UnknownNameError, "unknown patching metric 'loss'"),
-        ({"direction": "sideways"}, UnknownNameError, "unknown patching direction 'sideways'; valid: denoising, noising"),
+        (
+            {"direction": "sideways"},
+            UnknownNameError,
+            "unknown patching direction 'sideways'; valid: denoising, noising",
+        ),
         ({"ablation": "mode"}, UnknownNameError, "unknown ablation 'mode'"),
         ({"atp": False, "exact": False}, ConfigError, "atp and exact are both false"),
         ({"metric": "acc"}, ConfigError, "metric 'acc' has no gradient for atp"),
         ({"verify_top": 0}, ConfigError, "verify_top must be an int >= 1 (or null), got 0"),
-        ({"metric": "kl", "direction": "noising"}, ConfigError, "atp with metric 'kl' under noising estimates 0 everywhere"),
+        (
+            {"metric": "kl", "direction": "noising"},
+            ConfigError,
+            "atp with metric 'kl' under noising estimates 0 everywhere",
+        ),
         ({"positions": [1.5]}, ConfigError, "position 1.5 is not an int"),
         ({"positions": ["middle"]}, ConfigError, "positions 'middle'"),
         ({"positions": []}, ConfigError, "positions is empty"),

@@ -44,7 +44,9 @@ class Planted(nn.Module):
         if self.reads:
             answer = torch.where(found, read, t.filler_token)
         else:
-            answer = t.first_value + t.table[entity.clamp_max(t.n_entities - 1), (key - t.first_key).clamp(0, t.n_keys - 1)]
+            answer = (
+                t.first_value + t.table[entity.clamp_max(t.n_entities - 1), (key - t.first_key).clamp(0, t.n_keys - 1)]
+            )
         logits = torch.zeros(B, T, t.vocab_size)
         logits[:, -1] = self.scale * torch.nn.functional.one_hot(answer, t.vocab_size).float()
         return logits if positions is None else gather_positions(logits, positions)
@@ -139,7 +141,9 @@ class EitherDocument(nn.Module):
         answer = t.first_value + t.table[entity.clamp_max(t.n_entities - 1), (key - t.first_key).clamp(0, t.n_keys - 1)]
         answer = torch.where(known, value, answer)
         logits = torch.zeros(B, T, t.vocab_size)
-        logits[:, -1] = torch.where(either[:, None], self.scale * torch.nn.functional.one_hot(answer, t.vocab_size).float(), 0.0)
+        logits[:, -1] = torch.where(
+            either[:, None], self.scale * torch.nn.functional.one_hot(answer, t.vocab_size).float(), 0.0
+        )
         return logits if positions is None else gather_positions(logits, positions)
 
     def site_points(self):
@@ -157,6 +161,9 @@ def test_the_surrogate_sees_documents_that_each_suffice(tmp_path):
     assert figures["surrogate_r2"] > 0.5
     audit.write_artifacts(model, task, tmp_path, 1, [])
     records = [json.loads(line) for line in (tmp_path / "provenance" / "step000001.jsonl").read_text().splitlines()]
-    weight = {kind: sum(r["surrogate"] for r in records if r["kind"] == kind) / sum(r["kind"] == kind for r in records) for kind in KINDS}
+    weight = {
+        kind: sum(r["surrogate"] for r in records if r["kind"] == kind) / sum(r["kind"] == kind for r in records)
+        for kind in KINDS
+    }
     assert weight["gold"] > 1.0 and weight["same_key"] > 1.0  # both matter, each alone does not
     assert abs(weight["near_duplicate"]) < 0.3 and abs(weight["other"]) < 0.3

@@ -49,7 +49,9 @@ class PlantedDomains(Task):
 
 
 def planted_model() -> Transformer:
-    cfg = TransformerConfig(vocab_size=2 * D, max_seq_len=2, d_model=16, n_layers=1, n_heads=2, d_mlp=4, n_experts=D, top_k=1)
+    cfg = TransformerConfig(
+        vocab_size=2 * D, max_seq_len=2, d_model=16, n_layers=1, n_heads=2, d_mlp=4, n_experts=D, top_k=1
+    )
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():

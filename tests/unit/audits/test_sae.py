@@ -19,7 +19,13 @@ from tests.unit.equality_cases import PlantedEquality
 from tests.unit.sae_cases import _identity_sae, _Module
 
 
-@pytest.mark.parametrize("planted, expected", [("identity", {"fvu": 0.0, "ce_recovered": 1.0, "kl_recovered": 1.0}), ("zero", {"ce_recovered": 0.0, "kl_recovered": 0.0})])
+@pytest.mark.parametrize(
+    "planted, expected",
+    [
+        ("identity", {"fvu": 0.0, "ce_recovered": 1.0, "kl_recovered": 1.0}),
+        ("zero", {"ce_recovered": 0.0, "kl_recovered": 0.0}),
+    ],
+)
 def test_the_audit_on_planted_saes(planted, expected):
     torch.manual_seed(0)
     task = HierarchicalEquality()
@@ -142,7 +148,9 @@ def test_on_padded_text_with_multi_token_answers_swapping_every_latent_is_the_si
     rows = color_rows()
     for row in rows:  # two-token answers "<colour> <colour>": the second follows the first, so teacher forcing matters
         row["answer"] = " ".join([row["answer"].split()[-1]] * len(row["answer"].split()))
-        row["counterfactual_answer"]["thing"] = " ".join([row["counterfactual_answer"]["thing"].split()[-1]] * len(row["counterfactual_answer"]["thing"].split()))
+        row["counterfactual_answer"]["thing"] = " ".join(
+            [row["counterfactual_answer"]["thing"].split()[-1]] * len(row["counterfactual_answer"]["thing"].split())
+        )
     task = TextTask(str(write_jsonl(tmp_path / "train.jsonl", rows)), str(word_tokenizer(tmp_path / "tok")))
     model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=16)
     rows = task.sample(16, 0)
@@ -156,18 +164,31 @@ def test_on_padded_text_with_multi_token_answers_swapping_every_latent_is_the_si
     sae.site, sae.target = "blocks.0.resid_pre", None  # the thing's token itself, before any attention
     attach_sae(model, "blocks.0.resid_pre", sae, "test")
     at = {"span": "thing", "token": "last"}
-    audit = SaeAudit(sae="sae", variables={"thing": at, "kind": None}, max_latents=64, n_examples=16, batch_size=8, seed=5)
+    audit = SaeAudit(
+        sae="sae", variables={"thing": at, "kind": None}, max_latents=64, n_examples=16, batch_size=8, seed=5
+    )
     audit.bind(model, task)
     audit.attach(_Module(model, sae))
     figures = audit.evaluate(model, task)
-    reference = InterchangeAudit({"thing": {"site": "blocks.0.resid_pre", "positions": at}}, controls=[], n_examples=16, batch_size=8, seed=5)
+    reference = InterchangeAudit(
+        {"thing": {"site": "blocks.0.resid_pre", "positions": at}}, controls=[], n_examples=16, batch_size=8, seed=5
+    )
     reference.bind(model, task)
     assert figures["latent_iia/thing"] == pytest.approx(reference.evaluate(model, task)["iia/thing"], abs=1e-6)
     assert figures["latent_iia/thing"] > 0.2, figures["latent_iia/thing"]  # a figure that teacher forcing decides
     assert 0.5 <= figures["auroc/kind"] <= 1 and "latent_iia/kind" not in figures  # a concept: alignment only
     # select: iia on the same padded, multi-token rows: the greedy choice scores on its selection
     # set what the chosen latents then score there (same pairs, same teacher forcing)
-    causal = SaeAudit(sae="sae", variables={"thing": at}, max_latents=2, candidates=8, select="iia", n_examples=16, batch_size=8, seed=5)
+    causal = SaeAudit(
+        sae="sae",
+        variables={"thing": at},
+        max_latents=2,
+        candidates=8,
+        select="iia",
+        n_examples=16,
+        batch_size=8,
+        seed=5,
+    )
     causal.bind(model, task)
     causal.attach(_Module(model, sae))
     assert 0 <= causal.evaluate(model, task)["latent_iia/thing"] <= 1
@@ -177,7 +198,9 @@ def test_on_padded_text_with_multi_token_answers_swapping_every_latent_is_the_si
     batch = task.sample(4, 0)
     latents = torch.ones(*batch["input_ids"].shape, 3)
     latents[batch["attention_mask"] == 0] = 100.0
-    assert batch["attention_mask"].min() == 0 and torch.equal(latent_scores(latents, SiteRef("x"), batch), torch.ones(4, 3))
+    assert batch["attention_mask"].min() == 0 and torch.equal(
+        latent_scores(latents, SiteRef("x"), batch), torch.ones(4, 3)
+    )
     # positions outside the prompt are one line, before anything runs
     with pytest.raises(ConfigError, match="position 40 is outside"):
         SaeAudit(sae="sae", variables={"thing": [40]}).bind(model, task)

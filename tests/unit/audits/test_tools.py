@@ -32,7 +32,9 @@ class Planted(nn.Module):
             x, y = input_ids[:, 1], input_ids[:, 3] - t.first_value
             field = torch.where(is_lookup, asked - t.first_key, asked - t.first_op)
             a = x - t.first_value
-            calc = torch.stack([(a + y) % t.n_values, (a - y) % t.n_values, (a * y) % t.n_values], 1).gather(1, field[:, None])[:, 0]
+            calc = torch.stack([(a + y) % t.n_values, (a - y) % t.n_values, (a * y) % t.n_values], 1).gather(
+                1, field[:, None]
+            )[:, 0]
             lookup = t.table[x.clamp(0, t.n_entities - 1), field]
             answer = t.first_value + torch.where(is_lookup, lookup, calc)
         tool = t.first_tool + torch.where(is_lookup | self.always, 0, 1)

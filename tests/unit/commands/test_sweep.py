@@ -38,7 +38,9 @@ def test_ranges_bundles_and_trial_configs(tmp_path):
         d["space"] = {
             "optim.lr": {"log_float": [1e-4, 1e-2]},
             "data.batch_size": {"int": [16, 64]},
-            "variant": {"choice": {"a": {"objectives.0.weight": 0.5, "trainer.val_every": 5}, "b": {"objectives.0.weight": 2.0}}},
+            "variant": {
+                "choice": {"a": {"objectives.0.weight": 0.5, "trainer.val_every": 5}, "b": {"objectives.0.weight": 2.0}}
+            },
         }
         d["sampler"] = "nsga2"
 
@@ -46,7 +48,13 @@ def test_ranges_bundles_and_trial_configs(tmp_path):
     lr, batch, variant = sweep.params
     assert (lr.kind, lr.values, batch.values, variant.values) == ("log_float", [1e-4, 1e-2], [16, 64], ["a", "b"])
     cfg = trial_config(sweep, {"optim.lr": 1e-3, "data.batch_size": 32, "variant": "a"})
-    assert (cfg.optim.lr, cfg.data.batch_size, cfg.objectives[0].weight, cfg.trainer.val_every, cfg.trainer.max_steps) == (1e-3, 32, 0.5, 5, 20)
+    assert (
+        cfg.optim.lr,
+        cfg.data.batch_size,
+        cfg.objectives[0].weight,
+        cfg.trainer.val_every,
+        cfg.trainer.max_steps,
+    ) == (1e-3, 32, 0.5, 5, 20)
     assert cfg.logger.wandb.mode == "disabled" and cfg.trainer.progress_bar is False
     check(sweep)
 
@@ -54,11 +62,26 @@ def test_ranges_bundles_and_trial_configs(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d["space"].update({"objectives.0.wieght": {"grid": [1.0]}}), "space.objectives.0.wieght: objectives.0: unknown argument"),
-        (lambda d: d["space"].update({"trainer.max_stepz": {"grid": [1]}}), "space.trainer.max_stepz: unknown config key"),
-        (lambda d: d["figures"].update({"audit/interchange/accuracy": "maximize"}), "'audit/interchange/accuracy' is not logged by this config"),
-        (lambda d: d["figures"].update({"audit/concepts/leakage": "minimize"}), "'audit/concepts/leakage' is not logged"),
-        (lambda d: d["space"].update({"optim.lr": {"float": [0.01, 0.01]}}), "empty range: float [0.01, 0.01] needs low < high"),
+        (
+            lambda d: d["space"].update({"objectives.0.wieght": {"grid": [1.0]}}),
+            "space.objectives.0.wieght: objectives.0: unknown argument",
+        ),
+        (
+            lambda d: d["space"].update({"trainer.max_stepz": {"grid": [1]}}),
+            "space.trainer.max_stepz: unknown config key",
+        ),
+        (
+            lambda d: d["figures"].update({"audit/interchange/accuracy": "maximize"}),
+            "'audit/interchange/accuracy' is not logged by this config",
+        ),
+        (
+            lambda d: d["figures"].update({"audit/concepts/leakage": "minimize"}),
+            "'audit/concepts/leakage' is not logged",
+        ),
+        (
+            lambda d: d["space"].update({"optim.lr": {"float": [0.01, 0.01]}}),
+            "empty range: float [0.01, 0.01] needs low < high",
+        ),
         (lambda d: d["space"].update({"optim.lr": {"choice": []}}), "empty range: choice needs a non-empty list"),
         (lambda d: d["space"].update({"optim.lr": {"normal": [0, 1]}}), "unknown range kind 'normal'"),
         (lambda d: d["figures"].update({"val/task_acc": "maximise"}), "'maximise' is not one of maximize, minimize"),
@@ -76,7 +99,20 @@ def test_bad_sweeps_are_one_line_and_write_nothing(tmp_path, capsys, edit, messa
 
 def test_a_storage_that_cannot_be_opened_is_one_line(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["sweep", "-c", str(write(tmp_path)), "--out", str(out), "--storage", f"sqlite:///{tmp_path}/no/such/dir/study.db"]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                "-c",
+                str(write(tmp_path)),
+                "--out",
+                str(out),
+                "--storage",
+                f"sqlite:///{tmp_path}/no/such/dir/study.db",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--storage sqlite:///" in err and "cannot open it" in err, err
     assert not out.exists()
@@ -90,15 +126,27 @@ class FakeAudit:
 
 
 def _trainer(step, acc):
-    return SimpleNamespace(global_step=step, sanity_checking=False, max_steps=100, should_stop=False, callback_metrics={"val/task_acc": acc})
+    return SimpleNamespace(
+        global_step=step,
+        sanity_checking=False,
+        max_steps=100,
+        should_stop=False,
+        callback_metrics={"val/task_acc": acc},
+    )
 
 
 def test_the_pruner_stops_a_trial_the_front_dominates_at_the_same_step(tmp_path):
     sweep = load_sweep(write(tmp_path, lambda d: d.update(pruning={"margin": 0.05, "min_step": 10})))
     study = optuna.create_study(directions=sweep.directions)
     dist = {"objectives.0.weight": optuna.distributions.CategoricalDistribution([0.0, 1.0])}
-    study.add_trial(optuna.trial.create_trial(values=[1.0, 0.9], params={"objectives.0.weight": 1.0}, distributions=dist,
-                                              user_attrs={"figures_at": {"10": [0.9, 0.8], "20": [1.0, 0.9]}}))  # fmt: skip
+    study.add_trial(
+        optuna.trial.create_trial(
+            values=[1.0, 0.9],
+            params={"objectives.0.weight": 1.0},
+            distributions=dist,
+            user_attrs={"figures_at": {"10": [0.9, 0.8], "20": [1.0, 0.9]}},
+        )
+    )
     close = SweepPruner(sweep, study, study.ask(), [SimpleNamespace(label="interchange", **vars(FakeAudit(10, 0.78)))])
     trainer = _trainer(10, 0.9)
     close.on_validation_end(trainer, None)

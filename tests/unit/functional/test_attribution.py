@@ -178,7 +178,10 @@ def test_linear_model_is_exact(method):
 def test_completeness_and_dummy_feature(transformer, data):
     ids, target = data
     x = torch.randn(B, 6, dtype=torch.float64)
-    fn = lambda z: torch.tanh(z[:, :5] @ torch.linspace(-1, 1, 5, dtype=z.dtype)).exp()  # ignores feature 5
+
+    def fn(z):  # ignores feature 5
+        return torch.tanh(z[:, :5] @ torch.linspace(-1, 1, 5, dtype=z.dtype)).exp()
+
     out = integrated_gradients(fn, x, steps=32)
     gap = (out.output - out.baseline_output).abs()
     assert (out.delta.abs() <= 1e-8 * gap.clamp_min(1)).all()

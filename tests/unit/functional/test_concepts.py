@@ -76,4 +76,6 @@ def test_probe_reads_a_label_that_is_there_and_not_one_that_is_not():
     noise = torch.randn(600, 7, generator=gen)
     assert probe_accuracy(informative, labels, 4, train) > 0.98
     assert probe_accuracy(noise, labels, 4, train) < 0.4
-    assert probe_accuracy(informative, labels, 4, train) == probe_accuracy(informative, labels, 4, train)  # deterministic
+    assert probe_accuracy(informative, labels, 4, train) == probe_accuracy(
+        informative, labels, 4, train
+    )  # deterministic

@@ -36,14 +36,14 @@ VOCAB, ANSWERS = 20, (0, 1)
 
 def _pad(rows: list[torch.Tensor], left: list[int], right: list[int]) -> dict[str, torch.Tensor]:
     """Rows padded by ``left[b]`` / ``right[b]`` pad tokens (17), with mask and answer positions."""
-    T = max(l + len(r) + q for r, l, q in zip(rows, left, right))
+    T = max(lp + len(r) + q for r, lp, q in zip(rows, left, right))
     ids = torch.full((len(rows), T), 17)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     answer = []
-    for b, (row, l) in enumerate(zip(rows, left)):
-        ids[b, l : l + len(row)] = row
-        mask[b, l : l + len(row)] = 1
-        answer.append(l + len(row) - 1)
+    for b, (row, lp) in enumerate(zip(rows, left)):
+        ids[b, lp : lp + len(row)] = row
+        mask[b, lp : lp + len(row)] = 1
+        answer.append(lp + len(row) - 1)
     return {"input_ids": ids, "attention_mask": mask, "answer_pos": torch.tensor(answer)[:, None]}
 
 
@@ -57,7 +57,10 @@ def _pairs(padded: bool, seed: int = 0) -> tuple[dict, dict]:
         r[1] = (r[1] + 1 + torch.randint(0, 12, (1,), generator=g)) % 14 + 2
     labels = torch.tensor([0, 1, 1, 0])
     if not padded:
-        return {"input_ids": torch.stack(clean), "labels": labels}, {"input_ids": torch.stack(corrupted), "labels": 1 - labels}
+        return {"input_ids": torch.stack(clean), "labels": labels}, {
+            "input_ids": torch.stack(corrupted),
+            "labels": 1 - labels,
+        }
     clean_b = _pad(clean, left=[0, 2, 1, 0], right=[1, 0, 0, 2])
     corrupted_b = _pad(corrupted, left=[1, 0, 0, 2], right=[0, 0, 1, 0])
     return clean_b | {"labels": labels}, corrupted_b | {"labels": 1 - labels}
@@ -135,7 +138,9 @@ def test_scores_are_normalised_between_corrupted_and_clean():
     metric_fn = answer_metric_fn("logit_diff", clean["labels"], ANSWERS)
     # only token 1 differs: patching block 0's input there turns the corrupted run into the clean one
     with torch.no_grad():
-        whole = activation_patching(model, clean, corrupted, [Cell("resid_pre", 0, 1), Cell("resid_pre", 0, 2)], metric_fn)
+        whole = activation_patching(
+            model, clean, corrupted, [Cell("resid_pre", 0, 1), Cell("resid_pre", 0, 2)], metric_fn
+        )
     torch.testing.assert_close(whole.values[0], whole.clean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(whole.values[1], whole.corrupted, atol=1e-5, rtol=1e-5)
     assert whole.scores().tolist() == pytest.approx([1.0, 0.0], abs=1e-4)
@@ -216,12 +221,14 @@ def test_atp_is_the_derivative_of_patching_along_the_interpolation(padded):
         moved = []
         for sign in (1, -1):
 
-            def edit(t, sign=sign, cell=cell):
+            def edit(t, sign=sign, cell=cell, source=source, base=base):
                 t = t.clone()
                 for b in range(t.shape[0]):
                     for p, q in zip(_where(cell.position, corrupted, b), _where(cell.position, clean, b)):
                         where = (b, p) if cell.head is None else (b, p, cell.head)
-                        t[where] += sign * eps * (source[cell.site][(b, q, cell.head)[: len(where)]] - base[cell.site][where])
+                        t[where] += (
+                            sign * eps * (source[cell.site][(b, q, cell.head)[: len(where)]] - base[cell.site][where])
+                        )
                 return t
 
             moved.append(metric_fn(forward(corrupted, {cell.site: edit})[0][None], clean_logits)[0])
@@ -258,7 +265,11 @@ def test_ranking_helpers():
     cells = [Cell("heads", 1, 0, 2), Cell("heads", 1, 3, 2), Cell("mlp.out", 0, 1), Cell("resid_pre", 0, 1)]
     scores = node_effects(cells, torch.tensor([1.0, -0.25, 2.0, 9.0]), universe)
     named = {u.name + str(u.heads): float(s) for u, s in zip(universe, scores)}
-    assert named["blocks.1.attn.heads(2,)"] == 0.75 and named["blocks.0.mlp.outNone"] == 2.0 and sum(named.values()) == 2.75
+    assert (
+        named["blocks.1.attn.heads(2,)"] == 0.75
+        and named["blocks.0.mlp.outNone"] == 2.0
+        and sum(named.values()) == 2.75
+    )
 
 
 # --- parity with TransformerLens (a peer installed beside the venv: make .bench/transformer_lens) ---
@@ -274,8 +285,15 @@ def test_maps_equal_transformer_lens_on_the_same_weights(tmp_path, repo):
     ours, wrapped = make_models(tmp_path / "gpt2", n_layers=2)
     clean, corrupted = make_inputs(batch=4, length=8)
     answers = (3, 7)
-    torch.save({"model_dir": str(tmp_path / "gpt2"), "clean": clean, "corrupted": corrupted, "answers": answers}, tmp_path / "in.pt")
-    run_peer(["benchmarks/patching.py", "--tl-maps", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], "TL_LIB", "TransformerLens")
+    torch.save(
+        {"model_dir": str(tmp_path / "gpt2"), "clean": clean, "corrupted": corrupted, "answers": answers},
+        tmp_path / "in.pt",
+    )
+    run_peer(
+        ["benchmarks/patching.py", "--tl-maps", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        "TL_LIB",
+        "TransformerLens",
+    )
     theirs = torch.load(tmp_path / "out.pt")
     for direction in ("denoising", "noising"):
         for name, model in (("ours", ours), ("gpt2", wrapped)):

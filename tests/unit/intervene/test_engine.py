@@ -57,7 +57,9 @@ def test_stacked_resumed_variants_equal_one_full_forward_each(site, layer):
     _, cache = run_with(model, batch["input_ids"], record=[plan.site])
     calls = []
     hook = model.hook_embed.register_forward_hook(lambda *a: calls.append(1))
-    stacked = run_variants(model, batch, len(single), {site: per_variant(dict(enumerate(single)), 4)}, read=read, cache=cache)
+    stacked = run_variants(
+        model, batch, len(single), {site: per_variant(dict(enumerate(single)), 4)}, read=read, cache=cache
+    )
     hook.remove()
     torch.testing.assert_close(stacked, reference, atol=1e-5, rtol=1e-5)
     assert not calls  # the embedding (and blocks below plan.layer) did not run again
@@ -130,7 +132,9 @@ def test_frozen_parameters_block_gradient_and_restore_the_model():
     assert model.tok_emb.weight.grad is not None
 
 
-@pytest.mark.parametrize("site, allowed", [("blocks.0.resid_post", True), ("blocks.1.resid_pre", True), ("blocks.1.attn.heads", False)])
+@pytest.mark.parametrize(
+    "site, allowed", [("blocks.0.resid_post", True), ("blocks.1.resid_pre", True), ("blocks.1.attn.heads", False)]
+)
 def test_last_position_only_run_equals_the_full_runs_last_position(site, allowed):
     """When the caller reads only the answer position, the last block computes only it."""
     model, batch, single = _setup(site, variants=1)

@@ -41,7 +41,9 @@ def test_auxk_trains_the_decoder_only_and_only_with_dead_latents():
     out = sae(x, dead_mask=dead)
     assert out.auxk > 0
     out.auxk.backward()
-    assert sae.W_dec.grad.abs().sum() > 0 and sae.encoder.weight.grad is None and sae.b_dec.grad is None  # sparsify: decoder weights only
+    assert (
+        sae.W_dec.grad.abs().sum() > 0 and sae.encoder.weight.grad is None and sae.b_dec.grad is None
+    )  # sparsify: decoder weights only
     assert sae.W_dec.grad[10:].abs().sum() == 0  # only dead latents' rows
 
 
@@ -89,8 +91,15 @@ def test_saelens_files_round_trip_exactly(tmp_path, activation):
     sae.eval()
     save_saelens(sae, tmp_path / "sae", "blocks.0.resid_post")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert cfg["metadata"]["hook_name"] == "blocks.0.resid_post" and cfg["d_sae"] == 24 and cfg["metadata"]["sae_lens_version"].startswith("6.")
-    assert cfg["architecture"] == {"topk": "topk", "jumprelu": "jumprelu", "batch_topk": "jumprelu", "relu": "standard"}[activation]
+    assert (
+        cfg["metadata"]["hook_name"] == "blocks.0.resid_post"
+        and cfg["d_sae"] == 24
+        and cfg["metadata"]["sae_lens_version"].startswith("6.")
+    )
+    assert (
+        cfg["architecture"]
+        == {"topk": "topk", "jumprelu": "jumprelu", "batch_topk": "jumprelu", "relu": "standard"}[activation]
+    )
     loaded, _ = load_saelens(tmp_path / "sae", d_in=8)
     loaded.eval()
     assert torch.equal(loaded(x).reconstruction, sae(x).reconstruction)
@@ -142,8 +151,12 @@ def test_latents_are_a_site_whose_writes_change_only_what_they_encode():
 
     _, edited = run_with(model, ids, record=["blocks.1.resid_pre"], edits={name: off})  # what flows on
     expected = cache["blocks.0.resid_post"] - cache[name][..., latent, None] * sae.W_dec[latent]
-    torch.testing.assert_close(edited["blocks.1.resid_pre"], expected, atol=1e-5, rtol=1e-5)  # exactly that latent's part
-    _, base = run_with(model, ids, record=["blocks.0.resid_post"], edits={name: off})  # the base site, recorded after the edit
+    torch.testing.assert_close(
+        edited["blocks.1.resid_pre"], expected, atol=1e-5, rtol=1e-5
+    )  # exactly that latent's part
+    _, base = run_with(
+        model, ids, record=["blocks.0.resid_post"], edits={name: off}
+    )  # the base site, recorded after the edit
     torch.testing.assert_close(base["blocks.0.resid_post"], expected, atol=1e-5, rtol=1e-5)
     # as a variant of the engine (resumed at block 0), the same logits as the hooked run
     batch = {"input_ids": ids, "labels": task.sample(8, 0)["labels"]}

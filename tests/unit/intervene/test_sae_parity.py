@@ -22,8 +22,12 @@ def test_topk_sae_equals_sparsify(tmp_path, sparse):
     rows = torch.randn(48, 16)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
-    torch.save({"d_in": 16, "n_latents": 64, "k": 4, "state": sae.state_dict(), "rows": rows, "dead": dead}, tmp_path / "in.pt")
-    run_peer(["benchmarks/sae.py", "--parity", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], "SPARSIFY_LIB", "sparsify")
+    torch.save(
+        {"d_in": 16, "n_latents": 64, "k": 4, "state": sae.state_dict(), "rows": rows, "dead": dead}, tmp_path / "in.pt"
+    )
+    run_peer(
+        ["benchmarks/sae.py", "--parity", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], "SPARSIFY_LIB", "sparsify"
+    )
     theirs = torch.load(tmp_path / "out.pt")
     out = sae(rows, dead_mask=dead)
     (out.fvu + out.auxk).backward()

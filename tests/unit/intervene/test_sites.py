@@ -120,5 +120,7 @@ def test_clean_patch_leaves_output_unchanged():
     names = list(model.site_points())
     _, cache = run_with(model, ids, record=names)
     for name in names:
-        logits, _ = run_with(model, ids, edits={name: lambda t, n=name: patch(t, cache[n], torch.ones_like(t, dtype=torch.bool))})
+        logits, _ = run_with(
+            model, ids, edits={name: lambda t, n=name: patch(t, cache[n], torch.ones_like(t, dtype=torch.bool))}
+        )
         torch.testing.assert_close(logits, clean, msg=name)

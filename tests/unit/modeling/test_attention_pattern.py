@@ -50,7 +50,9 @@ def test_editing_the_pattern_changes_what_the_heads_read():
     assert cache["blocks.0.attn.heads"].abs().max() == 0  # no attention: every head outputs 0
     assert not torch.allclose(edited, model(ids, attention_mask=mask))
     with hooked(model, edits={"blocks.0.attn.pattern": lambda p: p}):  # an identity edit changes nothing
-        torch.testing.assert_close(model(ids, attention_mask=mask), model(ids, attention_mask=mask), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask), model(ids, attention_mask=mask), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_patching_the_pattern_runs_batched_in_the_engine():
@@ -66,7 +68,9 @@ def test_patching_the_pattern_runs_batched_in_the_engine():
         return lambda p: torch.cat([p[:, :h], src[:, h : h + 1], p[:, h + 1 :]], 1)
 
     batch = {"input_ids": ids, "attention_mask": mask}
-    stacked = run_variants(model, batch, 4, {"blocks.1.attn.pattern": per_variant({h: take_head(h) for h in range(4)}, 3)})
+    stacked = run_variants(
+        model, batch, 4, {"blocks.1.attn.pattern": per_variant({h: take_head(h) for h in range(4)}, 3)}
+    )
     for h in range(4):
         with hooked(model, edits={"blocks.1.attn.pattern": take_head(h)}):
             alone = model(ids, attention_mask=mask)[:, -1:]

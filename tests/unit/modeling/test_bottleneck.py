@@ -41,7 +41,9 @@ def test_forward_and_sites(mode):
     sites = model.site_points()
     assert {"bottleneck.logits", "bottleneck.concepts", "blocks.1.resid_post", "embed"} <= set(sites)
     assert "final" not in sites
-    assert ("bottleneck.side" in sites) == (mode == "hybrid") and ("bottleneck.embeddings" in sites) == (mode == "embedding")
+    assert ("bottleneck.side" in sites) == (mode == "hybrid") and ("bottleneck.embeddings" in sites) == (
+        mode == "embedding"
+    )
     _, cache = run_with(model, batch()["input_ids"], record=model.bottleneck.site_points())
     assert cache["bottleneck.concepts"].shape == (16, 1, model.layout.n_units)
 
@@ -123,7 +125,14 @@ def test_side_noise_only_in_training_and_resumable():
 def test_hugging_face_backbone_stops_at_the_bottleneck_layer_and_resumes():
     backbone = HFAdapter.from_config(
         "llama",
-        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16),
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=16,
+        ),
         vocab_size=TASK.vocab_size,
         seed=0,
     ).eval()

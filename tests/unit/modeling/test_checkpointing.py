@@ -48,7 +48,9 @@ def test_a_recomputed_block_is_edited_again_and_recorded_once():
     counter = case.model.blocks[1].hook_resid_pre.register_forward_hook(lambda *_: seen.append(1))
     try:
         ids = case.batch["input_ids"]
-        with sites.hooked(case.model, record=["blocks.1.resid_pre"], edits={"blocks.0.mlp.out": lambda t: 2 * t}) as cache:
+        with sites.hooked(
+            case.model, record=["blocks.1.resid_pre"], edits={"blocks.0.mlp.out": lambda t: 2 * t}
+        ) as cache:
             logits = case.model(ids)
         recorded = cache["blocks.1.resid_pre"]
         forwards = len(seen)
@@ -92,7 +94,9 @@ def test_audit_figures_are_the_same_with_checkpointing():
 
 HF_PRESETS = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "llama": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    ),
     "mixtral": dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=4, num_experts_per_tok=2,

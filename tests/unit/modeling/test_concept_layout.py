@@ -27,7 +27,10 @@ def test_probabilities_exact_and_predict_round_trip():
     exact = LAYOUT.exact(labels)
     assert exact.tolist() == [[0, 0, 0, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0, 1]]
     assert torch.equal(LAYOUT.predict(exact), labels)
-    assert torch.equal(LAYOUT.predict(p), torch.stack([logits[:, :4].argmax(-1), (logits[:, 4] > 0).long(), logits[:, 5:].argmax(-1)], 1))
+    assert torch.equal(
+        LAYOUT.predict(p),
+        torch.stack([logits[:, :4].argmax(-1), (logits[:, 4] > 0).long(), logits[:, 5:].argmax(-1)], 1),
+    )
 
 
 def test_discretize_is_hard_forward_soft_backward():

@@ -289,7 +289,9 @@ def test_unknown_site_lists_valid_sites_and_hooks_are_cleaned_up():
     user_pre_hook = layer.register_forward_pre_hook(lambda *_: None)
 
     def counts() -> tuple[int, int]:  # hooks on the layer and on the modules inside it (its hook points)
-        return sum(len(x._forward_hooks) for x in layer.modules()), sum(len(x._forward_pre_hooks) for x in layer.modules())
+        return sum(len(x._forward_hooks) for x in layer.modules()), sum(
+            len(x._forward_pre_hooks) for x in layer.modules()
+        )
 
     n_hooks, n_pre_hooks = counts()
     try:

@@ -22,7 +22,12 @@ CONFIGS = {
     "llama": _LLAMA,
     "mixtral": dict(_LLAMA, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(
-        _LLAMA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64, mlp_only_layers=[1]
+        _LLAMA,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        mlp_only_layers=[1],
     ),
     "olmoe": dict(_LLAMA, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, eos_token_id=0),
 }
@@ -90,7 +95,9 @@ def test_resumed_forward_has_the_full_forwards_gradients(family: str):
 
     full = grads(lambda: native(m, batch))
     resumed = grads(
-        lambda: m.forward_from(1, m.forward_to(1, batch["input_ids"], batch["attention_mask"]), batch["attention_mask"], batch["positions"])
+        lambda: m.forward_from(
+            1, m.forward_to(1, batch["input_ids"], batch["attention_mask"]), batch["attention_mask"], batch["positions"]
+        )
     )
     m.zero_grad(set_to_none=True)
     assert full.keys() == resumed.keys()
@@ -112,7 +119,11 @@ def test_a_narrowed_last_layer_records_its_router_at_the_read_positions(family: 
 def test_the_engine_resumes_a_hugging_face_model_at_the_edited_layer(family: str):
     """Edited variants resume at the edited layer and equal the same edits on full forwards."""
     m, batch = model(family), padded("left")
-    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "answer_pos": batch["positions"]}
+    batch = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "answer_pos": batch["positions"],
+    }
     plan = plan_resume(m, ["blocks.1.resid_post"])
     assert plan is not None and plan.layer == 2
     source = torch.randn(B, T, D, generator=torch.Generator().manual_seed(3))

@@ -62,7 +62,9 @@ def test_adapters_keep_the_sites_and_start_as_the_base(kind: str):
     torch.testing.assert_close(adapted["blocks.1.resid_pre"], clean["blocks.1.resid_pre"])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) < 0.25 * sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) < 0.25 * sum(
+        p.numel() for p in model.parameters()
+    )
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -122,7 +124,10 @@ def test_base_hash_names_the_base_not_the_adapters():
 
 
 def test_bad_input_is_one_line():
-    with pytest.raises(ConfigError, match=r"'model.lora.target_modules.1' \('q_prj'\) names no linear layer of the model; it has .*q_proj"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'model.lora.target_modules.1' \('q_prj'\) names no linear layer of the model; it has .*q_proj",
+    ):
         add_lora(MODELS["llama"](), target_modules=["v_proj", "q_prj"])
     with pytest.raises(ConfigError, match="r >= 1"):
         add_lora(MODELS["ours"](), r=0)
@@ -143,7 +148,9 @@ def test_an_exported_adapter_loads_in_peft_as_the_same_model(kind: str, tmp_path
     expected = model(ids())
     state, config = hugging_face_adapter(model)
     config.save_pretrained(tmp_path / "adapter")
-    save_file({f"base_model.model.{k}": v for k, v in state.items()}, tmp_path / "adapter" / "adapter_model.safetensors")
+    save_file(
+        {f"base_model.model.{k}": v for k, v in state.items()}, tmp_path / "adapter" / "adapter_model.safetensors"
+    )
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     torch.testing.assert_close(loaded(input_ids=ids()).logits, expected, atol=1e-5, rtol=1e-5)

@@ -20,7 +20,14 @@ def _models():
     yield "ours-moe", tiny_transformer(vocab_size=VOCAB, n_experts=4).eval()
     gpt2 = dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     yield "gpt2", HFAdapter.from_config("gpt2", gpt2, vocab_size=VOCAB, seed=0).eval()
-    llama = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    llama = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     yield "llama", HFAdapter.from_config("llama", llama, vocab_size=VOCAB, seed=0).eval()
 
 
@@ -79,9 +86,14 @@ def test_multi_token_answer_loss_and_exact_match_count_only_real_slots():
 
 def test_trim_padding_cuts_shared_padding_and_moves_positions():
     batch = _padded([torch.tensor([5, 6]), torch.tensor([7, 8, 9])], "left")
-    wide = {k: torch.nn.functional.pad(v, (2, 0)) if k in ("input_ids", "attention_mask") else v + 2 for k, v in batch.items()}
+    wide = {
+        k: torch.nn.functional.pad(v, (2, 0)) if k in ("input_ids", "attention_mask") else v + 2
+        for k, v in batch.items()
+    }
     trimmed = trim_padding(wide)
-    assert torch.equal(trimmed["input_ids"], batch["input_ids"]) and torch.equal(trimmed["answer_pos"], batch["answer_pos"])
+    assert torch.equal(trimmed["input_ids"], batch["input_ids"]) and torch.equal(
+        trimmed["answer_pos"], batch["answer_pos"]
+    )
 
 
 def test_teacher_forcing_writes_a_counterfactual_answer_where_the_model_reads_it():

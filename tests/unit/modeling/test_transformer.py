@@ -11,7 +11,14 @@ def test_dense_shapes_and_sites():
     ids = torch.randint(0, 20, (3, 7))
     assert model(ids).shape == (3, 7, 20)
     names = set(model.site_points())
-    assert {"embed", "final", "blocks.1.resid_pre", "blocks.1.attn.heads", "blocks.1.resid_mid", "blocks.1.mlp.out"} <= names
+    assert {
+        "embed",
+        "final",
+        "blocks.1.resid_pre",
+        "blocks.1.attn.heads",
+        "blocks.1.resid_mid",
+        "blocks.1.mlp.out",
+    } <= names
     assert not any("moe" in n for n in names)
 
 

@@ -46,9 +46,13 @@ def test_caft_ablates_the_concepts_latents_in_the_steps_forward_only():
     projection = CaftObjective(concept="decoy", positions=[-2], min_auroc=0.6, probe_examples=256)
     projection.bind(model, task)
     projection.attach(_Module(model, sae))
-    _, projected = run_with(model, ids, record=["blocks.1.resid_pre"], edits=projection.step_edits(model, task, 0, batch))
+    _, projected = run_with(
+        model, ids, record=["blocks.1.resid_pre"], edits=projection.step_edits(model, task, 0, batch)
+    )
     directions = sae.W_dec.detach()[projection.ablated]
-    torch.testing.assert_close(projected["blocks.1.resid_pre"][:, -2] @ directions.T, torch.zeros(16, len(directions)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        projected["blocks.1.resid_pre"][:, -2] @ directions.T, torch.zeros(16, len(directions)), atol=1e-4, rtol=0
+    )
     torch.testing.assert_close(projected["blocks.1.resid_pre"][:, :-2], clean["blocks.0.resid_post"][:, :-2])
     state = objective.state_dict()
     again = CaftObjective(concept="decoy")

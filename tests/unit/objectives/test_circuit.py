@@ -81,7 +81,9 @@ def test_necessity_term_is_zero_exactly_at_chance():
     objective.bind(model, task)
     objective.term(_ctx(model, task, task.sample(16, 0), objective.sites()))
     assert objective.parts["necessity"].abs() < 1e-6
-    assert objective.parts["sufficiency"] == pytest.approx(torch.log(torch.tensor(float(task.vocab_size))).item(), abs=1e-5)  # CE over the vocabulary
+    assert objective.parts["sufficiency"] == pytest.approx(
+        torch.log(torch.tensor(float(task.vocab_size))).item(), abs=1e-5
+    )  # CE over the vocabulary
 
 
 def test_bad_input():

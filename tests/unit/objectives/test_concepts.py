@@ -21,7 +21,9 @@ TASK = ConceptObjects()
 
 def make(mode: str = "hybrid", **bottleneck):
     torch.manual_seed(0)
-    section = OmegaConf.create(dict(arch="transformer", d_model=32, n_layers=2, n_heads=4, d_mlp=64, bottleneck={"mode": mode, **bottleneck}))
+    section = OmegaConf.create(
+        dict(arch="transformer", d_model=32, n_layers=2, n_heads=4, d_mlp=64, bottleneck={"mode": mode, **bottleneck})
+    )
     return build_model(section, TASK.vocab_size, TASK.seq_len, concepts=TASK.concepts).train()
 
 
@@ -39,7 +41,9 @@ def test_terms_match_hand_computations():
     term, batch, cache = step(objective, model)
     labels = model.concept_labels(batch)
     parts = objective.parts
-    torch.testing.assert_close(parts["concept"], concept_loss(model.layout, cache["bottleneck.logits"][:, 0], labels).detach())
+    torch.testing.assert_close(
+        parts["concept"], concept_loss(model.layout, cache["bottleneck.logits"][:, 0], labels).detach()
+    )
     torch.testing.assert_close(parts["leakage"], 0.5 * cache["bottleneck.side"].detach().pow(2).sum(-1).mean())
     units = cache["bottleneck.concepts"][:, 0].detach()
     torch.testing.assert_close(parts["sparsity"], torch.cat([units[:, 7:8], units[:, 8:9]], 1).mean())  # size, material

@@ -105,7 +105,9 @@ def test_strict_term_is_ce_of_resampled_non_aligned_sites_against_base_labels():
     model = tiny_transformer(vocab_size=task.vocab_size)
     batch = task.sample(16, 0)
     align = {"left": {"site": "blocks.0.resid_post", "positions": [1]}}
-    objective = InterchangeObjective(align, strict=[{"site": "blocks.0.resid_post", "positions": [0]}], strict_weight=0.5)
+    objective = InterchangeObjective(
+        align, strict=[{"site": "blocks.0.resid_post", "positions": [0]}], strict_weight=0.5
+    )
     objective.bind(model, task)
     term = objective.term(_ctx(model, task, batch, objective.sites()))
     generator = torch.Generator().manual_seed(0)
@@ -115,7 +117,9 @@ def test_strict_term_is_ce_of_resampled_non_aligned_sites_against_base_labels():
         _hand_patched_answers(model, batch["input_ids"], source["input_ids"], 1),
         task.counterfactual_labels(batch, source, ["left"]),
     )
-    strict = interchange_loss(_hand_patched_answers(model, batch["input_ids"], batch["input_ids"][resample], 0), batch["labels"])
+    strict = interchange_loss(
+        _hand_patched_answers(model, batch["input_ids"], batch["input_ids"][resample], 0), batch["labels"]
+    )
     torch.testing.assert_close(term, iit + 0.5 * strict)
     torch.testing.assert_close(objective.parts["strict"], strict.detach())
 

@@ -60,7 +60,9 @@ def test_the_kl_from_final_states_in_chunks_is_the_kl_of_the_logits():
     full = token_kl(logits, reference(ids, attention_mask=mask), mask)
     expected = grads(full)
     _, cache = run_with(model, ids, record=["final"], attention_mask=mask)
-    chunked = token_kl_from_states(cache["final"], reference.final_states(ids, mask), mask, model.unembed, reference.unembed, chunk_tokens=4)
+    chunked = token_kl_from_states(
+        cache["final"], reference.final_states(ids, mask), mask, model.unembed, reference.unembed, chunk_tokens=4
+    )
     torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-5)
     for got, want in zip(grads(chunked), expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

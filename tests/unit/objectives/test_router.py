@@ -26,12 +26,16 @@ TASK = DomainMixture()
 
 def moe(seed=0) -> Transformer:
     torch.manual_seed(seed)
-    cfg = TransformerConfig(vocab_size=TASK.vocab_size, max_seq_len=TASK.seq_len, d_model=32, n_heads=2, d_mlp=32, n_experts=4)
+    cfg = TransformerConfig(
+        vocab_size=TASK.vocab_size, max_seq_len=TASK.seq_len, d_model=32, n_heads=2, d_mlp=32, n_experts=4
+    )
     return Transformer(cfg)
 
 
 def context(model, objective, batch) -> StepContext:
-    logits, cache = run_with(model, batch["input_ids"], record=objective.sites(), attention_mask=batch.get("attention_mask"))
+    logits, cache = run_with(
+        model, batch["input_ids"], record=objective.sites(), attention_mask=batch.get("attention_mask")
+    )
     return StepContext(batch, logits, cache, model, TASK, 0, torch.Generator().manual_seed(0))
 
 

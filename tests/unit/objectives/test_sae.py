@@ -28,7 +28,9 @@ def test_the_objective_is_detached_masks_padding_and_learns():
     batch = task.sample(16, 0)
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     batch["attention_mask"][:, 0] = 0  # the first token of every row is padding
-    logits, cache = run_with(model, batch["input_ids"], record=objective.sites(), attention_mask=batch["attention_mask"])
+    logits, cache = run_with(
+        model, batch["input_ids"], record=objective.sites(), attention_mask=batch["attention_mask"]
+    )
     ctx = StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(0))
     term = objective.term(ctx)
     term.backward()
@@ -57,7 +59,9 @@ def test_max_rows_trains_on_a_seeded_subset_and_positions_on_those_tokens():
     terms = []
     for _ in range(2):
         objective = _objective(task, model, max_rows=10, auxk_alpha=0.0)
-        terms.append(objective.term(StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(3))))
+        terms.append(
+            objective.term(StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(3)))
+        )
         assert int(objective.sae.tokens_since_fired.max()) == 10  # ten tokens seen, not 64
     assert torch.equal(terms[0], terms[1])  # the step's generator picks them: a resumed run picks the same
     last = _objective(task, model, positions=[3])

@@ -44,7 +44,9 @@ def test_terms_match_attributions_and_train_the_model_through_them():
     rows = torch.randperm(16, generator=gen)[:8]
     sub = {k: v[rows] for k, v in ctx.batch.items()}
     perturbed, source = task.perturb_aligned(sub, gen)
-    attr = attribute_tokens(model, torch.cat([sub["input_ids"], perturbed]), sub["labels"].repeat(2), "gradient_x_input", output="logit").values
+    attr = attribute_tokens(
+        model, torch.cat([sub["input_ids"], perturbed]), sub["labels"].repeat(2), "gradient_x_input", output="logit"
+    ).values
     stability = (1 - aligned_cosine(attr[:8], attr[8:], source)).mean()
     grads = input_gradients(model, sub["input_ids"], sub["labels"], output="sum_logprob")  # (8, T, D)
     right = (grads.pow(2).sum(-1) * sub["irrelevant"]).sum(1).mean()
@@ -75,7 +77,9 @@ def test_decoy_gives_the_answer_away_in_training_only():
     aligned = source >= 0
     assert torch.equal(ids[aligned], test["input_ids"].gather(1, source.clamp_min(0))[aligned])
     assert (source[:, task.decoy_position] == task.decoy_position).all()
-    assert sorted(task.token_name(t) for t in range(task.tag_token0, task.vocab_size)) == [f"<tag{c}>" for c in range(4)]
+    assert sorted(task.token_name(t) for t in range(task.tag_token0, task.vocab_size)) == [
+        f"<tag{c}>" for c in range(4)
+    ]
 
 
 def test_bad_input():

@@ -29,7 +29,10 @@ def test_batches_carry_padding_answers_spans_and_pairs(files):
     batch = task.rows("train", [0, 1, 2])
     tok = task.tokenizer
     # row 0: "the color of the apple is" + "very red" -> input ends with "very", answer "very red"
-    assert tok.convert_ids_to_tokens(batch["input_ids"][0, : batch["attention_mask"][0].sum()].tolist()) == "the color of the apple is very".split()
+    assert (
+        tok.convert_ids_to_tokens(batch["input_ids"][0, : batch["attention_mask"][0].sum()].tolist())
+        == "the color of the apple is very".split()
+    )
     assert tok.convert_ids_to_tokens(batch["answer_ids"][0].tolist()) == ["very", "red"]
     assert batch["answer_pos"][0].tolist() == [5, 6] and batch["answer_mask"][0].tolist() == [True, True]
     assert batch["answer_mask"][1].tolist() == [True, False]  # row 1: one token
@@ -41,7 +44,9 @@ def test_batches_carry_padding_answers_spans_and_pairs(files):
     assert source["row"].tolist() == [task.splits["train"]["pairs"]["thing"][i] for i in (0, 1, 2)]
     assert source["input_ids"].shape == batch["input_ids"].shape  # padded together
     assert batch["irrelevant"][0, :4].tolist() == [True, False, False, False]  # the first "the" only
-    assert task.provides == {"aligned_perturbations", "irrelevant", "concepts"} - (set() if task.concepts else {"concepts"})
+    assert task.provides == {"aligned_perturbations", "irrelevant", "concepts"} - (
+        set() if task.concepts else {"concepts"}
+    )
 
 
 def test_left_padding_moves_positions_with_the_tokens(files):
@@ -63,9 +68,14 @@ def test_left_padding_moves_positions_with_the_tokens(files):
 
 
 def test_label_fn_gives_counterfactual_answers(files):
-    (files["tmp"] / "colors.py").write_text("COLORS = " + repr(COLORS) + "\ndef color(v):\n    return COLORS[v['thing']]\n")
+    (files["tmp"] / "colors.py").write_text(
+        "COLORS = " + repr(COLORS) + "\ndef color(v):\n    return COLORS[v['thing']]\n"
+    )
     rows = [r for i, r in enumerate(color_rows()) if i % 3]  # one-token answers only
-    path = write_jsonl(files["tmp"] / "short.jsonl", [{k: v for k, v in r.items() if k not in ("source", "counterfactual_answer")} for r in rows])
+    path = write_jsonl(
+        files["tmp"] / "short.jsonl",
+        [{k: v for k, v in r.items() if k not in ("source", "counterfactual_answer")} for r in rows],
+    )
     task = TextTask(str(path), str(files["tokenizer"]), label_fn=str(files["tmp"] / "colors.py") + ":color")
     base = task.rows("train", [0, 1])
     source = task.rows("train", [1, 0])
@@ -138,7 +148,10 @@ def test_csv_and_parquet_read_the_same_rows(files):
     data = datasets.Dataset.from_list(rows)
     data.to_csv(str(files["tmp"] / "rows.csv"))
     data.to_parquet(str(files["tmp"] / "rows.parquet"))
-    tokens = [TextTask(str(files["tmp"] / f"rows.{ext}"), str(files["tokenizer"])).splits["train"]["tokens"] for ext in ("csv", "parquet")]
+    tokens = [
+        TextTask(str(files["tmp"] / f"rows.{ext}"), str(files["tokenizer"])).splits["train"]["tokens"]
+        for ext in ("csv", "parquet")
+    ]
     assert tokens[0] == tokens[1] == TextTask(str(files["train"]), str(files["tokenizer"])).splits["train"]["tokens"]
 
 

@@ -28,7 +28,10 @@ def test_documents_become_spans_kinds_and_counterfactual_rows(tmp_path, tok, sid
     rows = document_rows()
     rows[0]["documents"][0] = "sky is blue and the color of grass is green"  # rows of other lengths: padding
     rows[0]["gold_document"] = 1
-    rows[0]["prompt"], rows[0]["answer"] = f"the color of {rows[0]['documents'][1].split()[0]} is", rows[0]["documents"][1].split()[-1]
+    rows[0]["prompt"], rows[0]["answer"] = (
+        f"the color of {rows[0]['documents'][1].split()[0]} is",
+        rows[0]["documents"][1].split()[-1],
+    )
     rows[0]["counterfactual"] = {"document": f"{rows[0]['documents'][1].split()[0]} is red", "answer": "red"}
     task = TextTask(str(write_jsonl(tmp_path / "docs.jsonl", rows)), tok, padding_side=side)
     assert {"documents", "counterfactual_evidence"} <= task.provides and "tool_calls" not in task.provides
@@ -59,10 +62,15 @@ def test_tool_calls_become_tool_tokens_results_and_counterfactuals(tmp_path, tok
     assert (batch["input_ids"][torch.arange(6), positions + 1] == tools).all()
     result = batch["span/result"]
     decode = task.tokenizer.convert_ids_to_tokens
-    assert [decode(batch["input_ids"][b, result[b, 0]].item()) for b in range(6)] == [r["tool_calls"][0]["result"] for r in rows[:6]]
+    assert [decode(batch["input_ids"][b, result[b, 0]].item()) for b in range(6)] == [
+        r["tool_calls"][0]["result"] for r in rows[:6]
+    ]
     cf, answers = task.counterfactual_evidence(batch, torch.Generator())
     changed = (cf != batch["input_ids"]).nonzero()
-    assert set(changed[:, 1].tolist()) == {int(result[0, 0]), int(result[0, 0]) + 1}  # the result, the teacher-forced answer
+    assert set(changed[:, 1].tolist()) == {
+        int(result[0, 0]),
+        int(result[0, 0]) + 1,
+    }  # the result, the teacher-forced answer
     assert decode(answers.tolist()) == [r["tool_calls"][0]["counterfactual_result"] for r in rows[:6]]
 
 
@@ -74,7 +82,11 @@ def test_both_audits_run_on_text_rows(tmp_path, tok):
     audit = RetrievalAudit(n_examples=16, batch_size=8, surrogate_ablations=8)
     audit.bind(model, docs)
     figures = audit.evaluate(model, docs)
-    assert set(figures) <= set(audit.metric_names(docs)) and {"reliance_acc", "surrogate_top1", "counterfactual_follow"} <= set(figures)
+    assert set(figures) <= set(audit.metric_names(docs)) and {
+        "reliance_acc",
+        "surrogate_top1",
+        "counterfactual_follow",
+    } <= set(figures)
     assert 0 <= figures["counterfactual_follow"] <= 1 and figures["consulted/gold"] > 0
     tools = TextTask(str(write_jsonl(tmp_path / "tools.jsonl", tool_rows())), tok)
     audit = ToolsAudit(n_examples=16, batch_size=8)
@@ -95,12 +107,36 @@ def test_a_text_file_without_documents_is_named(tmp_path, tok):
 @pytest.mark.parametrize(
     "make, edit, message",
     [
-        (document_rows, lambda r: r[3].update(documents="apple is red"), r"row 3 column 'documents': a list of non-empty texts"),
-        (document_rows, lambda r: r[2].update(documents=["apple is red"]), r"row 2 column 'documents': 1 documents, but row 0 has 3"),
-        (document_rows, lambda r: r[1].update(gold_document=7), r"row 1 column 'gold_document': 7 is not a document index"),
-        (document_rows, lambda r: r[4]["counterfactual"].update(document="sky is very blue"), r"row 4 column 'counterfactual.document': the counterfactual row has"),
-        (tool_rows, lambda r: r[5]["tool_calls"][0].update(tool="calculator"), r"row 5 column 'tool_calls' item 0 'tool': 'calculator' is not a token"),
-        (tool_rows, lambda r: r[5]["tool_calls"][0].update(tool="lookup calc"), r"'lookup calc' is not a token of the tokenizer .* 2 tokens"),
+        (
+            document_rows,
+            lambda r: r[3].update(documents="apple is red"),
+            r"row 3 column 'documents': a list of non-empty texts",
+        ),
+        (
+            document_rows,
+            lambda r: r[2].update(documents=["apple is red"]),
+            r"row 2 column 'documents': 1 documents, but row 0 has 3",
+        ),
+        (
+            document_rows,
+            lambda r: r[1].update(gold_document=7),
+            r"row 1 column 'gold_document': 7 is not a document index",
+        ),
+        (
+            document_rows,
+            lambda r: r[4]["counterfactual"].update(document="sky is very blue"),
+            r"row 4 column 'counterfactual.document': the counterfactual row has",
+        ),
+        (
+            tool_rows,
+            lambda r: r[5]["tool_calls"][0].update(tool="calculator"),
+            r"row 5 column 'tool_calls' item 0 'tool': 'calculator' is not a token",
+        ),
+        (
+            tool_rows,
+            lambda r: r[5]["tool_calls"][0].update(tool="lookup calc"),
+            r"'lookup calc' is not a token of the tokenizer .* 2 tokens",
+        ),
         (tool_rows, lambda r: r[2].update(tool_calls=[]), r"row 2 column 'tool_calls': a list of one call"),
     ],
 )

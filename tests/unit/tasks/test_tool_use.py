@@ -14,7 +14,9 @@ def test_tool_use_batches_and_counterfactuals():
     assert ids.shape == (64, task.seq_len)
     positions, tools = tool_call(batch)
     assert (ids[torch.arange(64), positions + 1] == tools).all()
-    assert (ids.gather(1, batch["value_pos"][:, None])[:, 0] == batch["labels"]).all()  # the asked value is in the result
+    assert (
+        ids.gather(1, batch["value_pos"][:, None])[:, 0] == batch["labels"]
+    ).all()  # the asked value is in the result
     assert set(batch["var/tool"].tolist()) == {0, 1}
     cf, answers = task.counterfactual_evidence(batch, torch.Generator().manual_seed(0))
     changed = (cf != ids).nonzero()
