@@ -1,12 +1,13 @@
 # make quickstart: create .venv, install, train configs/quickstart.yaml, print the summary
-# make test:       create .venv if needed, install the parity peers beside it, lint, run the whole test suite
+# make test:       create .venv if needed, install the parity peers beside it, lint, run the tests (not the slow ones)
+# make test-slow:  the convergence tests and the 2-process DDP/FSDP/sweep tests (CI runs both)
 # make docs:       build the documentation site with --strict (a broken link or reference fails)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # An existing torch (CUDA or CPU) is kept; otherwise this pinned CPU build is installed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart baseline test test-fast lint docs benchmarks benchmark-scale clean
+.PHONY: install quickstart baseline test test-slow lint docs benchmarks benchmark-scale clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
@@ -25,12 +26,13 @@ baseline: install
 # the peers the parity tests compare with (TransformerLens, sparsify), beside the venv
 PEERS := .bench/transformer_lens .bench/sparsify
 
-# both cores: two pytest workers; the 2-process DDP/FSDP tests share one worker (never side by side)
+# both cores: two pytest workers. `test` leaves out the convergence tests (marked slow) and the
+# 2-process ones (marked distributed); `test-slow` runs those, the 2-process ones on one worker
 test: install $(PEERS) lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not slow and not distributed"
 
-test-fast: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not distributed"
+test-slow: install $(PEERS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 -m "slow or distributed"
 
 lint: install
 	$(VENV)/bin/ruff check faithful_train tests benchmarks recipes
@@ -40,7 +42,7 @@ $(VENV)/.docs: $(VENV)/.installed
 	touch $@
 
 docs: $(VENV)/.docs
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # pyvene is a benchmark peer only: installed beside the venv (--no-deps keeps our torch)
 .bench/pyvene: | install

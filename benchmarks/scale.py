@@ -257,6 +257,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     once), so a drift in the machine's speed hits every configuration alike; each figure is the
     median over rounds, a ratio the median of each round's ratio to its plain run."""
     results: list[dict[str, Any]] = []
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as root:
         paths = {name: _save_model(name, Path(root)) for name in args.models}
         for round_ in range(args.rounds):

@@ -16,7 +16,7 @@ Batches are plain dicts of tensors (Lightning moves them to the device):
                                 where a "right for the right reasons" term wants no attribution
 
 To write your own task, subclass ``Task`` in your own file and name it in a config as
-``task: {name: path/to/file.py:MyTask, ...constructor args}`` (see README).
+``task: {name: path/to/file.py:MyTask, ...constructor args}`` (see docs/guide/bring-your-own.md).
 """
 
 from __future__ import annotations

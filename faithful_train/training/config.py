@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from faithful_train.errors import ConfigError, UnknownNameError, first_line
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the repository: its models/ and configs/
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from faithful_train.audits.base import Audit
@@ -162,7 +163,7 @@ def make_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         logger=make_loggers(run.cfg, run.run_dir, resume_step, csv_rows),
-        callbacks=[*run.objectives, *run.audits, checkpoint, *_progress_bars(run.cfg), *extra_callbacks],
+        callbacks=[*run.objectives, *run.audits, checkpoint, *_progress_bars(run.cfg), *extra_callbacks, StopOnCtrlC()],
     )
 
 
@@ -225,6 +226,25 @@ class RunInterrupted(Exception):
         super().__init__(f"stopped at step {step}")
 
 
+class StopOnCtrlC(Callback):
+    """Ctrl-C asks the run to stop at the end of the current step: the signal handler only sets a
+    flag, which nothing can swallow (a ``KeyboardInterrupt`` raised inside a finaliser or a
+    library's ``except`` is lost, and the run would go on), and Lightning stops cleanly on
+    ``should_stop``. A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if self.requested:
+            trainer.should_stop = True
+
+
 def last_checkpoint(run_dir: Path) -> tuple[Path | None, int | None]:
     """``<run dir>/checkpoints/last.ckpt`` and its step, if there is one that loads."""
     path = run_dir / "checkpoints" / "last.ckpt"
@@ -253,9 +273,12 @@ def fit(run: Run, resume: str | None = None, extra_callbacks: list[Any] = ()) ->
         if resume_step is not None:
             truncate_jsonl(run.run_dir / "audits.jsonl", resume_step)
     on_sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after the first one
+    stop = next(c for c in trainer.callbacks if isinstance(c, StopOnCtrlC))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, stop.handle)
     try:
         trainer.fit(run.module, run.datamodule, ckpt_path=resume, weights_only=True)
-        if trainer.interrupted:
+        if trainer.interrupted or stop.requested:
             raise RunInterrupted(trainer.global_step, *last_checkpoint(run.run_dir))
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         val_metrics = trainer.validate(run.module, run.datamodule, verbose=False)[0]

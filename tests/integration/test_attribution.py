@@ -82,7 +82,7 @@ def test_right_reasons_term_escapes_the_decoy(tmp_path):
     assert penalised >= baseline + 0.15, (
         penalised,
         baseline,
-    )  # 400 steps: 0.86 against 0.27 (3000 steps: 0.41 to 1.00 over seeds, README)
+    )  # 400 steps: 0.86 against 0.27 (3000 steps: 0.41 to 1.00 over seeds, docs/results.md)
 
 
 @pytest.mark.slow
@@ -91,14 +91,15 @@ def test_stability_objective_makes_attributions_stable_under_perturbation(tmp_pa
     gradient x input attributions of held-out examples and their perturbations (new order, new
     noise) agree in direction (cosine) far more with the objective, and in rank order (Spearman)
     more, at no cost in task accuracy."""
-    # 1000 steps: at 600 the run with the objective ended at cosine 0.95 and task accuracy 0.986
-    # on one machine (1.00 and 1.00 on another): float rounding decided it. At 1000, cosine 1.000
-    # against 0.71, Spearman 0.97 against 0.55, both accuracies 1.000.
+    # 1500 steps. At 1000 the run with the objective had not settled on every float path: cosine
+    # 1.000 with two threads, but 0.959 (and task accuracy 0.969) with the tests' one thread, after
+    # the step's unembedding changed (2026-12-07). At 1500, one thread: cosine 1.000 against 0.678,
+    # Spearman 0.854 against 0.581, both accuracies 1.000.
     gxi_audit = (
-        "{name: attribution, method: gradient_x_input, every_n_steps: 1000, n_examples: 512, "
+        "{name: attribution, method: gradient_x_input, every_n_steps: 1500, n_examples: 512, "
         "randomisation: false, calibration: false}"
     )
-    short = ["trainer.max_steps=1000", "trainer.val_every=1000", "data.val_size=512", f"audits=[{gxi_audit}]"]
+    short = ["trainer.max_steps=1500", "trainer.val_every=1500", "data.val_size=512", f"audits=[{gxi_audit}]"]
     stable = _fit_short(tmp_path, "configs/stability.yaml", *short)
     plain = _fit_short(tmp_path, "configs/stability-baseline.yaml", *short)
     figure = lambda m, name: m[f"audit/attribution/stability/{name}"]  # noqa: E731
@@ -106,7 +107,7 @@ def test_stability_objective_makes_attributions_stable_under_perturbation(tmp_pa
     # rank order moves the same way, less far and less reliably: four of the five aligned tokens
     # matter equally (the label is their sum), so their order is partly a coin flip. Measured at
     # 600 steps: 0.77 vs 0.71 on 1 thread, 0.92 vs 0.64 on 2 (the runs part ways in float
-    # rounding); 3000 steps: 0.994 vs 0.813 (README)
+    # rounding); 3000 steps: 0.994 vs 0.813 (docs/results.md)
     assert figure(stable, "spearman") > figure(plain, "spearman"), (stable, plain)
     assert stable["val/task_acc"] >= plain["val/task_acc"] - 0.01, (stable, plain)
 

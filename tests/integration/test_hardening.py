@@ -176,7 +176,10 @@ def test_ctrl_c_says_where_the_checkpoint_is_how_to_resume_and_exits_130(tmp_pat
     while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a run that ignored the signal must not outlive the test
     assert proc.returncode == 130, err
     line = next(line for line in err.splitlines() if line.startswith("faithful-train: stopped at step"))
     assert f"the last checkpoint is {run_dir / 'checkpoints' / 'last.ckpt'} (step " in line

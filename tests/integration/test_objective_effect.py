@@ -1,6 +1,6 @@
 """The interchange objective's causal effect: with it the model implements the causal model at
 the aligned sites (IIA ~1); without it, the same model learns the task just as well but IIA
-stays at chance. Uses a user task loaded from a file by the config (README's how-to)."""
+stays at chance. Uses a user task loaded from a file by the config (docs/guide/bring-your-own.md)."""
 
 import json
 

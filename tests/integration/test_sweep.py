@@ -58,6 +58,7 @@ def test_a_sweep_writes_the_front_and_a_second_invocation_adds_trials(tmp_path, 
     assert json.loads((out / "summary.json").read_text())["complete"] == 5
 
 
+@pytest.mark.distributed  # two worker processes
 def test_two_workers_give_the_figures_of_one(tmp_path):
     figures = {}
     for workers in (1, 2):

@@ -50,7 +50,7 @@ def ioi_files(ioi: Path) -> list[str]:
 
 
 def test_ioi_workflow_pretrain_export_finetune(ioi, tmp_path, capsys):
-    """The README's sequence on a tiny IOI set: pretrain, export, fine-tune the export with IIT
+    """The IOI workflow of docs/guide/text-data.md on a tiny set: pretrain, export, fine-tune the export with IIT
     and preserve, and the baseline; the figures the issue names are all there."""
     pre, hf = tmp_path / "pre", tmp_path / "pre" / "hf"
     audit = ["audits.0.n_examples=32", "audits.0.every_n_steps=4"]

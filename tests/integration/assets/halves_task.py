@@ -1,4 +1,4 @@
-"""A user-defined task, loaded by file path from a config (as the README shows).
+"""A user-defined task, loaded by file path from a config (as docs/guide/bring-your-own.md shows).
 
 Input ``a b``; variables ``low = a < n/2`` and ``even = b is even``; answer TRUE iff
 ``low == even``. Lookups instead of equality: a 2-layer model learns it in a few hundred steps.
