@@ -4,41 +4,22 @@ rank zero writes the run directory."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from faithful_train.io.files import read_jsonl
+from tests.distributed.cli import TWO_RANKS, audit_alone, cli
 
 pytestmark = pytest.mark.distributed
 
 
 def test_fit_with_two_cpu_processes(tmp_path, repo):
     run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "faithful_train.commands.cli",
-        "fit",
-        "-c",
-        "configs/quickstart.yaml",
-        "--run-dir",
-        str(run_dir),
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-        "trainer.max_steps=8",
-        "trainer.val_every=4",
-        "trainer.progress_bar=false",
-        "audits.0.every_n_steps=4",
-        "audits.0.n_examples=64",
-        "data.batch_size=16",
-        "data.val_size=64",
-        "logger.wandb.mode=disabled",
-    ]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli(
+        repo,
+        *("fit", "-c", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TWO_RANKS),
+        *("trainer.strategy=ddp", "audits.0.every_n_steps=4", "audits.0.n_examples=64"),
+    )
     records = read_jsonl(run_dir / "audits.jsonl")
     assert [r["step"] for r in records] == [4, 8]  # one record per audit run, not one per rank
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -47,28 +28,8 @@ def test_fit_with_two_cpu_processes(tmp_path, repo):
     assert proc.stdout.count("run directory:") == 1
 
     # the DDP figure is the mean over both ranks' shards: it equals one process auditing all 64
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "faithful_train.commands.cli",
-            "audit",
-            "-c",
-            "configs/quickstart.yaml",
-            "--ckpt",
-            str(run_dir / "checkpoints" / "last.ckpt"),
-            "--run-dir",
-            str(tmp_path / "single"),
-            "audits.0.n_examples=64",
-            "logger.wandb.mode=disabled",
-        ],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    alone = json.loads((tmp_path / "single" / "summary.json").read_text())["metrics"]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    alone = audit_alone(repo, "configs/quickstart.yaml", ckpt, tmp_path / "single", "audits.0.n_examples=64")
     for key, value in records[-1]["metrics"].items():
         assert alone[f"audit/interchange/{key}"] == pytest.approx(value, abs=1e-6), key
 
@@ -79,31 +40,12 @@ def test_learned_basis_under_ddp(tmp_path, repo):
     import torch
 
     run_dir = tmp_path / "das"
-    cmd = [
-        sys.executable,
-        "-m",
-        "faithful_train.commands.cli",
-        "fit",
-        "-c",
-        "configs/iit-das.yaml",
-        "--run-dir",
-        str(run_dir),
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-        "trainer.max_steps=8",
-        "trainer.val_every=4",
-        "trainer.progress_bar=false",
-        "objectives.0.schedule.start=4",
-        "objectives.0.schedule.steps=0",
-        "audits.0.every_n_steps=4",
-        "audits.0.n_examples=64",
-        "data.batch_size=16",
-        "data.val_size=64",
-        "logger.wandb.mode=disabled",
-    ]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli(
+        repo,
+        *("fit", "-c", "configs/iit-das.yaml", "--run-dir", str(run_dir), *TWO_RANKS, "trainer.strategy=ddp"),
+        *("objectives.0.schedule.start=4", "objectives.0.schedule.steps=0"),
+        *("audits.0.every_n_steps=4", "audits.0.n_examples=64"),
+    )
     from faithful_train.training import run as runs
     from faithful_train.training.config import load_config
 
@@ -123,52 +65,14 @@ def test_router_objective_and_audit_under_ddp(tmp_path, repo):
 
     run_dir = tmp_path / "router"
     common = ["audits.0.n_examples=64", "audits.0.batch_size=16", "logger.wandb.mode=disabled"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "faithful_train.commands.cli",
-        "fit",
-        "-c",
-        "configs/moe-router.yaml",
-        "--run-dir",
-        str(run_dir),
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-        "trainer.max_steps=8",
-        "trainer.val_every=4",
-        "trainer.progress_bar=false",
-        "objectives.0.bias_rate=0.01",
-        "audits.0.every_n_steps=4",
-        "data.batch_size=16",
-        "data.val_size=64",
-        *common,
-    ]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli(
+        repo,
+        *("fit", "-c", "configs/moe-router.yaml", "--run-dir", str(run_dir), *TWO_RANKS, "trainer.strategy=ddp"),
+        *("objectives.0.bias_rate=0.01", "audits.0.every_n_steps=4", *common),
+    )
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["state_dict"]["model.blocks.0.mlp.selection_bias"].abs().max() > 0
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "faithful_train.commands.cli",
-            "audit",
-            "-c",
-            "configs/moe-router.yaml",
-            "--ckpt",
-            str(ckpt),
-            "--run-dir",
-            str(tmp_path / "single"),
-            *common,
-        ],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    alone = json.loads((tmp_path / "single" / "summary.json").read_text())["metrics"]
+    alone = audit_alone(repo, "configs/moe-router.yaml", ckpt, tmp_path / "single", *common)
     figures = read_jsonl(run_dir / "audits.jsonl")[-1]["metrics"]
     assert "expert_concept_nmi" in figures and "ablation/own_drop" in figures
     for key, value in figures.items():

@@ -13,22 +13,12 @@ import pytest
 import torch
 
 from faithful_train.io.files import read_jsonl
+from tests.distributed.cli import TWO_RANKS, audit_alone, cli
 from tests.integration.test_scale import saved_llama
 
 pytestmark = pytest.mark.distributed
 
-TWO = [
-    "trainer.accelerator=cpu",
-    "trainer.devices=2",
-    "trainer.max_steps=8",
-    "trainer.val_every=4",
-    "trainer.progress_bar=false",
-    "data.batch_size=16",
-    "data.val_size=64",
-    "logger.wandb.mode=disabled",
-    "audits.0.every_n_steps=4",
-    "audits.0.n_examples=64",
-]
+TWO = [*TWO_RANKS, "audits.0.every_n_steps=4", "audits.0.n_examples=64"]
 DAS = [
     "objectives.0.subspace=learned",
     "objectives.0.alignment.left.dims=[0,8]",
@@ -38,20 +28,7 @@ DAS = [
 
 
 def _fit(repo: Path, run_dir: Path, *overrides: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "faithful_train.commands.cli",
-        "fit",
-        "-c",
-        "configs/quickstart.yaml",
-        "--run-dir",
-        str(run_dir),
-        *TWO,
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli(repo, "fit", "-c", "configs/quickstart.yaml", "--run-dir", str(run_dir), *TWO, *overrides)
 
 
 def test_fsdp_trains_as_ddp_does_and_its_audits_are_a_single_process_audit(tmp_path, repo):
@@ -64,29 +41,8 @@ def test_fsdp_trains_as_ddp_does_and_its_audits_are_a_single_process_audit(tmp_p
         torch.testing.assert_close(sharded[key], replicated[key], atol=2e-5, rtol=1e-4, msg=key)
     records = read_jsonl(tmp_path / "fsdp" / "audits.jsonl")
     assert [r["step"] for r in records] == [4, 8]
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "faithful_train.commands.cli",
-            "audit",
-            "-c",
-            "configs/quickstart.yaml",
-            "--ckpt",
-            str(tmp_path / "fsdp" / "checkpoints" / "last.ckpt"),
-            "--run-dir",
-            str(tmp_path / "single"),
-            "audits.0.n_examples=64",
-            "logger.wandb.mode=disabled",
-            *DAS,
-        ],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    alone = json.loads((tmp_path / "single" / "summary.json").read_text())["metrics"]
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
+    alone = audit_alone(repo, "configs/quickstart.yaml", ckpt, tmp_path / "single", "audits.0.n_examples=64", *DAS)
     for key, value in records[-1]["metrics"].items():
         assert alone[f"audit/interchange/{key}"] == pytest.approx(value, abs=1e-6), key
     hypothesis = json.loads((tmp_path / "fsdp" / "hypotheses" / "interchange.json").read_text())
