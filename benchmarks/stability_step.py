@@ -44,7 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "stability, integrated gradients 8 steps, fraction 0.25": dict(
         stability=1.0, method="integrated_gradients", steps=8, fraction=0.25
     ),
-    "right reasons, fraction 0.5 (configs/right-reasons-decoy.yaml)": dict(
+    "right reasons 10, fraction 0.5 (configs/right-reasons-decoy.yaml before issue 29)": dict(
         stability=0.0, right_reasons=10.0, fraction=0.5
     ),
 }

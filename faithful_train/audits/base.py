@@ -44,6 +44,12 @@ def parse_threshold(spec: Any) -> tuple[str, float]:
     return match.group(1) or ">=", float(match.group(2))
 
 
+def meets(value: float, spec: str) -> bool:
+    """Whether ``value`` meets a threshold such as ``">= 0.9"``."""
+    op, bound = parse_threshold(spec)
+    return bool(_OPERATORS[op](value, bound))
+
+
 @dataclass
 class Total:
     """Counts of one chunk of the audit set (any shape), summed over chunks and ranks."""

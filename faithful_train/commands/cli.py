@@ -7,8 +7,11 @@ export a trained model.
     faithful-train data show -c CONFIG [-n N] [key=value ...]
     faithful-train export RUN_DIR --out DIR [--ckpt CKPT] [--merge]
     faithful-train verify HYPOTHESIS --ckpt CKPT [-c CONFIG] [key=value ...]
+    faithful-train sweep -c SWEEP [--trials N] [--workers W] [--storage URL] [--out DIR] [key=value ...]
+    faithful-train repro -c CONFIG [-c CONFIG2 ...] --seeds N [--workers W] [--out DIR] [--strict] [key=value ...]
 
-Exit status: 0 done; 1 a pre-registered threshold failed under ``--strict``; 2 a user error
+Exit status: 0 done; 1 a pre-registered threshold failed under ``--strict`` (``repro``: in
+any seed); 2 a user error
 (unknown key, site, objective, audit, task, variable; wrong type; bad file), printed as one
 line naming the bad value and the valid ones, with nothing written; 3 training diverged (a
 non-finite loss, term or weight); 130 stopped by Ctrl-C (the message says how to resume).
@@ -114,6 +117,28 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides for every trial, e.g. trainer.max_steps=200"
     )
+    repro = sub.add_parser(
+        "repro", help="run configs over seeds 0..N-1: mean, sd, CI, threshold pass rates, paired differences"
+    )
+    repro.add_argument(
+        "-c", "--config", action="append", required=True, help="experiment YAML; give two to compare them seed by seed"
+    )
+    repro.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per config (default 5)")
+    repro.add_argument("--out", help="the repro directory (default: runs/repro/<config>+<config>)")
+    repro.add_argument("--workers", type=int, default=1, help="runs side by side in processes here")
+    repro.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    repro.add_argument("--storage", help="an Optuna database URL shared by workers on many machines")
+    repro.add_argument(
+        "--strict", action="store_true", help="exit 1 when a config's threshold passes in fewer than all seeds"
+    )
+    repro.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="write the headline rows into FILE's <!-- repro:start --> ... <!-- repro:end --> table (README, results)",
+    )
+    repro.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     return parser
 
 
@@ -195,6 +220,34 @@ def main(argv: list[str] | None = None) -> int:
                 f"sweep directory: {out} ({summary['complete']} finished, {summary['pruned']} pruned, "
                 f"{summary['fail']} failed)"
             )
+            return 0
+        if args.command == "repro":
+            from faithful_train.commands.repro import TABLE_END, TABLE_START, format_repro, run_repro, update_table
+
+            for table in args.table:  # checked before anything runs
+                if TABLE_START not in (Path(table).read_text() if Path(table).is_file() else ""):
+                    raise FaithfulError(f"--table {table}: no {TABLE_START} ... {TABLE_END} region to write into")
+
+            command = shlex.join(["faithful-train", *(sys.argv[1:] if argv is None else argv)])
+            result = run_repro(
+                args.config,
+                args.seeds,
+                args.out,
+                args.workers,
+                args.storage,
+                args.threads,
+                args.overrides,
+                command=command,
+            )
+            out = Path(args.out) if args.out else Path("runs") / "repro" / "+".join(result["configs"])
+            for table in args.table:
+                update_table(table, out)
+            print(format_repro(out), end="")
+            print(f"repro directory: {out}")
+            if result["strict_failures"]:
+                print("pre-registered thresholds not met in every seed: " + "; ".join(result["strict_failures"]))
+                if args.strict:
+                    return 1
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "data":

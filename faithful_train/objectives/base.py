@@ -23,17 +23,32 @@ from faithful_train.tasks.base import Batch, Task
 from faithful_train.tasks.batch import answer_positions, gather_positions
 
 
+def _share(value: str, name: str) -> float:
+    """``"30%"`` -> 0.3; anything else is a one-line error naming the key."""
+    text = value.strip()
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else None
+    except ValueError:
+        share = None
+    if share is None or not 0 <= share <= 1:
+        raise ConfigError(f"schedule {name}: a number of steps or a share of the run such as '30%', got {value!r}")
+    return share
+
+
 @dataclass
 class Schedule:
     """Weight multiplier over steps.
 
     constant: 1.  warmup: linear 0 -> 1 over ``[start, start + steps]``.
     anneal: linear 1 -> ``final`` over ``[start, start + steps]``.
+
+    ``start`` and ``steps`` are steps, or shares of the run written ``"30%"`` (of
+    ``trainer.max_steps``, resolved when the run is built), so a shorter run keeps the shape.
     """
 
     kind: str = "constant"
-    start: int = 0
-    steps: int = 0
+    start: int | str = 0
+    steps: int | str = 0
     final: float = 0.0
 
     KINDS = ("constant", "warmup", "anneal")
@@ -41,14 +56,26 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
             raise UnknownNameError("schedule kind", self.kind, self.KINDS)
-        if self.steps < 0 or self.start < 0:
-            raise ConfigError(f"schedule start and steps must be >= 0, got {self.start}, {self.steps}")
+        for name in ("start", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                _share(value, name)
+            elif value < 0:
+                raise ConfigError(f"schedule start and steps must be >= 0, got {self.start}, {self.steps}")
+
+    def resolve(self, max_steps: int) -> None:
+        """Turn shares (``"30%"``) into steps of a run of ``max_steps``."""
+        for name in ("start", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, round(_share(value, name) * max_steps))
 
     def __call__(self, step: int) -> float:
         if self.kind == "constant":
             return 1.0
-        progress = 1.0 if self.steps == 0 else min(max((step - self.start) / self.steps, 0.0), 1.0)
-        if step < self.start:
+        start, steps = int(self.start), int(self.steps)  # resolved: shares are steps by now
+        progress = 1.0 if steps == 0 else min(max((step - start) / steps, 0.0), 1.0)
+        if step < start:
             progress = 0.0
         return progress if self.kind == "warmup" else 1.0 + (self.final - 1.0) * progress
 
@@ -127,6 +154,9 @@ class Objective(Callback, ABC):
     @property
     def state_key(self) -> str:
         return f"objective/{self.label}"
+
+    def resolve_schedule(self, max_steps: int) -> None:
+        self.schedule.resolve(max_steps)
 
     def weight_at(self, step: int) -> float:
         return self.weight * self.schedule(step)

@@ -2,6 +2,7 @@
 
     term = stability · mean_b [1 − cos(attr(x_b)[aligned], attr(x'_b)[aligned])]
          + right_reasons · mean_b Σ_t irrelevant_bt · ‖∂/∂e_bt Σ_k log p_k(x_b)‖²
+         + counterfactual · mean_b CE(M(x̃_b), y_b)
 
 - ``attr``: per-token attribution of the answer's ``output`` (its logit by default, as the
   attribution audit measures; ``logprob`` vanishes once the model is confident) at the
@@ -19,6 +20,14 @@
   read it, which drives those attributions (and the penalty) to 0 while the decoy decides the
   answer (measured: test accuracy stayed at chance); the gradient grows instead. The summed
   log-probability does not saturate once the model is confident (the target's would).
+- ``x̃``: ``x`` with its irrelevant tokens swapped for another example's at the same positions
+  (where both are irrelevant), the answer unchanged: the counterfactual-data form of the same
+  annotation (counterfactually augmented data, Kaushik et al. 2020; Teney et al. 2020 pair it
+  with gradient supervision). An input gradient is local: a model can make it small at the
+  tokens it sees and still read them (gradient masking), and on the decoy the input-gradient
+  term alone lost the race against the tag in some seeds. The swap is a finite intervention
+  on the annotated tokens, so reading them costs task loss whatever the gradient there; it
+  needs one extra forward of the swapped rows, no double backprop.
 
 Cost control: the attributions run on a random ``fraction`` of the batch (fresh forwards of
 those rows and their perturbations, in one batch), drawn from the step's seeded generator.
@@ -40,9 +49,25 @@ from faithful_train.functional.attribution import (
     attribute_tokens,
     input_gradients,
 )
+from faithful_train.functional.losses import answer_loss
+from faithful_train.intervene.engine import run_variants
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task, take
-from faithful_train.tasks.batch import answer_position, as_variant, pad_columns, stack_rows
+from faithful_train.tasks.batch import (
+    answer_mask,
+    answer_position,
+    answer_targets,
+    as_variant,
+    pad_columns,
+    stack_rows,
+)
+
+
+def swap_irrelevant(input_ids: Tensor, irrelevant: Tensor) -> Tensor:
+    """Each row's irrelevant tokens replaced by the next row's (cyclically) at the positions
+    where both rows' tokens are irrelevant; everything else kept."""
+    donor_ids, donor_irrelevant = input_ids.roll(1, 0), irrelevant.roll(1, 0)
+    return torch.where(irrelevant & donor_irrelevant, donor_ids, input_ids)
 
 
 class StabilityObjective(Objective):
@@ -58,6 +83,7 @@ class StabilityObjective(Objective):
         quadrature: str = "gausslegendre",
         output: str = "logit",
         fraction: float = 0.25,
+        counterfactual: float = 0.0,
         weight: float = 1.0,
         schedule: Any = None,
         label: str | None = None,
@@ -69,14 +95,14 @@ class StabilityObjective(Objective):
             raise UnknownNameError("attribution output", output, OUTPUTS)
         if quadrature not in QUADRATURES:
             raise UnknownNameError("quadrature", quadrature, QUADRATURES)
-        self.require_non_negative(stability=stability, right_reasons=right_reasons)
+        self.require_non_negative(stability=stability, right_reasons=right_reasons, counterfactual=counterfactual)
         if not 0 < fraction <= 1 or steps < 1:
             raise ConfigError(
                 f"objective {self.label!r}: 0 < fraction <= 1 and steps >= 1 required, got {fraction}, {steps}"
             )
-        if not stability and not right_reasons:
-            raise ConfigError(f"objective {self.label!r}: set stability or right_reasons (both are 0)")
-        self.stability, self.right_reasons = stability, right_reasons
+        if not stability and not right_reasons and not counterfactual:
+            raise ConfigError(f"objective {self.label!r}: set stability, right_reasons or counterfactual (all are 0)")
+        self.stability, self.right_reasons, self.counterfactual = stability, right_reasons, counterfactual
         self.method, self.steps, self.quadrature, self.output, self.fraction = (
             method,
             steps,
@@ -92,11 +118,12 @@ class StabilityObjective(Objective):
                 f"{owner}: stability needs a task with meaning-preserving perturbations; "
                 f"{task.name!r} has none{task.column_hint('perturbations')}"
             )
-        if self.right_reasons and "irrelevant" not in task.provides:
-            raise ConfigError(
-                f"{owner}: right_reasons needs a task that marks irrelevant tokens; "
-                f"{task.name!r} does not{task.column_hint('irrelevant')}"
-            )
+        for name in ("right_reasons", "counterfactual"):
+            if getattr(self, name) and "irrelevant" not in task.provides:
+                raise ConfigError(
+                    f"{owner}: {name} needs a task that marks irrelevant tokens; "
+                    f"{task.name!r} does not{task.column_hint('irrelevant')}"
+                )
 
     def term(self, ctx: StepContext) -> Tensor:
         batch = ctx.batch
@@ -139,5 +166,10 @@ class StabilityObjective(Objective):
             )
             parts["right_reasons"] = (grads.pow(2).sum(-1) * sub["irrelevant"]).sum(1).mean()
             total = total + self.right_reasons * parts["right_reasons"]
+        if self.counterfactual:
+            swapped = swap_irrelevant(sub["input_ids"], sub["irrelevant"].bool())
+            logits = run_variants(ctx.model, sub, 1, {}, input_ids=swapped)
+            parts["counterfactual"] = answer_loss(logits, answer_targets(sub), answer_mask(sub))
+            total = total + self.counterfactual * parts["counterfactual"]
         self.parts = {k: v.detach() for k, v in parts.items()}
         return total

@@ -97,6 +97,8 @@ def build(cfg: DictConfig, run_dir: str | Path, config_dir: Path | None = None) 
         # objectives that add sites (an SAE's <site>.sae) first: the rest may name those sites
         for i, item in sorted(enumerate(items), key=lambda entry: not getattr(entry[1], "adds_sites", False)):
             _entry(kind, i, lambda item=item: item.bind(model, task, cfg.seed))
+    for objective in objectives:  # schedules written as shares of the run become steps
+        objective.resolve_schedule(int(cfg.trainer.max_steps))
     owned = {o.label: o.module() for o in objectives if o.module() is not None}
     for label in owned:
         if "." in label:

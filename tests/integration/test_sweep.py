@@ -11,18 +11,12 @@ import sys
 
 import optuna
 import pytest
+import yaml
 
 from faithful_train.commands.cli import main
 from faithful_train.commands.sweep import load_sweep, open_study
+from tests.integration.tiny import TINY, read_csv
 
-TINY = [
-    "trainer.max_steps=20",
-    "trainer.val_every=10",
-    "audits.0.every_n_steps=10",
-    "audits.0.n_examples=32",
-    "data.val_size=32",
-    "data.batch_size=16",
-]
 SWEEP = "configs/sweeps/iit-weight.yaml"
 
 
@@ -32,8 +26,7 @@ def _in_repo(repo, monkeypatch):
 
 
 def rows(out):
-    with open(out / "trials.csv") as f:
-        return list(csv.DictReader(f))
+    return read_csv(out / "trials.csv")
 
 
 def test_a_sweep_writes_the_front_and_a_second_invocation_adds_trials(tmp_path, capsys):
@@ -50,7 +43,8 @@ def test_a_sweep_writes_the_front_and_a_second_invocation_adds_trials(tmp_path, 
         summary = json.loads((tmp_path / r["run_dir"].split(str(tmp_path) + "/", 1)[1] / "summary.json").read_text())
         assert summary["metrics"]["val/task_acc"] == pytest.approx(float(r["val/task_acc"]))
     front = list(csv.DictReader(open(out / "pareto.csv")))
-    assert front and {r["trial"] for r in front} <= {r["trial"] for r in first}
+    assert front and {r["trials"] for r in front} <= {r["trial"] for r in first}
+    assert all(r["point"] == f"weight={float(r['objectives.0.weight']):g}" for r in front)  # named by value
     assert main(["sweep", "-c", SWEEP, "--out", str(out), "--trials", "2", *TINY]) == 0
     both = rows(out)
     assert [r["trial"] for r in both] == ["0", "1", "2", "3", "4"]
@@ -93,3 +87,35 @@ def test_a_stopped_sweep_runs_its_cut_off_trial_again(tmp_path):
         len(again) == 1 and again[0].params == trials[0].params and again[0].state == optuna.trial.TrialState.COMPLETE
     )
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2  # the rerun and the one added
+
+
+@pytest.mark.slow  # four trials: in make test-slow (CI runs both), to keep make test under its budget
+def test_replicates_run_each_point_over_seeds_and_the_front_is_on_means(tmp_path):
+    spec = yaml.safe_load(open(SWEEP))
+    spec["base"] = str((tmp_path.cwd() / "configs" / "quickstart.yaml").resolve())
+    spec["space"] = {"objectives.0.weight": {"grid": [0.0, 1.0]}}
+    spec["replicates"] = 2
+    spec["report"] = ["val/task_loss"]
+    spec.pop("pruning")
+    path = tmp_path / "replicated.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "sweep"
+    assert main(["sweep", "-c", str(path), "--out", str(out), *TINY]) == 0
+    trials = rows(out)
+    assert sorted((r["point"], r["replicate"]) for r in trials) == [
+        ("weight=0", "0"),
+        ("weight=0", "1"),
+        ("weight=1", "0"),
+        ("weight=1", "1"),
+    ]
+    by_seed = {(r["point"], r["replicate"]): float(r["val/task_loss"]) for r in trials}
+    assert by_seed[("weight=0", "0")] != by_seed[("weight=0", "1")]  # the seeds differ
+    front = list(csv.DictReader(open(out / "pareto.csv")))
+    assert front and all(r["n"] == "2" for r in front)
+    for r in front:  # a point's figure is the mean over its seeds, inside its interval
+        seeds = [float(t["audit/interchange/iia"]) for t in trials if t["point"] == r["point"]]
+        mean = float(r["audit/interchange/iia"])
+        assert mean == pytest.approx(sum(seeds) / 2)
+        assert float(r["audit/interchange/iia low"]) <= mean <= float(r["audit/interchange/iia high"])
+    md = (out / "pareto.md").read_text()
+    assert "means over 2 seeds [95% bootstrap CI]" in md and "| weight=" in md

@@ -3,6 +3,7 @@ of one trial (``trial_config``) and the check of every key and figure against th
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -72,12 +73,34 @@ class Sweep:
     margin: float | None = None
     min_step: int = 0
     report: list[str] = field(default_factory=list)
+    replicates: int = 1  # each point trained with seeds 0..replicates-1 (the config's own seed when 1)
+    configs: dict[str, Path] | None = None  # repro: label -> config; the ``config`` param picks the base
+    command: str = ""  # the command line that started it, for the results page
 
     def grid(self) -> dict[str, list[Any]]:
         return {p.name: list(p.values) for p in self.params}
 
     def grid_size(self) -> int:
         return math.prod(len(p.values) for p in self.params)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every point of a grid, in the file's order (the last key varies fastest)."""
+        return [dict(zip(self.grid(), values)) for values in itertools.product(*self.grid().values())]
+
+    def base_of(self, params: dict[str, Any]) -> Path:
+        return self.configs[params["config"]] if self.configs else self.base
+
+    def label(self, params: dict[str, Any]) -> str:
+        """A point named by the values swept, e.g. ``weight=0.3`` (a key's last part when that is
+        unambiguous, else the whole key)."""
+        short = {p.name: p.name.rsplit(".", 1)[-1] for p in self.params}
+        if len(set(short.values())) < len(short):
+            short = {p.name: p.name for p in self.params}
+        return ", ".join(f"{short[name]}={_value(value)}" for name, value in params.items() if name in short)
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _override(key: str, value: Any) -> str:
@@ -132,7 +155,18 @@ def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = ()) -> Swe
         raise ConfigError(f"sweep {path}: not YAML: {first_line(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep {path}: a mapping of base, space, figures, ... expected")
-    known = {"base", "overrides", "space", "figures", "sampler", "seed", "reference_point", "pruning", "report"}
+    known = {
+        "base",
+        "overrides",
+        "space",
+        "figures",
+        "sampler",
+        "seed",
+        "reference_point",
+        "pruning",
+        "report",
+        "replicates",
+    }
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"sweep {path}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
@@ -173,6 +207,11 @@ def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = ()) -> Swe
     report = raw.get("report") or []
     if not isinstance(report, list) or not all(isinstance(r, str) for r in report):
         raise ConfigError(f"sweep {path} report: a list of figure names, got {report!r}")
+    replicates = raw.get("replicates", 1)
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+        raise ConfigError(f"sweep {path} replicates: a whole number of seeds >= 1, got {replicates!r}")
+    if "seed" in {p.name for p in params} and replicates > 1:
+        raise ConfigError(f"sweep {path} space.seed: with replicates the seeds are 0..{replicates - 1}; drop one")
     pruning = raw.get("pruning")
     margin, min_step = None, 0
     if pruning:
@@ -195,43 +234,80 @@ def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = ()) -> Swe
         margin=margin,
         min_step=min_step,
         report=list(report),
+        replicates=replicates,
     )
 
 
-def trial_config(sweep: Sweep, params: dict[str, Any]) -> Any:
+def trial_config(sweep: Sweep, params: dict[str, Any], replicate: int | None = None) -> Any:
+    """The config of one trial: the base (a repro's: the chosen config), the sweep's overrides,
+    the point's values, and ``seed=<replicate>`` when the point runs over seeds."""
     from faithful_train.training.config import load_config
 
     by_name = {p.name: p for p in sweep.params}
-    chosen = [item for name, value in params.items() for item in by_name[name].overrides(value)]
-    return load_config(sweep.base, [*TRIAL_OVERRIDES, *sweep.overrides, *chosen])
+    chosen = [
+        item
+        for name, value in params.items()
+        if not (sweep.configs and name == "config")
+        for item in by_name[name].overrides(value)
+    ]
+    seed = [f"seed={replicate}"] if replicate is not None and (sweep.replicates > 1 or sweep.configs) else []
+    return load_config(sweep.base_of(params), [*TRIAL_OVERRIDES, *sweep.overrides, *chosen, *seed])
+
+
+def fingerprints(sweep: Sweep) -> dict[str, str]:
+    """Per base config (a repro's configs), a hash of the config as the trials compose it (file,
+    presets and the sweep's overrides; not the points' values or seeds): a study continued with
+    a config that has changed since would mix two recipes, and is refused."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from faithful_train.training.config import load_config
+
+    bases = sweep.configs or {sweep.name: sweep.base}
+    return {
+        label: hashlib.sha256(
+            OmegaConf.to_yaml(load_config(path, [*TRIAL_OVERRIDES, *sweep.overrides])).encode()
+        ).hexdigest()[:16]
+        for label, path in bases.items()
+    }
+
+
+THRESHOLDS_FAILED = "thresholds_failed"  # how many pre-registered thresholds a run failed (a figure too)
+
+
+def build_point(sweep: Sweep, params: dict[str, Any], where: str) -> Any:
+    """The run of one point, assembled (nothing written) to check it; an error names ``where``."""
+    from faithful_train.training import run as runs
+
+    try:
+        return runs.build(trial_config(sweep, params), Path(os.devnull) / "check", sweep.base_of(params).parent)
+    except FaithfulError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def logged_figures(run: Any) -> set[str]:
+    """Every figure name a run's final summary can hold: validation, training, objective terms,
+    audits' figures, and ``thresholds_failed``."""
+    logged = set(VAL_FIGURES) | set(TRAIN_FIGURES) | {f"train/objective/{o.label}" for o in run.objectives}
+    logged |= {f"audit/{a.label}/{m}" for a in run.audits for m in a.metric_names(run.task)}
+    return logged | {THRESHOLDS_FAILED}
 
 
 def check(sweep: Sweep) -> None:
     """Every space key and figure names something the base config has, before anything is
     written: a run is assembled with each key alone (so an error names the key), then with
     every first value."""
-    from faithful_train.training import run as runs
-
     run = None
     for p in sweep.params:  # each key alone: an error names it
-        for value in p.values if p.bundles is not None else [p.first()]:
+        for value in p.values if p.bundles is not None or sweep.configs else [p.first()]:
             where = f"space.{p.name}" + (f".{value}" if p.bundles is not None else "")
-            try:
-                built = runs.build(trial_config(sweep, {p.name: value}), Path(os.devnull) / "check", sweep.base.parent)
-            except FaithfulError as e:
-                raise ConfigError(f"sweep {sweep.path} {where}: {e}") from None
+            built = build_point(sweep, {p.name: value}, f"sweep {sweep.path} {where}")
             run = run or built
     first = {p.name: p.first() for p in sweep.params}
-    try:
-        run = (
-            runs.build(trial_config(sweep, first), Path(os.devnull) / "check", sweep.base.parent)
-            if len(sweep.params) > 1
-            else run
-        )
-    except FaithfulError as e:
-        raise ConfigError(f"sweep {sweep.path} space (first values {first}): {e}") from None
-    logged = set(VAL_FIGURES) | set(TRAIN_FIGURES) | {f"train/objective/{o.label}" for o in run.objectives}
-    logged |= {f"audit/{a.label}/{m}" for a in run.audits for m in a.metric_names(run.task)}
+    if len(sweep.params) > 1:
+        run = build_point(sweep, first, f"sweep {sweep.path} space (first values {first})")
+    logged = logged_figures(run)
     for name in [*sweep.figures, *sweep.report]:
         if name not in logged:
             audits = sorted(m for m in logged if m.startswith("audit/"))

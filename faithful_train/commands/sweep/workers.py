@@ -3,20 +3,34 @@ slots and write the results under a file lock."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from faithful_train.commands.sweep.report import write_results
-from faithful_train.commands.sweep.spec import check, load_sweep
-from faithful_train.commands.sweep.study import open_study, recover
+from faithful_train.commands.sweep.spec import Sweep, check, load_sweep
+from faithful_train.commands.sweep.study import (
+    GRACE,
+    HEARTBEAT,
+    fail_stale_trials,
+    next_trial,
+    open_study,
+    others_running,
+    recover,
+)
 from faithful_train.commands.sweep.trial import run_trial
 from faithful_train.errors import ConfigError, FaithfulError
 
+Writer = Callable[[Sweep, Any, Path], dict[str, Any]]
+
 
 def _worker(
-    sweep_path: str, extra: list[str], pruning: bool, out: str, storage: str, slots: Any, threads: int, lock_path: str
+    sweep: Sweep, out: str, storage: str, slots: Any, threads: int, lock_path: str, write: Writer, grace: int
 ) -> None:
-    """One process: claim a slot, run a trial, write the results; until no slot is left."""
+    """One process: claim a slot, run a trial, write the results; until no slot (or, on a grid,
+    no trial) is left. A grid's worker whose queue is empty while other workers' trials run waits
+    for them: a trial whose worker dies is queued again, and someone must run it."""
     import fcntl
 
     import torch
@@ -25,19 +39,78 @@ def _worker(
 
     torch.set_num_threads(threads)
     runs.quiet_lightning()
-    sweep = load_sweep(sweep_path, extra)
-    if not pruning:
-        sweep.margin = None
-    study = open_study(sweep, storage)
+    study = open_study(sweep, storage, grace)
     while True:
         with slots.get_lock():
             if slots.value <= 0:
                 return
             slots.value -= 1
-        run_trial(sweep, study, Path(out))
+        trial = next_trial(study, sweep)
+        while trial is None:  # a grid with nothing waiting
+            recover(study)
+            fail_stale_trials(study)
+            trial = next_trial(study, sweep)
+            if trial is None and not others_running(study):
+                return
+            if trial is None:
+                time.sleep(min(HEARTBEAT, 2))
+        run_trial(sweep, study, Path(out), trial)
         with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            write_results(sweep, study, Path(out))
+            write(sweep, study, Path(out))
+
+
+def run_study(
+    sweep: Sweep,
+    out: Path,
+    trials: int | None,
+    workers: int,
+    storage: str | None,
+    threads: int,
+    write: Writer,
+    grace: int = GRACE,
+) -> dict[str, Any]:
+    """Open (or continue) ``sweep``'s study, run ``trials`` trials (a grid: every trial not run
+    yet) with ``workers`` processes here, and write the results with ``write``."""
+    import multiprocessing as mp
+
+    from optuna.trial import TrialState
+
+    if workers < 1 or threads < 1:
+        raise ConfigError(f"--workers and --threads must be >= 1, got {workers} and {threads}")
+    if trials is not None and trials < 0:
+        raise ConfigError(f"--trials must be >= 0, got {trials}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a directory")
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    study = open_study(sweep, storage, grace)
+    out.mkdir(parents=True, exist_ok=True)
+    rerun = recover(study)
+    if sweep.sampler == "grid":  # the planned trials still waiting, re-runs included
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        trials = waiting if trials is None else min(trials * sweep.replicates + rerun, waiting)
+    else:
+        trials = (8 if trials is None else trials) * sweep.replicates + rerun
+    ctx = mp.get_context("spawn")
+    slots = ctx.Value("i", trials)
+    lock = str(out / ".results.lock")
+    args = (sweep, str(out), storage, slots, threads, lock, write, grace)
+    if workers == 1 or trials <= 1:
+        _worker(*args)
+    else:
+        procs = [ctx.Process(target=_worker, args=args) for _ in range(min(workers, trials))]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [p.exitcode for p in procs if p.exitcode]
+        if failed:
+            raise FaithfulError(
+                f"{len(failed)} worker(s) stopped with exit status {failed[0]}; see the trials in {out}"
+            )
+    return write(sweep, study, out)
 
 
 def run_sweep(
@@ -49,55 +122,15 @@ def run_sweep(
     threads: int = 1,
     extra: list[str] | tuple[str, ...] = (),
     pruning: bool = True,
+    grace: int = GRACE,
 ) -> dict[str, Any]:
-    """Check the sweep, open (or continue) its study, add ``trials`` trials with ``workers``
-    processes, and write the results. Returns the sweep's summary."""
-    import multiprocessing as mp
-
-    from optuna.trial import TrialState
-
-    extra = list(extra)
-    sweep = load_sweep(sweep_path, extra)
-    if workers < 1 or threads < 1:
-        raise ConfigError(f"--workers and --threads must be >= 1, got {workers} and {threads}")
-    if trials is not None and trials < 0:
-        raise ConfigError(f"--trials must be >= 0, got {trials}")
+    """Check the sweep, open (or continue) its study, add ``trials`` points (each over its
+    replicates) with ``workers`` processes, and write the results. Returns the sweep's summary."""
+    sweep = load_sweep(sweep_path, list(extra))
+    if not pruning:
+        sweep.margin = None
     out = Path(out) if out is not None else Path("runs") / "sweeps" / sweep.name
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: a file, not a directory")
     check(sweep)
-    if storage is None:
-        out.mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{(out / 'study.db').resolve()}"
-    study = open_study(sweep, storage)
-    out.mkdir(parents=True, exist_ok=True)
-    rerun = recover(study)
-    if trials is None:
-        trials = sweep.grid_size() if sweep.sampler == "grid" else 8
-    if sweep.sampler == "grid":  # a grid point runs once
-        taken = len(
-            study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-        )
-        trials = min(trials, max(0, sweep.grid_size() - taken))
-    trials += rerun
-    ctx = mp.get_context("spawn")
-    slots = ctx.Value("i", trials)
-    lock = str(out / ".results.lock")
-    if workers == 1 or trials <= 1:
-        _worker(str(sweep.path), extra, pruning, str(out), storage, slots, threads, lock)
-    else:
-        procs = [
-            ctx.Process(target=_worker, args=(str(sweep.path), extra, pruning, str(out), storage, slots, threads, lock))
-            for _ in range(min(workers, trials))
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        failed = [p.exitcode for p in procs if p.exitcode]
-        if failed:
-            raise FaithfulError(
-                f"{len(failed)} sweep worker(s) stopped with exit status {failed[0]}; "
-                f"see the trials in {out / 'trials.csv'}"
-            )
-    return write_results(sweep, study, out)
+    return run_study(sweep, out, trials, workers, storage, threads, write_results, grace)

@@ -163,3 +163,64 @@ def test_the_pruner_stops_a_trial_the_front_dominates_at_the_same_step(tmp_path)
     trainer = _trainer(10, 0.9)
     stale.on_validation_end(trainer, None)
     assert not trainer.should_stop and stale.history == {}  # the audit has not run at this step
+
+
+def _finished(study, weight, at_10, replicate):
+    dist = {"objectives.0.weight": optuna.distributions.CategoricalDistribution([0.0, 0.5, 1.0])}
+    study.add_trial(
+        optuna.trial.create_trial(
+            values=at_10,
+            params={"objectives.0.weight": weight},
+            distributions=dist,
+            user_attrs={"figures_at": {"10": at_10}, "replicate": replicate},
+        )
+    )
+
+
+def _asked(study, weight):
+    trial = study.ask()
+    trial.suggest_categorical("objectives.0.weight", [0.0, 0.5, 1.0])
+    return trial
+
+
+def test_with_replicates_the_pruner_compares_means_over_seeds(tmp_path):
+    def edit(d):
+        d.update(pruning={"margin": 0.05, "min_step": 10}, replicates=2)
+        d["space"] = {"objectives.0.weight": {"grid": [0.0, 0.5, 1.0]}}
+
+    sweep = load_sweep(write(tmp_path, edit))
+    study = optuna.create_study(directions=sweep.directions)
+    _finished(study, 1.0, [0.9, 0.8], 0)  # weight 1: IIA 0.8 and 0.4 over its two seeds, mean 0.6
+    _finished(study, 1.0, [0.9, 0.4], 1)
+    study.enqueue_trial({"objectives.0.weight": 0.0})
+    trial = _asked(study, 0.0)
+    pruner = SweepPruner(sweep, study, trial, [SimpleNamespace(label="interchange", **vars(FakeAudit(10, 0.7)))])
+    trainer = _trainer(10, 0.9)
+    pruner.on_validation_end(trainer, None)
+    # one seed at 0.7 is beaten by weight 1's first seed (0.8) by more than the margin, but not by its mean
+    assert not trainer.should_stop
+    study.enqueue_trial({"objectives.0.weight": 0.5})
+    weak = _asked(study, 0.5)
+    pruner = SweepPruner(sweep, study, weak, [SimpleNamespace(label="interchange", **vars(FakeAudit(10, 0.5)))])
+    trainer = _trainer(10, 0.9)
+    pruner.on_validation_end(trainer, None)
+    assert trainer.should_stop and pruner.pruned_at == 10  # 0.5 against a mean of 0.6
+    study.tell(weak, state=optuna.trial.TrialState.PRUNED)
+    study.enqueue_trial({"objectives.0.weight": 0.5})
+    sibling = _asked(study, 0.5)  # the same point's other seed stops with it, whatever its figures
+    pruner = SweepPruner(sweep, study, sibling, [SimpleNamespace(label="interchange", **vars(FakeAudit(10, 0.99)))])
+    trainer = _trainer(10, 0.99)
+    pruner.on_validation_end(trainer, None)
+    assert trainer.should_stop
+
+
+def test_replicates_must_be_a_whole_number(tmp_path, capsys):
+    for bad in (0, 1.5, "two", True):
+        path = write(tmp_path, lambda d, bad=bad: d.update(replicates=bad))
+        with pytest.raises(ConfigError, match="replicates: a whole number of seeds >= 1"):
+            load_sweep(path)
+    sweep = load_sweep(write(tmp_path, lambda d: d.update(replicates=3)))
+    assert sweep.replicates == 3
+    cfg = trial_config(sweep, {"objectives.0.weight": 1.0}, replicate=2)
+    assert cfg.seed == 2 and cfg.objectives[0].weight == 1.0
+    assert trial_config(load_sweep(write(tmp_path)), {"objectives.0.weight": 1.0}, replicate=None).seed == 0

@@ -22,3 +22,16 @@ def test_schedule_errors():
         Schedule.parse({"kind": "warmup", "step": 3})
     with pytest.raises(ConfigError):
         Schedule(kind="warmup", steps=-1)
+
+
+def test_a_schedule_in_shares_of_the_run_scales_with_its_length():
+    spec = {"kind": "warmup", "start": "30%", "steps": "10%"}
+    long, short = Schedule.parse(spec), Schedule.parse(spec)
+    long.resolve(5000)
+    short.resolve(30)
+    assert (long.start, long.steps, short.start, short.steps) == (1500, 500, 9, 3)
+    assert [long(s) for s in (1499, 1750, 2000)] == [0.0, 0.5, 1.0]
+    assert [short(s) for s in (8, 9, 12)] == [0.0, 0.0, 1.0]
+    for bad in ("30", "thirty%", "130%", "-5%"):
+        with pytest.raises(ConfigError, match="schedule start: a number of steps or a share of the run"):
+            Schedule.parse({"kind": "warmup", "start": bad, "steps": 10})

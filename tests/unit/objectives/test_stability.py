@@ -10,7 +10,7 @@ from faithful_train.errors import ConfigError, UnknownNameError
 from faithful_train.functional.attribution import attribute_tokens, input_gradients
 from faithful_train.intervene.sites import run_with
 from faithful_train.objectives.base import StepContext
-from faithful_train.objectives.stability import StabilityObjective, aligned_cosine
+from faithful_train.objectives.stability import StabilityObjective, aligned_cosine, swap_irrelevant
 from faithful_train.tasks.concept_objects import ConceptObjects
 from faithful_train.tasks.decoy_objects import DecoyObjects
 from faithful_train.tasks.domain_mixture import DomainMixture
@@ -90,5 +90,35 @@ def test_bad_input():
         StabilityObjective(stability=0, right_reasons=1.0).bind(model, DomainMixture())
     with pytest.raises(UnknownNameError, match="attribution method 'saliency'"):
         StabilityObjective(method="saliency")
-    with pytest.raises(ConfigError, match="both are 0"):
+    with pytest.raises(ConfigError, match="all are 0"):
         StabilityObjective(stability=0)
+    with pytest.raises(ConfigError, match="counterfactual needs a task that marks irrelevant tokens"):
+        StabilityObjective(stability=0, counterfactual=1.0).bind(model, DomainMixture())
+    with pytest.raises(ConfigError, match="counterfactual"):
+        StabilityObjective(counterfactual=-1.0)
+
+
+def test_swap_irrelevant_trades_only_tokens_both_rows_mark():
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    irrelevant = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    swapped = swap_irrelevant(ids, irrelevant)  # row b takes row b-1's tokens (cyclically)
+    assert swapped.tolist() == [[1, 10, 11, 4], [5, 2, 7, 8], [9, 6, 11, 12]]
+
+
+def test_the_counterfactual_term_is_the_answer_loss_with_the_decoy_swapped():
+    task = DecoyObjects()
+    model = tiny_transformer(task.vocab_size, max_seq_len=task.seq_len)
+    objective = StabilityObjective(stability=0.0, counterfactual=1.0, fraction=0.5)
+    objective.bind(model, task)
+    ctx = _context(task, model)
+    term = objective.term(ctx)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randperm(16, generator=gen)[:8]
+    sub = {k: v[rows] for k, v in ctx.batch.items()}
+    swapped = swap_irrelevant(sub["input_ids"], sub["irrelevant"])
+    assert not torch.equal(swapped[:, task.decoy_position], sub["input_ids"][:, task.decoy_position])
+    logits = model(swapped)[:, -1]  # the answer is read at the last position
+    expected = torch.nn.functional.cross_entropy(logits, sub["labels"])
+    torch.testing.assert_close(term.detach(), expected.detach(), rtol=1e-4, atol=1e-6)
+    term.backward()
+    assert model.tok_emb.weight.grad.abs().sum() > 0
