@@ -44,7 +44,7 @@ def test_shipped_configs_run(tmp_path, config):
     else:  # the decoy task marks the tag and the noise
         assert "audit/attribution/irrelevant_share" in metrics
     if "baseline" not in config:
-        term = "stability" if config.endswith("stability.yaml") else "right_reasons"
+        term = "stability" if config.endswith("stability.yaml") else "counterfactual"
         assert f"train/objective/stability/{term}" in metrics
 
 
@@ -127,13 +127,15 @@ def test_stability_objective_makes_attributions_stable_under_perturbation(tmp_pa
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
 def test_both_terms_train_a_hugging_face_model(tmp_path, preset):
-    """Double backprop through a Hugging Face model (generic hooked path): both terms are
-    logged, finite, and the audit measures the fine-tuned model."""
+    """Double backprop through a Hugging Face model (generic hooked path): every term (the two
+    attribution terms and the counterfactual one) is logged, finite, and the audit measures the
+    fine-tuned model."""
     overrides = [
         *TINY,
         "trainer.max_steps=10",
         f"model={preset}",
         "objectives.0.stability=1.0",
+        "objectives.0.right_reasons=10.0",
         "objectives.0.fraction=0.25",
     ]
     # on the tiny random llama, zero-baseline IG does not converge (completeness error 1.3 at 512
@@ -141,7 +143,7 @@ def test_both_terms_train_a_hugging_face_model(tmp_path, preset):
     overrides.append("audits.0.max_steps=64")
     assert main(["fit", "-c", "configs/right-reasons-decoy.yaml", "--run-dir", str(tmp_path), *overrides]) == 0
     metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
-    for term in ("stability", "right_reasons"):
+    for term in ("stability", "right_reasons", "counterfactual"):
         assert 0 <= metrics[f"train/objective/stability/{term}"] < float("inf"), term
     assert 0 <= metrics["audit/attribution/irrelevant_share"] <= 1
     assert metrics["audit/attribution/trusted"] in (0.0, 1.0) and 32 <= metrics["audit/attribution/steps"] <= 64
@@ -169,7 +171,7 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
         (["objectives.0.fraction=0"], "0 < fraction <= 1", "fraction"),
         (
             ["task.name=hierarchical_equality"],
-            "right_reasons needs a task that marks irrelevant tokens",
+            "counterfactual needs a task that marks irrelevant tokens",
             "hierarchical_equality",
         ),
     ],
