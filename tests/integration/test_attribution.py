@@ -89,13 +89,13 @@ def test_right_reasons_term_escapes_the_decoy(tmp_path):
 @pytest.mark.slow
 def test_the_counterfactual_term_escapes_the_decoy(tmp_path):
     """The counterfactual form of the same annotation: the tag (and the noise) swapped between
-    examples, the answer kept. With it alone the model learns the rule within 300 steps; the
+    examples, the answer kept. With it alone the model learns the rule within 600 steps; the
     same recipe without it reads the tag and sits at chance on the test set."""
-    short = ["audits=[]", "trainer.max_steps=300", "trainer.val_every=300", "data.val_size=512"]
+    short = ["audits=[]", "trainer.max_steps=600", "trainer.val_every=600", "data.val_size=512"]
     only = ["objectives.0.right_reasons=0", "objectives.0.counterfactual=1.0"]
     swapped = _fit_short(tmp_path, "configs/right-reasons-decoy.yaml", *short, *only)["val/task_acc"]
     baseline = _fit_short(tmp_path, "configs/right-reasons-decoy-baseline.yaml", *short)["val/task_acc"]
-    assert baseline <= 0.3 and swapped >= 0.8, (swapped, baseline)  # measured: 0.97 against 0.25
+    assert baseline <= 0.3 and swapped >= 0.8, (swapped, baseline)  # 300 steps: 0.60 against 0.27
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from faithful_train.commands.sweep.trial import run_trial
 from faithful_train.errors import ConfigError, FaithfulError
 
 Writer = Callable[[Sweep, Any, Path], dict[str, Any]]
+UNTIL_DONE = 2**31 - 1  # slots of a grid run without --trials: until nothing waits or runs
 
 
 def _worker(
@@ -90,7 +91,11 @@ def run_study(
     rerun = recover(study)
     if sweep.sampler == "grid":  # the planned trials still waiting, re-runs included
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        trials = waiting if trials is None else min(trials * sweep.replicates + rerun, waiting)
+        # without --trials a worker runs until the grid is done, including trials queued again
+        # after it started (another worker died): no count fixed at the start can know those
+        trials = UNTIL_DONE if trials is None else min(trials * sweep.replicates + rerun, waiting)
+        if not waiting and not others_running(study):  # done already: no worker to start
+            trials = 0
     else:
         trials = (8 if trials is None else trials) * sweep.replicates + rerun
     ctx = mp.get_context("spawn")
@@ -100,7 +105,7 @@ def run_study(
     if workers == 1 or trials <= 1:
         _worker(*args)
     else:
-        procs = [ctx.Process(target=_worker, args=args) for _ in range(min(workers, trials))]
+        procs = [ctx.Process(target=_worker, args=args) for _ in range(min(workers, max(trials, 1)))]
         for p in procs:
             p.start()
         for p in procs:
