@@ -82,6 +82,7 @@ def test_repro_writes_the_spread_the_paired_difference_and_the_plot(tmp_path, ca
     assert (out / "repro.csv").read_text() == before
 
 
+@pytest.mark.slow  # two more runs: in make test-slow (CI runs both), to keep make test under its budget
 def test_strict_exits_1_when_a_threshold_fails_in_some_seed(tmp_path, capsys):
     out = tmp_path / "repro"
     args = ["repro", "-c", "configs/quickstart.yaml", "--seeds", "2", "--out", str(out), *TINY]
