@@ -32,17 +32,23 @@ def _context(task, model, seed=0):
     return StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(seed))
 
 
-def test_terms_match_attributions_and_train_the_model_through_them():
-    task = ConceptObjects()
+def _term_and_its_rows(task, **options):
+    """The objective's term on a tiny model, and the rows it drew (re-drawn by hand from the same
+    generator, which the test goes on using for what the term drew next)."""
     model = tiny_transformer(task.vocab_size, max_seq_len=task.seq_len)
-    objective = StabilityObjective(stability=1.0, right_reasons=2.0, fraction=0.5)
+    objective = StabilityObjective(fraction=0.5, **options)
     objective.bind(model, task)
     ctx = _context(task, model)
     term = objective.term(ctx)
-    # the same rows and perturbation, recomputed by hand from the same generator
     gen = torch.Generator().manual_seed(0)
     rows = torch.randperm(16, generator=gen)[:8]
-    sub = {k: v[rows] for k, v in ctx.batch.items()}
+    return model, objective, ctx, term, gen, {k: v[rows] for k, v in ctx.batch.items()}
+
+
+def test_terms_match_attributions_and_train_the_model_through_them():
+    task = ConceptObjects()
+    model, objective, ctx, term, gen, sub = _term_and_its_rows(task, stability=1.0, right_reasons=2.0)
+    # the same rows and perturbation, recomputed by hand from the same generator
     perturbed, source = task.perturb_aligned(sub, gen)
     attr = attribute_tokens(
         model, torch.cat([sub["input_ids"], perturbed]), sub["labels"].repeat(2), "gradient_x_input", output="logit"
@@ -107,14 +113,7 @@ def test_swap_irrelevant_trades_only_tokens_both_rows_mark():
 
 def test_the_counterfactual_term_is_the_answer_loss_with_the_decoy_swapped():
     task = DecoyObjects()
-    model = tiny_transformer(task.vocab_size, max_seq_len=task.seq_len)
-    objective = StabilityObjective(stability=0.0, counterfactual=1.0, fraction=0.5)
-    objective.bind(model, task)
-    ctx = _context(task, model)
-    term = objective.term(ctx)
-    gen = torch.Generator().manual_seed(0)
-    rows = torch.randperm(16, generator=gen)[:8]
-    sub = {k: v[rows] for k, v in ctx.batch.items()}
+    model, objective, ctx, term, _, sub = _term_and_its_rows(task, stability=0.0, counterfactual=1.0)
     swapped = swap_irrelevant(sub["input_ids"], sub["irrelevant"])
     assert not torch.equal(swapped[:, task.decoy_position], sub["input_ids"][:, task.decoy_position])
     logits = model(swapped)[:, -1]  # the answer is read at the last position
