@@ -82,6 +82,7 @@ AUDITS = Builtins(
         "faithful_train.audits.attribution:AttributionAudit",
         "faithful_train.audits.patching:PatchingAudit",
         "faithful_train.audits.ablation:AblationAudit",
+        "faithful_train.audits.edges:EdgesAudit",
         "faithful_train.audits.retrieval:RetrievalAudit",
         "faithful_train.audits.tools:ToolsAudit",
         "faithful_train.audits.sae:SaeAudit",

@@ -52,7 +52,7 @@ from faithful_train.functional.circuits import (
 )
 from faithful_train.functional.interchange import check_positions
 from faithful_train.functional.mib_graph import write_eap_graph
-from faithful_train.intervene.hypotheses import Hypothesis, data_hash, weights_hash
+from faithful_train.intervene.hypotheses import Hypothesis
 from faithful_train.intervene.sites import SiteRef, run_with, validate_sites
 from faithful_train.io.files import atomic_write_text
 from faithful_train.modeling.interface import hidden_size, n_heads, n_layers
@@ -84,6 +84,10 @@ class AblationAudit(Audit):
         self.hypothesis_path = hypothesis
         if hypothesis is not None:
             found = Hypothesis.load(hypothesis, kind="circuit")
+            if found.edges and not found.nodes:
+                raise ConfigError(
+                    f"audit {self.label!r}: hypothesis {hypothesis} is an edge circuit; test it with the edges audit"
+                )
             circuit, granularity = found.nodes, found.granularity or granularity
             ablation, metric = found.ablation or ablation, found.metric or metric
         self.nodes = parse_nodes(circuit, f"audit {self.label!r}")
@@ -276,13 +280,7 @@ class AblationAudit(Audit):
             self.granularity,
             self.ablation,
             self.metric,
-            task=task.name,
-            data_hash=data_hash(self.data(task)),
-            n_examples=self.n_examples,
-            seed=self.seed,
-            weights_hash=weights_hash(model),
-            step=step,
-            figures=dict(self.latest),
+            **self.measured_on(model, task, step),
         )
 
     def write_artifacts(self, model: nn.Module, task: Task, run_dir: Path, step: int, loggers: list[Any]) -> None:

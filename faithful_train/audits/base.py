@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
 from faithful_train.errors import ConfigError, UnknownNameError
-from faithful_train.intervene.hypotheses import HypothesisFiles
+from faithful_train.intervene.hypotheses import HypothesisFiles, data_hash, weights_hash
 from faithful_train.io.files import append_jsonl
 from faithful_train.modeling.sharding import whole_model
 from faithful_train.tasks.base import Batch, Task, take
@@ -191,6 +191,19 @@ class Audit(Callback, ABC):
                 "pass": bool(_OPERATORS[op](results[metric], value)),
             }
             for metric, (op, value) in self.thresholds.items()
+        }
+
+    def measured_on(self, model: nn.Module, task: Task, step: int) -> dict[str, Any]:
+        """How the latest figures were measured, for a hypothesis file: the task, the audit set
+        (size, seed, data hash), the weights' hash, the step, the figures."""
+        return {
+            "task": task.name,
+            "data_hash": data_hash(self.data(task)),
+            "n_examples": self.n_examples,
+            "seed": self.seed,
+            "weights_hash": weights_hash(model),
+            "step": step,
+            "figures": dict(self.latest),
         }
 
     def remember(self, results: dict[str, float], step: int) -> dict[str, Any]:

@@ -37,8 +37,6 @@ and table).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +58,7 @@ from faithful_train.functional.patching import (
     check_components,
     circuit_knockouts,
     circuit_metric,
+    corrupted_sources,
     cpr_cmd,
     missed_share,
     node_effects,
@@ -71,7 +70,7 @@ from faithful_train.functional.patching import (
     top_cells,
 )
 from faithful_train.intervene.sites import validate_sites
-from faithful_train.io.files import atomic_write_text, umask_mode
+from faithful_train.io.files import atomic_write_png, atomic_write_text
 from faithful_train.modeling.interface import n_layers
 from faithful_train.tasks.base import Batch, Task
 from faithful_train.tasks.batch import prefixed, unprefixed
@@ -178,14 +177,7 @@ class PatchingAudit(Audit):
 
     def build_data(self, task: Task, seed: int) -> Batch:
         data = task.sample(self.n_examples, seed)
-        pairs = task.interchange_pairs(data, self.variables, torch.Generator().manual_seed(seed + 1))
-        sources = list({id(s): s for s in pairs.sources.values()}.values())
-        if len(sources) != 1:
-            raise ConfigError(
-                f"audit {self.label!r}: task {task.name!r} gives different source inputs for "
-                f"{', '.join(self.variables)}; name one variable (corrupt: [<variable>])"
-            )
-        return data | prefixed(sources[0], CORRUPT)
+        return data | prefixed(corrupted_sources(task, data, self.variables, seed, f"audit {self.label!r}"), CORRUPT)
 
     # -- measuring ------------------------------------------------------------------------------
 
@@ -378,15 +370,4 @@ def plot_patching_map(table: list[dict[str, Any]], component_names: Sequence[str
             ax.set_xlabel("position", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.8, label="normalised score")
     fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.chmod(tmp, umask_mode(0o666))  # mkstemp makes 0600; a run directory's files follow the umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    atomic_write_png(fig, path)

@@ -81,9 +81,26 @@ def format_drift(result: dict[str, Any], figures: tuple[str, ...] = ()) -> str:
 
 
 def _audit(found: Hypothesis, path: str | Path) -> Any:
-    """The audit that tests ``found``: the ablation audit for a circuit (its circuit, ablation and
-    metric), the interchange audit for an alignment (in its rotation, if it has one)."""
+    """The audit that tests ``found``: the edges audit for an edge circuit, the ablation audit for a
+    circuit of nodes (its circuit, ablation and metric), the interchange audit for an alignment
+    (in its rotation, if it has one)."""
     size = found.n_examples or 512
+    if found.kind == "circuit" and found.edges:
+        from faithful_train.audits.edges import EdgesAudit
+        from faithful_train.functional.edges import ABLATIONS
+
+        ablation = found.ablation if found.ablation in ABLATIONS else "mean"
+        method = found.method or ("eap-ig-inputs" if ablation == "patch" else "eap-ig-activations")
+        return EdgesAudit(
+            hypothesis=str(path),
+            label=found.label,
+            n_examples=size,
+            batch_size=size,
+            seed=found.seed,
+            ablation=ablation,
+            method=method,
+            metric=found.metric or "logit_diff",
+        )
     if found.kind == "circuit":
         from faithful_train.audits.ablation import AblationAudit
 

@@ -7,7 +7,8 @@ edge of the sequential (non-parallel) residual graph listed, as ``Graph.from_jso
 
 We score nodes (heads and MLPs); an edge is in the graph when both its ends are (``input`` and
 ``logits`` always are) and its score is its child's node score (its parent's for ``logits``):
-the graph carries node-level evidence, said so in ``cfg.scores``.
+the graph carries node-level evidence, said so in ``cfg.scores``. Edge-level scores (EAP, EAP-IG,
+exact edge patching) are the ``edges`` audit's, written by ``intervene.graph.Graph.write_json``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from faithful_train.intervene.graph import Graph
 from faithful_train.io.files import atomic_write_text
 
 
@@ -37,20 +39,11 @@ def eap_graph(n_layers: int, n_heads: int, d_model: int, scores: Mapping[str, fl
         for name in [*(f"a{layer}.h{h}" for h in range(n_heads)), f"m{layer}"]:
             nodes[name] = {"in_graph": name in in_graph, "score": float(scores.get(name, 0.0))}
     nodes["logits"] = {"in_graph": True, "score": 0.0}
+    graph = Graph(n_layers, n_heads)
     edges = {}
-    upstream = ["input"]
-    for layer in range(n_layers):
-        heads = [f"a{layer}.h{h}" for h in range(n_heads)]
-        for parent in upstream:
-            for head in heads:
-                for letter in "qkv":
-                    edges[f"{parent}->{head}<{letter}>"] = _edge(nodes, parent, head)
-        upstream += heads
-        for parent in upstream:
-            edges[f"{parent}->m{layer}"] = _edge(nodes, parent, f"m{layer}")
-        upstream.append(f"m{layer}")
-    for parent in upstream:
-        edges[f"{parent}->logits"] = _edge(nodes, parent, "logits")
+    for s, r in graph.edges:
+        parent, child = graph.senders[s], graph.receivers[r].partition("<")[0]
+        edges[graph.edge_name(s, r)] = _edge(nodes, parent, child)
     cfg = {"n_layers": n_layers, "n_heads": n_heads, "parallel_attn_mlp": False, "d_model": d_model, "scores": "nodes"}
     return {"cfg": cfg, "nodes": nodes, "edges": edges}
 

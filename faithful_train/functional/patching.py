@@ -75,6 +75,19 @@ Batch = Mapping[str, Tensor]
 MetricFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def corrupted_sources(task: Any, data: Batch, variables: Sequence[str], seed: int, owner: str) -> Batch:
+    """The corrupted input of each row of ``data``: the sources of the task's interchange pairs
+    for ``variables`` (seeded), which must be one input for all of them."""
+    pairs = task.interchange_pairs(data, variables, torch.Generator().manual_seed(seed + 1))
+    sources = list({id(s): s for s in pairs.sources.values()}.values())
+    if len(sources) != 1:
+        raise ConfigError(
+            f"{owner}: task {task.name!r} gives different source inputs for "
+            f"{', '.join(variables)}; name one variable (corrupt: [<variable>])"
+        )
+    return sources[0]
+
+
 def position_label(position: Position) -> str:
     """``3``, ``-1``, ``answer``, ``answer-1``, ``<span>.<first|last|all>``."""
     if isinstance(position, PositionSpec):

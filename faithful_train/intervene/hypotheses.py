@@ -3,7 +3,8 @@
 A hypothesis is an explanation that can be tested again on any checkpoint or data:
 
 - a *circuit*: nodes (sites narrowed to heads, positions or spans, dims), the granularity of
-  the universe they are chosen from, the ablation and the metric;
+  the universe they are chosen from, the ablation and the metric; or edges (``a0.h1->m1``,
+  ``intervene.graph``), tested by the ``edges`` audit;
 - an *alignment*: each high-level variable mapped to a site, through a featurizer (``identity``,
   ``rotation``: a learned orthonormal basis kept in the ``.safetensors`` file, ``random``).
 
@@ -36,11 +37,13 @@ class Hypothesis:
     kind: str
     label: str
     nodes: list[Any] = field(default_factory=list)  # circuit: SiteRef dicts
+    edges: list[str] = field(default_factory=list)  # edge circuit: "sender->receiver" names
     alignment: dict[str, Any] = field(default_factory=dict)  # alignment: variable -> SiteRef dict
     featurizer: str = "identity"
     granularity: str | None = None
     ablation: str | None = None
     metric: str | None = None
+    method: str | None = None  # edge circuit: the attribution method its scores came from
     task: str | None = None
     data_hash: str | None = None
     n_examples: int | None = None  # the audit set: its size and seed, so verify draws the same one

@@ -80,3 +80,23 @@ def truncate_jsonl(path: str | Path, last_step: int) -> None:
     if path.exists():
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def atomic_write_png(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure as a PNG atomically (a temporary file renamed over ``path``,
+    with the umask's permissions), then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.chmod(tmp, umask_mode(0o666))  # mkstemp makes 0600; a run directory's files follow the umask
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)

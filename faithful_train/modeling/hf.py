@@ -482,6 +482,10 @@ class HFAdapter(nn.Module):
             out = body(resid)
         return layer.hook_resid_post(out)
 
+    def graph_parts(self) -> HFGraphParts:
+        """The decoder layers taken apart for edge-level forwards (``modeling.interface.GraphParts``)."""
+        return HFGraphParts(self)
+
     def site_points(self) -> dict[str, SitePoint]:
         spec = self._spec
         points = {
@@ -550,3 +554,83 @@ class HFAdapter(nn.Module):
             "moe.router": SitePoint(gate, read=lambda raw: unflatten(raw[0]), write=write_router),
             "moe.weights": SitePoint(gate, read=read_weights, write=write_weights),
         }
+
+
+class HFGraphParts:
+    """``GraphParts`` of a Hugging Face family: attention rewritten so that each head's query,
+    key and value come from its own input, with the family's projections (gpt2's fused
+    ``c_attn``; ``q_proj``/``k_proj``/``v_proj``, with their biases and, for olmoe, the
+    ``q_norm``/``k_norm`` over all heads), rotary embeddings, scaling and mask; the softmax in
+    float32 as the families' eager attention. Under grouped-query attention each query head
+    computes its own keys and values with its group's weights (so an edge into ``<k>`` of one
+    head leaves the other heads of its group alone)."""
+
+    def __init__(self, adapter: HFAdapter):
+        self.adapter, self.spec = adapter, adapter._spec
+        config = adapter.hf_model.config
+        self.n_layers, self.n_heads = adapter.n_layers, config.num_attention_heads
+        self.layers = adapter.decoder_layers()
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        return self.adapter.embed(input_ids, attention_mask)
+
+    def contexts(self, resid: Tensor, attention_mask: Tensor | None) -> list[dict[str, Any]]:
+        return self.adapter._layer_inputs(resid, attention_mask)
+
+    def attn_norm(self, layer: int, x: Tensor) -> Tensor:
+        return self.layers[layer].get_submodule(self.spec.norm_attn)(x)
+
+    def _projections(self, attn: nn.Module) -> list[tuple[Tensor, Tensor | None]]:
+        """Query, key and value weights ``(out, D)`` and biases, key/value per key/value head."""
+        if self.adapter.family == "gpt2":
+            D = attn.c_attn.weight.shape[0]
+            w, b = attn.c_attn.weight.T, attn.c_attn.bias  # Conv1D: x @ W + b
+            return [(w[i * D : (i + 1) * D], b[i * D : (i + 1) * D]) for i in range(3)]
+        return [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+
+    def attend(self, layer: int, q_in: Tensor, k_in: Tensor, v_in: Tensor, context: dict[str, Any]) -> Tensor:
+        attn = self.layers[layer].get_submodule(self.spec.attn)
+        H, Dh = self.n_heads, attn.head_dim
+        groups = getattr(attn, "num_key_value_groups", 1)
+        states = []
+        for x, (weight, bias), norm, per_group in zip(
+            (q_in, k_in, v_in),
+            self._projections(attn),
+            (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), None),
+            (1, groups, groups),
+        ):
+            if norm is not None:  # a norm over every head's projection: project fully, take own head
+                full = norm(F.linear(x, weight, bias)).unflatten(-1, (-1, Dh))  # (B, T, H, heads, Dh)
+                heads = torch.arange(H, device=x.device) // per_group
+                out = full[:, :, torch.arange(H, device=x.device), heads]
+            else:
+                w = weight.view(-1, Dh, weight.shape[-1]).repeat_interleave(per_group, 0)  # (H, Dh, D)
+                out = torch.einsum("bthd,hed->bthe", x, w)
+                if bias is not None:
+                    out = out + bias.view(-1, Dh).repeat_interleave(per_group, 0)
+            states.append(out.transpose(1, 2))  # (B, H, T, Dh)
+        q, k, v = states
+        if "position_embeddings" in context:
+            rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            q, k = rotary(q, k, *context["position_embeddings"])
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        mask = context.get("attention_mask")
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        pattern = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        return (pattern @ v).transpose(1, 2)  # (B, T, H, Dh)
+
+    def head_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        proj = self.layers[layer].get_submodule(self.spec.o_proj)
+        if self.adapter.family == "gpt2":  # Conv1D: (H * Dh, D)
+            return proj.weight.view(self.n_heads, -1, proj.weight.shape[1]), proj.bias
+        return proj.weight.T.reshape(self.n_heads, -1, proj.weight.shape[0]), proj.bias
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        block = self.layers[layer]
+        out = block.get_submodule(self.spec.mlp)(block.get_submodule(self.spec.norm_mlp)(x))
+        return _first(out)
+
+    def logits(self, resid: Tensor) -> Tensor:
+        hf = self.adapter.hf_model
+        return hf.get_output_embeddings()(hf.get_submodule(self.spec.final)(resid))

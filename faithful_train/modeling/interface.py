@@ -84,6 +84,45 @@ def final_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | N
     return kept["final"]
 
 
+class GraphParts(Protocol):
+    """What the edge-level forward (``intervene.edges``) needs of a model: its blocks taken apart
+    so that every attention head reads its own query, key and value input and writes its own
+    output into the residual stream (TransformerLens's ``use_split_qkv_input`` and
+    ``use_attn_result``, for our transformer and each Hugging Face family)."""
+
+    n_layers: int
+    n_heads: int
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """The ``input`` node's output: the residual stream entering block 0 ``(B, T, D)``."""
+
+    def contexts(self, resid: Tensor, attention_mask: Tensor | None) -> list[Any]:
+        """Per block, what its attention needs besides its inputs (masks, rotary embeddings)."""
+
+    def attn_norm(self, layer: int, x: Tensor) -> Tensor:
+        """The block's norm before attention, on inputs ``(..., D)``."""
+
+    def attend(self, layer: int, q_in: Tensor, k_in: Tensor, v_in: Tensor, context: Any) -> Tensor:
+        """Per-head outputs ``z (B, T, H, Dh)`` (before the output projection) from per-head
+        normed inputs ``(B, T, H, D)`` each: head ``h``'s query from ``q_in[:, :, h]``, its keys
+        and values (its group's weights, under grouped-query attention) from ``k_in``/``v_in``."""
+
+    def head_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """The output projection as ``(H, Dh, D)`` and its bias ``(D,)`` (or ``None``)."""
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        """The block's MLP (or MoE) output from its residual input (its norm included)."""
+
+    def logits(self, resid: Tensor) -> Tensor:
+        """Logits from the final residual stream (final norm and unembedding)."""
+
+
+def graph_parts(model: nn.Module) -> GraphParts | None:
+    """The model's ``GraphParts`` (ours and the Hugging Face adapter have them), or ``None``."""
+    parts = getattr(model, "graph_parts", None)
+    return parts() if callable(parts) else None
+
+
 def hidden_size(model: nn.Module) -> int | None:
     """Width of the residual stream (ours, a Hugging Face adapter's, a wrapped backbone's, or a
     ``d_model`` attribute), or ``None`` if the model does not say."""

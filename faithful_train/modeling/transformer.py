@@ -308,8 +308,56 @@ class Transformer(nn.Module):
         """The per-expert bias buffer that steers top-k selection in MoE block ``layer``."""
         return self.blocks[layer].mlp.selection_bias
 
+    def graph_parts(self) -> TransformerGraphParts:
+        """The blocks taken apart for edge-level forwards (``modeling.interface.GraphParts``)."""
+        return TransformerGraphParts(self)
+
     def site_points(self) -> dict[str, SitePoint]:
         points = {"embed": SitePoint(self.hook_embed), "final": SitePoint(self.hook_final)}
         for i, block in enumerate(self.blocks):
             points |= {f"blocks.{i}.{name}": p for name, p in block.site_points().items()}
         return points
+
+
+class TransformerGraphParts:
+    """``GraphParts`` of our transformer: each head's query, key and value from its own input,
+    through the block's ``ln1`` and its slice of the fused ``qkv`` projection."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        return self.model.embed(input_ids, attention_mask)
+
+    def contexts(self, resid: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
+        B, T = resid.shape[:2]
+        allowed = allowed_keys(attention_mask, None, B, T, resid.device)
+        return [allowed] * self.n_layers
+
+    def attn_norm(self, layer: int, x: Tensor) -> Tensor:
+        return self.model.blocks[layer].ln1(x)
+
+    def attend(self, layer: int, q_in: Tensor, k_in: Tensor, v_in: Tensor, context: Tensor) -> Tensor:
+        attn = self.model.blocks[layer].attn
+        H, Dh = attn.n_heads, attn.d_head
+        weight = attn.qkv.weight.view(3, H, Dh, -1)
+        bias = attn.qkv.bias.view(3, H, Dh)
+        q, k, v = (
+            torch.einsum("bthd,hed->bhte", x, weight[i]) + bias[i][None, :, None]
+            for i, x in enumerate((q_in, k_in, v_in))
+        )
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=context)
+        return z.transpose(1, 2)
+
+    def head_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        proj = self.model.blocks[layer].attn.proj
+        H = self.n_heads
+        return proj.weight.T.reshape(H, -1, proj.weight.shape[0]), proj.bias
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        block = self.model.blocks[layer]
+        return block.mlp(block.ln2(x))
+
+    def logits(self, resid: Tensor) -> Tensor:
+        return self.model.unembed(self.model.ln_f(resid))

@@ -15,6 +15,13 @@ Ablation as in the ``ablation`` audit (``circuits``), with the step's batch as t
 for ``mean`` (its mean, detached) and ``resample`` (another example's activation). At the start
 of training the circuit is written to ``<run dir>/hypotheses/<label>.json`` for audits and
 ``faithful-train verify`` to read.
+
+An **edge circuit** (``edges: ["input->a0.h0<q>", "a0.h0->m1", ...]``, ``intervene.graph``)
+runs through the edge-level forward (``intervene.edges``): "C alone" gives every receiver the
+ablated value on each edge outside C (``input_r = resid_r − Σ_{s→r ∉ C} (a_s − ā_s)``), "M \\ C"
+on each edge of C. The senders' ablated values come from the step's own forward (its recorded
+embeddings, per-head outputs and MLP outputs): their batch mean over real tokens (``mean``),
+zero, or another example's (``resample``).
 """
 
 from __future__ import annotations
@@ -34,14 +41,17 @@ from faithful_train.functional.circuits import (
     knockout_edits,
     parse_nodes,
 )
+from faithful_train.functional.edges import corrupt_record
 from faithful_train.functional.interchange import check_positions
 from faithful_train.functional.losses import answer_loss
+from faithful_train.intervene.edges import Record, graph_forward, model_graph, parts_of
 from faithful_train.intervene.engine import run_variants
+from faithful_train.intervene.graph import Graph
 from faithful_train.intervene.hypotheses import Hypothesis
 from faithful_train.intervene.sites import SiteRef, validate_sites
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
-from faithful_train.tasks.batch import answer_mask, answer_targets, first_answer_logits
+from faithful_train.tasks.batch import answer_mask, answer_positions, answer_targets, first_answer_logits
 
 SUFFICIENCY = ("task", "kl")
 
@@ -52,7 +62,8 @@ class CircuitObjective(Objective):
 
     def __init__(
         self,
-        circuit: list[Any],
+        circuit: list[Any] | None = None,
+        edges: list[str] | None = None,
         granularity: str = "heads",
         ablation: str = "mean",
         sufficiency: str = "task",
@@ -60,7 +71,16 @@ class CircuitObjective(Objective):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        self.nodes = parse_nodes(circuit, f"objective {self.label!r}")
+        if (circuit is None) == (edges is None):
+            raise ConfigError(
+                f"objective {self.label!r}: give either 'circuit' (nodes) or 'edges' (sender->receiver names)"
+            )
+        self.edge_specs = edges
+        self.nodes = parse_nodes(circuit, f"objective {self.label!r}") if circuit is not None else ()
+        if edges is not None and ablation == "mean_per_position":
+            raise ConfigError(f"objective {self.label!r}: an edge circuit ablates with mean, zero or resample")
+        self.edge_mask: Tensor | None = None
+        self.graph: Graph | None = None
         self.granularity = granularity
         self.ablation = check_choice("ablation", ablation, ABLATIONS)
         self.sufficiency = check_choice("circuit sufficiency loss", sufficiency, SUFFICIENCY)
@@ -70,7 +90,10 @@ class CircuitObjective(Objective):
         self.answer_tokens: tuple[int, ...] | None = None
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
-        self.universe = components(model, self.granularity)
+        if self.edge_specs is not None:
+            self.graph = model_graph(model)
+            self.edge_mask = self.graph.parse_circuit(self.edge_specs, f"objective {self.label!r}: edges")
+        self.universe = components(model, self.granularity) if self.edge_specs is None else []
         validate_sites(model, {ref.name for ref in self.nodes})
         for ref in self.nodes:
             check_positions(ref, task)
@@ -82,19 +105,51 @@ class CircuitObjective(Objective):
             )
 
     def sites(self) -> list[str]:
+        if self.graph is not None:  # the senders, for their ablated values
+            layers = range(self.graph.n_layers)
+            return ["embed"] + [f"blocks.{i}.{s}" for i in layers for s in ("attn.heads", "mlp.out")]
         names = {ref.name for ref in (*self.universe, *self.nodes)}
         return sorted(names | {"blocks.0.resid_pre"})  # the ablated run resumes from block 0's input
+
+    def _edge_logits(self, ctx: StepContext) -> Tensor:
+        """``(V * B, A, vocab)``: C alone, then (with necessity) M \\ C, by edges."""
+        batch, graph = ctx.batch, self.graph
+        layers = range(graph.n_layers)
+        senders = Record(
+            ctx.cache["embed"],
+            [ctx.cache[f"blocks.{i}.attn.heads"] for i in layers],
+            [ctx.cache[f"blocks.{i}.mlp.out"] for i in layers],
+        ).map(Tensor.detach)
+        if self.ablation == "resample":
+            values = senders.map(lambda t: t.roll(1, dims=0))
+        else:
+            values = corrupt_record(self.ablation, senders, None, batch.get("attention_mask"))
+        corrupt = values.wide(parts_of(ctx.model))
+        missing = [graph.real & ~self.edge_mask] + ([self.edge_mask] if self.necessity_weight else [])
+        logits, _ = graph_forward(
+            ctx.model,
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            answer_positions(batch),
+            missing=torch.stack(missing).float(),
+            corrupt=corrupt,
+            variants=len(missing),
+        )
+        return logits
 
     def term(self, ctx: StepContext) -> Tensor:
         batch = ctx.batch
         B = batch["input_ids"].shape[0]
-        universe, nodes = tuple(self.universe), self.nodes
-        knockouts = [Knockout(universe, nodes)] + ([Knockout(nodes)] if self.necessity_weight else [])
-        sites = {ref.name for ref in (*universe, *nodes)}
-        clean = {name: ctx.cache[name].detach() for name in sites}
-        values = AblationValues.from_reference(self.ablation, clean, batch.get("attention_mask"))
-        edits = knockout_edits(knockouts, values, batch, clean)
-        logits = run_variants(ctx.model, batch, len(knockouts), edits, cache=ctx.cache)  # (V * B, A, vocab)
+        if self.graph is not None:
+            logits = self._edge_logits(ctx)
+        else:
+            universe, nodes = tuple(self.universe), self.nodes
+            knockouts = [Knockout(universe, nodes)] + ([Knockout(nodes)] if self.necessity_weight else [])
+            sites = {ref.name for ref in (*universe, *nodes)}
+            clean = {name: ctx.cache[name].detach() for name in sites}
+            values = AblationValues.from_reference(self.ablation, clean, batch.get("attention_mask"))
+            edits = knockout_edits(knockouts, values, batch, clean)
+            logits = run_variants(ctx.model, batch, len(knockouts), edits, cache=ctx.cache)  # (V * B, A, vocab)
         circuit = logits[:B]
         if self.sufficiency == "task":
             suff = answer_loss(circuit, answer_targets(batch), answer_mask(batch))
@@ -111,4 +166,7 @@ class CircuitObjective(Objective):
         return suff + self.necessity_weight * nec
 
     def hypothesis(self) -> Hypothesis:
-        return Hypothesis.circuit(self.label, self.nodes, self.granularity, self.ablation, "logit_diff")
+        found = Hypothesis.circuit(self.label, self.nodes, self.granularity, self.ablation, "logit_diff")
+        if self.graph is not None:
+            found.edges, found.granularity = self.graph.names(self.edge_mask), None
+        return found

@@ -5,13 +5,12 @@ its errors are one line and exit 2."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 
 from faithful_train.commands.cli import main
-from tests.conftest import REPO
+from tests.integration.tiny import fit_configs
 
 TINY = [
     "trainer.max_steps=30",
@@ -34,15 +33,7 @@ def _in_repo(repo, monkeypatch):
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """The circuit config and its baseline, 30 steps each."""
-    old = os.getcwd()
-    os.chdir(REPO)
-    try:
-        root = tmp_path_factory.mktemp("circuits")
-        for name in ("circuit", "circuit-baseline"):
-            assert main(["fit", "-c", f"configs/{name}.yaml", "--run-dir", str(root / name), *TINY]) == 0
-    finally:
-        os.chdir(old)
-    return root
+    return fit_configs(tmp_path_factory.mktemp("circuits"), ["circuit", "circuit-baseline"], TINY)
 
 
 def test_the_circuit_config_trains_audits_and_writes_hypotheses(two_runs):

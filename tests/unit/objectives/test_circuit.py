@@ -149,3 +149,54 @@ def test_training_with_the_objective_makes_the_circuit_faithful():
     assert figures[0.0]["task_acc"] == 1.0 and figures[1.0]["task_acc"] == 1.0
     assert figures[1.0]["faithfulness"] > 0.95
     assert figures[0.0]["faithfulness"] < 0.8
+
+
+# --- edge circuits -----------------------------------------------------------------------------
+
+EDGES = ["input->a0.h0<q>", "input->a0.h0<k>", "input->a0.h0<v>", "a0.h0->m1", "input->m1", "m1->logits"]
+
+
+def test_an_edge_circuits_term_is_the_answer_loss_of_its_exact_patching():
+    """Sufficiency of an edge circuit: the answer loss with every other edge carrying the batch's
+    mean sender output, as ``functional.edges`` computes it (itself checked against hooked forwards)."""
+    from faithful_train.functional.edges import circuit_logits, circuit_missing, corrupt_record, record
+    from faithful_train.intervene.edges import model_graph
+
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    objective = CircuitObjective(edges=EDGES, ablation="mean", necessity_weight=0.5)
+    objective.bind(model, task)
+    batch = task.sample(16, 0)
+    term = objective.term(_ctx(model, task, batch, objective.sites()))
+    graph = model_graph(model)
+    with torch.no_grad():
+        _, senders = record(model, batch)
+        corrupt = corrupt_record("mean", senders, None, None).wide(model.graph_parts())
+        circuit = graph.parse_circuit(EDGES, "test")
+        logits = circuit_logits(model, batch, circuit_missing(graph, [circuit]), corrupt)[0]
+        alone = answer_loss(logits[:, None], answer_targets(batch), answer_mask(batch))
+    torch.testing.assert_close(objective.parts["sufficiency"], alone, atol=1e-5, rtol=1e-5)
+    assert set(objective.parts) == {"sufficiency", "necessity"}
+    term.backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert sorted(objective.hypothesis().edges) == sorted(EDGES) and objective.hypothesis().nodes == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({}, "either 'circuit'"),
+        ({"circuit": CIRCUIT, "edges": EDGES}, "either 'circuit'"),
+        ({"edges": EDGES, "ablation": "mean_per_position"}, "mean, zero or resample"),
+    ],
+)
+def test_edge_circuit_config_errors(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        CircuitObjective(**kwargs)
+
+
+def test_a_bad_edge_is_named_at_bind():
+    task = HierarchicalEquality()
+    objective = CircuitObjective(edges=["a0.h0->a1.h9<q>"])
+    with pytest.raises(ConfigError, match=r"objective 'circuit': edges.0: node 'a1.h9' is not in the model's graph"):
+        objective.bind(tiny_transformer(vocab_size=task.vocab_size), task)
