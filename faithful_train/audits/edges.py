@@ -197,7 +197,7 @@ class EdgesAudit(Audit):
             if self.exact:
                 runs.append(knockouts(graph, graph.edges))
             with torch.no_grad():
-                values = metric(circuit_logits(model, clean, torch.cat(runs), corrupt)).double()
+                values = metric(circuit_logits(model, clean, torch.cat(runs), corrupt, clean=senders)).double()
             out["sum/full"], out["sum/empty"] = Total(values[0].sum()), Total(values[1].sum())
             if self.exact:
                 out["sum/exact"] = Total((values[2:] - values[:1]).sum(1))
@@ -209,7 +209,7 @@ class EdgesAudit(Audit):
         if declared is not None:
             runs.append(circuit_missing(graph, [declared]))
         with torch.no_grad():
-            values = metric(circuit_logits(model, clean, torch.cat(runs), corrupt)).double().sum(1)
+            values = metric(circuit_logits(model, clean, torch.cat(runs), corrupt, clean=senders)).double().sum(1)
         return {"count": n, "sum/runs": Total(values)}
 
     def summarise(self, totals: dict[str, Tensor], task: Task) -> dict[str, float]:

@@ -47,6 +47,7 @@ from faithful_train.errors import UnknownNameError
 from faithful_train.functional.circuits import curve_area, faithfulness
 from faithful_train.intervene.edges import Record, graph_forward, head_outputs, parts_of
 from faithful_train.intervene.graph import Graph
+from faithful_train.modeling.interface import hidden_size
 from faithful_train.tasks.batch import answer_positions
 
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
@@ -68,7 +69,7 @@ def check(kind: str, value: str, choices: Sequence[str]) -> str:
 def _rows(model: nn.Module, batch: Batch, graph: Graph, wide: bool) -> int:
     """Bytes one variant of ``batch`` takes in an edge-level forward (an estimate)."""
     B, T = batch["input_ids"].shape
-    width = parts_of(model).embed(batch["input_ids"][:1, :1], None).shape[-1]
+    width = hidden_size(model) or 1024  # a model that does not say: assume a wide one
     per_layer = 3 * graph.n_heads * 3 + 24  # split inputs, their norms, projections; the rest
     return B * T * width * 4 * (graph.n_layers * per_layer + (graph.n_senders * 3 if wide else 4))
 
@@ -112,25 +113,41 @@ def circuit_logits(
     missing: Tensor,
     corrupt: Tensor,
     memory_budget: int | None = None,
+    clean: Record | None = None,
 ) -> Tensor:
     """``(K, B, vocab)`` first-answer logits of ``K`` circuits: ``missing (K, S, R)`` 1 on the
-    edges each leaves out, carrying ``corrupt (1 or B, 1 or T, S, D)``; chunked to the budget."""
-    graph = Graph(parts_of(model).n_layers, parts_of(model).n_heads)
+    edges each leaves out, carrying ``corrupt (1 or B, 1 or T, S, D)``; chunked to the budget.
+
+    Variants are grouped by the first block any of their missing edges enters, and each group
+    resumes there from the clean run's senders (``clean``, recorded here if not given): a
+    knockout of an edge into block ``L`` runs blocks ``L`` and up only."""
+    parts = parts_of(model)
+    graph = Graph(parts.n_layers, parts.n_heads)
     B = batch["input_ids"].shape[0]
     read = answer_positions(batch)[:, :1]
-    out = []
-    for chunk in _chunks(missing.shape[0], _rows(model, batch, graph, wide=True), memory_budget):
-        logits, _ = graph_forward(
-            model,
-            batch["input_ids"],
-            batch.get("attention_mask"),
-            read,
-            missing=missing[chunk.start : chunk.stop].to(corrupt.device),
-            corrupt=corrupt,
-            variants=len(chunk),
-        )
-        out.append(logits[:, 0].view(len(chunk), B, -1))
-    return torch.cat(out)
+    entered = missing.bool().any(1)  # (K, R)
+    layers = [graph.receiver_layer(int(r[0])) if len(r) else graph.n_layers for r in map(torch.nonzero, entered)]
+    if clean is None and any(layers):
+        with torch.no_grad():
+            clean = record(model, batch)[1]
+    out: list[Tensor | None] = [None] * missing.shape[0]
+    for layer in sorted(set(layers)):
+        group = [k for k, at in enumerate(layers) if at == layer]
+        for chunk in _chunks(len(group), _rows(model, batch, graph, wide=True), memory_budget):
+            chosen = group[chunk.start : chunk.stop]
+            logits, _ = graph_forward(
+                model,
+                batch["input_ids"],
+                batch.get("attention_mask"),
+                read,
+                missing=missing[chosen].to(corrupt.device),
+                corrupt=corrupt,
+                variants=len(chosen),
+                resume=(layer, clean) if layer > 0 else None,
+            )
+            for k, rows in zip(chosen, logits[:, 0].view(len(chosen), B, -1)):
+                out[k] = rows
+    return torch.stack(out)
 
 
 def knockouts(graph: Graph, edges: Sequence[tuple[int, int]], base: Tensor | None = None) -> Tensor:
@@ -229,7 +246,7 @@ def edge_scores(
     with torch.enable_grad():
         for chunk in _chunks(len(groups), _rows(model, batch, graph, wide=False) * 2, memory_budget):
             accumulate = _ScoreAccumulator(model, delta, len(chunk))
-            edit = _interpolation([groups[i] for i in chunk], [alphas[i] for i in chunk], clean, bad, B)
+            edit = _Interpolation([groups[i] for i in chunk], [alphas[i] for i in chunk], clean, bad, B)
             logits, _ = graph_forward(
                 model, ids, mask, read, edit_sender=edit.apply, on_receivers=accumulate, variants=len(chunk)
             )
@@ -239,7 +256,7 @@ def edge_scores(
     return total / len(groups)
 
 
-class _interpolation:
+class _Interpolation:
     """Sender edits of attribution variants: variant ``v`` sets slot ``groups[v]`` to
     ``α a(clean) + (1 − α) a(corrupt)`` (``α = alphas[v]``); the input is always a leaf the
     backward is asked for, so every receiver's gradient is computed and nothing else."""

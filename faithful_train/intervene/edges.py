@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from faithful_train.errors import ConfigError
 from faithful_train.intervene.graph import Graph
-from faithful_train.modeling.interface import GraphParts, graph_parts
+from faithful_train.modeling.interface import GraphParts, block_list, graph_parts
+from faithful_train.modeling.sharding import is_shard_unit
 from faithful_train.tasks.batch import gather_positions
 
 # edit a sender's output in the run: slot ("input", "a{L}" for the per-head outputs z, "m{L}"), value
@@ -38,6 +39,12 @@ ReceiverHook = Callable[[int, str, Tensor], None]
 
 def parts_of(model: nn.Module) -> GraphParts:
     """The model's ``GraphParts`` or a one-line error naming what has them."""
+    blocks = block_list(model)
+    if blocks is not None and any(is_shard_unit(block) for block in blocks):
+        raise ConfigError(
+            "edge-level circuits call a block's attention and MLP apart, which a sharded (FSDP) block does "
+            "not allow; train edge circuits with DDP or one device (audits gather the weights first)"
+        )
     parts = graph_parts(model)
     if parts is None:
         raise ConfigError(
@@ -99,6 +106,7 @@ def graph_forward(
     edit_sender: SenderEdit | None = None,
     on_receivers: ReceiverHook | None = None,
     variants: int = 1,
+    resume: tuple[int, Record] | None = None,
 ) -> tuple[Tensor, Record | None]:
     """Logits ``(K * B, P, vocab)`` at ``read (B, P)`` of ``K = variants`` runs of ``input_ids (B, T)``.
 
@@ -106,7 +114,9 @@ def graph_forward(
     ``corrupt (1 or B, 1 or T, S, D)``, the senders' corrupted outputs in the residual stream;
     fractions interpolate). Without ``missing`` every edge is in (the model itself, computed
     head by head). ``record``: also return the senders of every row. ``edit_sender`` rewrites a
-    sender's output as it is computed; ``on_receivers`` sees each receiver group's input."""
+    sender's output as it is computed; ``on_receivers`` sees each receiver group's input.
+    ``resume (layer, clean)``: no edit reaches blocks below ``layer``; start there from the clean
+    run's senders ``clean`` (a ``Record`` of the same batch) instead of running them again."""
     parts = parts_of(model)
     graph = Graph(parts.n_layers, parts.n_heads)
     H, K = parts.n_heads, variants
@@ -120,6 +130,22 @@ def graph_forward(
     contexts = parts.contexts(resid, mask)
     kept = Record(resid, [], [])
     senders: list[Tensor] = [resid[:, :, None]] if missing is not None else []
+    first = 0
+    if resume is not None and resume[0] > 0:
+        first, clean = resume
+        if record or edit_sender is not None:
+            raise ValueError("a resumed edge-level forward neither records nor edits senders")
+        resid = clean.input
+        for layer in range(first):
+            heads = head_outputs(parts, layer, clean.z[layer])
+            bias = parts.head_weights(layer)[1]
+            resid = resid + (heads.sum(2) if bias is None else heads.sum(2) + bias)
+            resid = resid + clean.mlp[layer]
+            if missing is not None:
+                senders += [heads.repeat(K, 1, 1, 1), clean.mlp[layer][:, :, None].repeat(K, 1, 1, 1)]
+        resid = resid.repeat(K, 1, 1)
+        if missing is not None:
+            senders[0] = clean.input[:, :, None].repeat(K, 1, 1, 1)
 
     def patched(x: Tensor, receivers: slice) -> Tensor:
         """``x (KB, T, D)`` as the receivers ``receivers`` read it: ``(KB, T, R, D)``."""
@@ -133,7 +159,7 @@ def graph_forward(
         update = torch.einsum("kbtnd,knr->kbtrd", delta, gone).reshape(K * B, T, count, -1)
         return x[:, :, None] + update
 
-    for layer in range(parts.n_layers):
+    for layer in range(first, parts.n_layers):
         start = graph.receiver_index(f"a{layer}.h0", "q")
         inputs = patched(resid, slice(start, start + 3 * H))
         if on_receivers is not None:

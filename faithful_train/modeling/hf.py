@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from faithful_train.errors import ConfigError, UnknownNameError, first_line
+from faithful_train.modeling.affine import affine_weights
 from faithful_train.modeling.checkpointing import checkpoint_block, should_checkpoint
 from faithful_train.modeling.hooks import HookPoint, SitePoint
 from faithful_train.modeling.sharding import is_shard_unit
@@ -583,10 +584,10 @@ class HFGraphParts:
     def _projections(self, attn: nn.Module) -> list[tuple[Tensor, Tensor | None]]:
         """Query, key and value weights ``(out, D)`` and biases, key/value per key/value head."""
         if self.adapter.family == "gpt2":
-            D = attn.c_attn.weight.shape[0]
-            w, b = attn.c_attn.weight.T, attn.c_attn.bias  # Conv1D: x @ W + b
+            w, b = affine_weights(attn.c_attn)  # (3D, D): q, k, v stacked
+            D = w.shape[1]
             return [(w[i * D : (i + 1) * D], b[i * D : (i + 1) * D]) for i in range(3)]
-        return [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        return [affine_weights(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
 
     def attend(self, layer: int, q_in: Tensor, k_in: Tensor, v_in: Tensor, context: dict[str, Any]) -> Tensor:
         attn = self.layers[layer].get_submodule(self.spec.attn)
@@ -621,10 +622,8 @@ class HFGraphParts:
         return (pattern @ v).transpose(1, 2)  # (B, T, H, Dh)
 
     def head_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
-        proj = self.layers[layer].get_submodule(self.spec.o_proj)
-        if self.adapter.family == "gpt2":  # Conv1D: (H * Dh, D)
-            return proj.weight.view(self.n_heads, -1, proj.weight.shape[1]), proj.bias
-        return proj.weight.T.reshape(self.n_heads, -1, proj.weight.shape[0]), proj.bias
+        weight, bias = affine_weights(self.layers[layer].get_submodule(self.spec.o_proj))  # (D, H * Dh)
+        return weight.T.reshape(self.n_heads, -1, weight.shape[0]), bias
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         block = self.layers[layer]

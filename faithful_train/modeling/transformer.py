@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from faithful_train.modeling.affine import affine_weights
 from faithful_train.modeling.checkpointing import checkpoint_block, should_checkpoint
 from faithful_train.modeling.hooks import HookPoint, SitePoint
 from faithful_train.tasks.batch import gather_positions, position_ids
@@ -341,8 +342,8 @@ class TransformerGraphParts:
     def attend(self, layer: int, q_in: Tensor, k_in: Tensor, v_in: Tensor, context: Tensor) -> Tensor:
         attn = self.model.blocks[layer].attn
         H, Dh = attn.n_heads, attn.d_head
-        weight = attn.qkv.weight.view(3, H, Dh, -1)
-        bias = attn.qkv.bias.view(3, H, Dh)
+        weight, bias = affine_weights(attn.qkv)
+        weight, bias = weight.reshape(3, H, Dh, -1), bias.reshape(3, H, Dh)
         q, k, v = (
             torch.einsum("bthd,hed->bhte", x, weight[i]) + bias[i][None, :, None]
             for i, x in enumerate((q_in, k_in, v_in))
@@ -351,9 +352,8 @@ class TransformerGraphParts:
         return z.transpose(1, 2)
 
     def head_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
-        proj = self.model.blocks[layer].attn.proj
-        H = self.n_heads
-        return proj.weight.T.reshape(H, -1, proj.weight.shape[0]), proj.bias
+        weight, bias = affine_weights(self.model.blocks[layer].attn.proj)
+        return weight.T.reshape(self.n_heads, -1, weight.shape[0]), bias
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         block = self.model.blocks[layer]

@@ -5,7 +5,9 @@ Each step adds, on the step's batch, through the engine (resumed from the step's
 
 - sufficiency: with the circuit's complement ablated (every other head and MLP of the universe),
   the task's answer loss (``sufficiency: task``), or ``KL(M || C)`` to the full model's answer
-  distribution (``sufficiency: kl``, the full model detached);
+  distribution (``sufficiency: kl``, the full model detached), or their sum (``task+kl``: the
+  circuit must answer, and as the full model does; ``kl`` alone is also met by a model that
+  answers nothing, so it slows learning);
 - necessity (``necessity_weight > 0``): with the circuit ablated, the answer distribution over
   the task's answers goes to chance: ``KL(uniform || p(answer | M \\ C))``.
 
@@ -53,7 +55,7 @@ from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
 from faithful_train.tasks.batch import answer_mask, answer_positions, answer_targets, first_answer_logits
 
-SUFFICIENCY = ("task", "kl")
+SUFFICIENCY = ("task", "kl", "task+kl")
 
 
 class CircuitObjective(Objective):
@@ -151,12 +153,16 @@ class CircuitObjective(Objective):
             edits = knockout_edits(knockouts, values, batch, clean)
             logits = run_variants(ctx.model, batch, len(knockouts), edits, cache=ctx.cache)  # (V * B, A, vocab)
         circuit = logits[:B]
-        if self.sufficiency == "task":
-            suff = answer_loss(circuit, answer_targets(batch), answer_mask(batch))
-        else:
+        terms = {}
+        if "task" in self.sufficiency:
+            terms["task"] = answer_loss(circuit, answer_targets(batch), answer_mask(batch))
+        if "kl" in self.sufficiency:
             full = first_answer_logits(ctx.answers().detach()).float().log_softmax(-1)
-            suff = (full.exp() * (full - circuit[:, 0].float().log_softmax(-1))).sum(-1).mean()
+            terms["kl"] = (full.exp() * (full - circuit[:, 0].float().log_softmax(-1))).sum(-1).mean()
+        suff = sum(terms.values())
         self.parts = {"sufficiency": suff.detach()}
+        if len(terms) > 1:
+            self.parts |= {f"sufficiency/{k}": v.detach() for k, v in terms.items()}
         if not self.necessity_weight:
             return suff
         tokens = torch.as_tensor(self.answer_tokens, device=logits.device)

@@ -73,3 +73,13 @@ def test_bad_edges_are_one_line_and_exit_2(tmp_path, capsys, override, words):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_audit_follows_the_objectives_edge_circuit_live(tmp_path):
+    """``hypothesis: hypotheses/circuit.json`` names the objective's own file: the audit tests the
+    circuit the objective trains (read from it at each run), with no file needed beforehand."""
+    run = tmp_path / "run"
+    overrides = [*TINY, "audits.0.circuit=null", "audits.0.hypothesis=hypotheses/circuit.json"]
+    assert main(["fit", "-c", "configs/circuit-edges.yaml", "--run-dir", str(run), *overrides]) == 0
+    summary = json.loads((run / "summary.json").read_text())["metrics"]
+    assert summary["audit/edges/circuit/n_edges"] == 20

@@ -157,3 +157,20 @@ def test_an_exported_adapter_loads_in_peft_as_the_same_model(kind: str, tmp_path
     merged = hugging_face_form(merge_adapters(model))  # --merge: the adapters folded into the weights
     assert not has_adapters(model)
     torch.testing.assert_close(merged(input_ids=ids()).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_the_edge_level_forward_sees_the_adapters(kind: str):
+    """Edge circuits on a LoRA model: with trained adapters on the attention projections, the
+    edge-level forward equals the model's logits, and an edge circuit's loss reaches the adapters."""
+    from faithful_train.intervene.edges import graph_forward
+
+    model = MODELS[kind]().eval()
+    targets = {"ours": ["qkv", "proj"], "gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "k_proj", "o_proj"]}[kind]
+    add_lora(model, r=4, target_modules=targets)
+    _moved(model)
+    read = torch.full((3, 1), 5)
+    logits, _ = graph_forward(model, ids(), None, read)
+    torch.testing.assert_close(logits, model(ids(), positions=read), atol=1e-5, rtol=0)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)

@@ -200,3 +200,16 @@ def test_a_bad_edge_is_named_at_bind():
     objective = CircuitObjective(edges=["a0.h0->a1.h9<q>"])
     with pytest.raises(ConfigError, match=r"objective 'circuit': edges.0: node 'a1.h9' is not in the model's graph"):
         objective.bind(tiny_transformer(vocab_size=task.vocab_size), task)
+
+
+def test_task_plus_kl_sufficiency_is_the_sum_of_both():
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size)
+    batch = task.sample(16, 0)
+    values = {}
+    for kind in ("task", "kl", "task+kl"):
+        objective = CircuitObjective(edges=EDGES, ablation="mean", sufficiency=kind)
+        objective.bind(model, task)
+        values[kind] = objective.term(_ctx(model, task, batch, objective.sites()))
+    torch.testing.assert_close(values["task+kl"], values["task"] + values["kl"])
+    assert set(objective.parts) == {"sufficiency", "sufficiency/task", "sufficiency/kl"}
