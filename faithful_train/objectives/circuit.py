@@ -5,9 +5,11 @@ Each step adds, on the step's batch, through the engine (resumed from the step's
 
 - sufficiency: with the circuit's complement ablated (every other head and MLP of the universe),
   the task's answer loss (``sufficiency: task``), or ``KL(M || C)`` to the full model's answer
-  distribution (``sufficiency: kl``, the full model detached), or their sum (``task+kl``: the
-  circuit must answer, and as the full model does; ``kl`` alone is also met by a model that
-  answers nothing, so it slows learning);
+  distribution (``sufficiency: kl``, the full model detached), or the squared gap of their
+  centred answer logits (``logits``, ``centred_logit_gap``: what the logit-difference
+  faithfulness compares, which the KL stops seeing once both are confident), or the answer loss
+  plus either (``task+kl``, ``task+logits``: the circuit must answer, and as the full model does;
+  ``kl`` or ``logits`` alone are also met by a model that answers nothing, so they slow learning);
 - necessity (``necessity_weight > 0``): with the circuit ablated, the answer distribution over
   the task's answers goes to chance: ``KL(uniform || p(answer | M \\ C))``.
 
@@ -55,7 +57,21 @@ from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
 from faithful_train.tasks.batch import answer_mask, answer_positions, answer_targets, first_answer_logits
 
-SUFFICIENCY = ("task", "kl", "task+kl")
+SUFFICIENCY = ("task", "kl", "task+kl", "logits", "task+logits")
+
+
+def centred_logit_gap(circuit: Tensor, full: Tensor, answers: tuple[int, ...] | None) -> Tensor:
+    """Mean squared difference of the circuit's and the full model's first-answer logits over the
+    task's answers (every token when it has no fixed set), each centred on its mean over them:
+    ``mean_b mean_a ((z_C - mean z_C) - (z_M - mean z_M))²``. For two answers it is the
+    squared gap of their logit differences over 4, the quantity MIB's faithfulness compares; unlike the
+    KL it does not vanish once both are confident."""
+    if answers:
+        index = torch.as_tensor(answers, device=circuit.device)
+        circuit, full = circuit[:, index], full[:, index]
+    circuit, full = circuit.float(), full.float()
+    gap = (circuit - circuit.mean(-1, keepdim=True)) - (full - full.mean(-1, keepdim=True))
+    return gap.pow(2).mean()
 
 
 class CircuitObjective(Objective):
@@ -159,6 +175,10 @@ class CircuitObjective(Objective):
         if "kl" in self.sufficiency:
             full = first_answer_logits(ctx.answers().detach()).float().log_softmax(-1)
             terms["kl"] = (full.exp() * (full - circuit[:, 0].float().log_softmax(-1))).sum(-1).mean()
+        if "logits" in self.sufficiency:
+            terms["logits"] = centred_logit_gap(
+                circuit[:, 0], first_answer_logits(ctx.answers().detach()), self.answer_tokens
+            )
         suff = sum(terms.values())
         self.parts = {"sufficiency": suff.detach()}
         if len(terms) > 1:

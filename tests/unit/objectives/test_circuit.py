@@ -213,3 +213,14 @@ def test_task_plus_kl_sufficiency_is_the_sum_of_both():
         values[kind] = objective.term(_ctx(model, task, batch, objective.sites()))
     torch.testing.assert_close(values["task+kl"], values["task"] + values["kl"])
     assert set(objective.parts) == {"sufficiency", "sufficiency/task", "sufficiency/kl"}
+
+
+def test_the_logits_sufficiency_is_a_quarter_of_the_squared_gap_of_logit_differences():
+    from faithful_train.objectives.circuit import centred_logit_gap
+
+    circuit = torch.tensor([[1.0, 4.0, 9.0], [0.0, 0.0, 5.0]])
+    full = torch.tensor([[0.0, 5.0, -3.0], [2.0, 1.0, 7.0]])
+    # answers 0 and 1: logit differences (1-4, 0-0) against (0-5, 2-1)
+    expected = ((-3 - -5) ** 2 + (0 - 1) ** 2) / 4 / 2  # a quarter of each squared gap, mean over rows
+    assert torch.isclose(centred_logit_gap(circuit, full, (0, 1)), torch.tensor(expected))
+    assert centred_logit_gap(full + 3.0, full, None) < 1e-10  # a shift of every logit changes nothing
