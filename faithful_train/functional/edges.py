@@ -54,6 +54,9 @@ METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
 ABLATIONS = ("patch", "mean", "zero")
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 MEMORY_BUDGET = 1 << 30
+# exact runs: chunks small enough to stay in cache (each variant's update touches every sender
+# difference; on a 2-core CPU 32 MiB chunks ran 2.6x faster than 1 GiB ones)
+EXACT_BUDGET = 1 << 25
 
 Batch = Mapping[str, Tensor]
 # (V, B, vocab) first-answer logits of V runs -> (V, B) metric per example (higher: more like clean)
@@ -133,7 +136,8 @@ def circuit_logits(
     out: list[Tensor | None] = [None] * missing.shape[0]
     for layer in sorted(set(layers)):
         group = [k for k, at in enumerate(layers) if at == layer]
-        for chunk in _chunks(len(group), _rows(model, batch, graph, wide=True), memory_budget):
+        budget = EXACT_BUDGET if memory_budget is None else memory_budget
+        for chunk in _chunks(len(group), _rows(model, batch, graph, wide=True), budget):
             chosen = group[chunk.start : chunk.stop]
             logits, _ = graph_forward(
                 model,
