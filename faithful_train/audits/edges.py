@@ -182,7 +182,8 @@ class EdgesAudit(Audit):
             bad = None
             if corrupted is not None:
                 bad = record(model, corrupted)[1]
-            corrupt = corrupt_record(self.ablation, senders, bad, clean.get("attention_mask")).wide(parts_of(model))
+            replaced = corrupt_record(self.ablation, senders, bad, clean.get("attention_mask"))
+            corrupt = replaced.wide(parts_of(model))
         full = full_logits[:, 0]
 
         def metric(logits: Tensor) -> Tensor:
@@ -191,7 +192,9 @@ class EdgesAudit(Audit):
         n = Total(torch.tensor(float(labels.shape[0]), dtype=torch.float64))
         if self._phase == "scores":
             out: dict[str, Any] = {"count": n}
-            scores = edge_scores(model, clean, metric, self.method, self.steps, self.ablation, corrupted=corrupted)
+            scores = edge_scores(
+                model, clean, metric, self.method, self.steps, self.ablation, senders=(senders, replaced)
+            )
             out["sum/scores"] = Total(scores)
             runs = [torch.zeros(1, graph.n_senders, graph.n_receivers), graph.real.float()[None]]
             if self.exact:

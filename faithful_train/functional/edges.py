@@ -217,10 +217,13 @@ def edge_scores(
     ablation: str = "patch",
     corrupted: Batch | None = None,
     memory_budget: int | None = None,
+    senders: tuple[Record, Record] | None = None,
 ) -> Tensor:
     """``(S, R)`` edge scores summed over ``batch``'s examples (divide by their count for the mean),
     estimating ``m(M \\ {edge}) − m(M)``; non-edges are 0. ``corrupted``: the corrupted inputs
-    (``patch``); ``metric`` maps first-answer logits ``(V, B, vocab)`` to ``(V, B)``."""
+    (``patch``); ``metric`` maps first-answer logits ``(V, B, vocab)`` to ``(V, B)``.
+    ``senders``: the clean run's senders and their replacement values (``corrupt_record``), when
+    the caller has them already; recorded here otherwise."""
     check("edge attribution method", method, METHODS)
     check("edge ablation", ablation, ABLATIONS)
     if method == "eap-ig-inputs" and ablation != "patch":
@@ -228,15 +231,20 @@ def edge_scores(
     graph = Graph(parts_of(model).n_layers, parts_of(model).n_heads)
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     read = answer_positions(batch)[:, :1]
-    with torch.no_grad():
-        _, clean = record(model, batch)
-        bad = None
-        if ablation == "patch":
-            if corrupted is None:
-                raise ValueError("patch ablation needs corrupted inputs")
-            _, bad = graph_forward(model, corrupted["input_ids"], corrupted.get("attention_mask"), read, record=True)
-        bad = corrupt_record(ablation, clean, bad, mask)
-        delta = bad.minus(clean)
+    if senders is not None:
+        clean, bad = senders
+    else:
+        with torch.no_grad():
+            _, clean = record(model, batch)
+            bad = None
+            if ablation == "patch":
+                if corrupted is None:
+                    raise ValueError("patch ablation needs corrupted inputs")
+                bad = graph_forward(model, corrupted["input_ids"], corrupted.get("attention_mask"), read, record=True)[
+                    1
+                ]
+            bad = corrupt_record(ablation, clean, bad, mask)
+    delta = bad.minus(clean)
     if method == "eap":
         groups, alphas = [None], [None]
     elif method == "eap-ig-inputs":

@@ -224,3 +224,37 @@ def test_the_logits_sufficiency_is_a_quarter_of_the_squared_gap_of_logit_differe
     expected = ((-3 - -5) ** 2 + (0 - 1) ** 2) / 4 / 2  # a quarter of each squared gap, mean over rows
     assert torch.isclose(centred_logit_gap(circuit, full, (0, 1)), torch.tensor(expected))
     assert centred_logit_gap(full + 3.0, full, None) < 1e-10  # a shift of every logit changes nothing
+
+
+@pytest.mark.slow
+def test_training_with_an_edge_circuit_makes_it_faithful():
+    """The edge form of the test above: 200 steps with and without the objective on the
+    first-token task; only the model trained with it answers through the six declared edges
+    (head 0 of block 0 reading the embeddings, MLP 1 reading it and the embeddings, the logits
+    reading MLP 1), every other edge carrying its mean. Measured: faithfulness 0.96 against 0.29,
+    both answering every example."""
+    from faithful_train.audits.edges import EdgesAudit
+
+    task = FirstToken()
+    figures = {}
+    for weight in (0.0, 1.0):
+        model = tiny_transformer(vocab_size=task.vocab_size)
+        objective = CircuitObjective(edges=EDGES, ablation="mean", sufficiency="task+logits")
+        objective.bind(model, task)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(200):
+            batch = task.sample(64, step + 1)
+            ctx = _ctx(model, task, batch, objective.sites())
+            loss = answer_loss(ctx.logits[:, -1:], answer_targets(batch), answer_mask(batch))
+            if weight:
+                loss = loss + weight * objective.term(ctx)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        audit = EdgesAudit(circuit=EDGES, ablation="mean", method="eap", exact=False, verify_top=0, n_examples=256)
+        audit.bind(model, task)
+        figures[weight] = audit.evaluate(model, task)
+        figures[weight]["acc"] = float((model(batch["input_ids"])[:, -1].argmax(-1) == batch["labels"]).float().mean())
+    assert figures[0.0]["acc"] == 1.0 and figures[1.0]["acc"] == 1.0
+    assert figures[1.0]["circuit/faithfulness"] > 0.95
+    assert figures[0.0]["circuit/faithfulness"] < 0.8
