@@ -69,6 +69,7 @@ benchmarks: install .bench/pyvene .bench/transformer_lens .bench/sparsify
 	$(PY) benchmarks/retrieval.py
 	SPARSIFY_LIB=.bench $(PY) benchmarks/sae.py
 	$(PY) benchmarks/edges.py --memory
+	$(PY) benchmarks/graphs.py
 
 # steps of every objective on a GPT-2-small shape and a 1B llama (about an hour on 2 CPU cores)
 benchmark-scale: install

@@ -86,6 +86,7 @@ AUDITS = Builtins(
         "faithful_train.audits.retrieval:RetrievalAudit",
         "faithful_train.audits.tools:ToolsAudit",
         "faithful_train.audits.sae:SaeAudit",
+        "faithful_train.audits.graphs:GraphsAudit",
     ),
 )
 

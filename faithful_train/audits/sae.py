@@ -19,6 +19,14 @@ Figures (over the real tokens of the audit set):
 The spliced and the zero-ablated forwards run as two variants of one engine call. A
 transcoder (an objective with ``target``) reports ``fvu`` against its target and no splice.
 
+Transcoders on several layers (an objective with ``layers``) report ``fvu/layer<i>``,
+``l0/layer<i>``, ``dead/layer<i>`` and ``ce_recovered/layer<i>`` (that layer's MLP output
+replaced by its transcoder's reconstruction, against zero-ablating that MLP), and ``fvu``,
+``l0``, ``dead`` as means over the layers; ``ce_recovered`` and ``kl_recovered`` replace
+*every* MLP at once (each transcoder reading the MLP input of that same forward: the
+replacement model without error terms), against zero-ablating every MLP. All of them are
+variants of one engine call.
+
 Alignment with the task's variables and concepts (``variables: {name: positions}``, where the
 latents are read; ``faithful_train.functional.latents``), measured on a seeded selection set of its own:
 
@@ -78,6 +86,8 @@ from faithful_train.functional.latents import (
 from faithful_train.intervene.engine import plan_resume, run_variants
 from faithful_train.intervene.sae import SparseAutoencoder, attach_sae, load_saelens, site_rows, site_width, token_rows
 from faithful_train.intervene.sites import SiteRef, run_with, validate_sites
+from faithful_train.intervene.transcoders import Transcoders, spliced
+from faithful_train.modeling.interface import n_layers
 from faithful_train.tasks.base import Batch, Task
 from faithful_train.tasks.batch import answer_positions, first_answer_logits, gather_positions, tile
 
@@ -127,6 +137,8 @@ class SaeAudit(Audit):
         self.max_latents, self.ladder, self.iia_bar = int(max_latents), bool(ladder), float(iia_bar)
         self.target: str | None = None
         self.sae_module: SparseAutoencoder | None = None
+        self.transcoders: Transcoders | None = None
+        self._depth = 0
         self._run_dir: Path | None = None
         self._task_variables: tuple[str, ...] = ()
         self._chosen: dict[str, Tensor] = {}  # each variable's latents, most aligned first
@@ -134,6 +146,8 @@ class SaeAudit(Audit):
 
     def metric_names(self, task: Task) -> list[str]:
         names = ["fvu", "l0", "dead", "ce_recovered", "kl_recovered", "ce_clean", "ce_sae", "ce_zero"]
+        for i in range(self._depth):  # transcoders on several layers (known once attached)
+            names += [f"{k}/layer{i}" for k in ("fvu", "l0", "dead", "ce_recovered")]
         for v in self.variables:
             names.append(f"auroc/{v}")
             if v in task.variables:
@@ -141,6 +155,7 @@ class SaeAudit(Audit):
         return names
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        self._depth = n_layers(model) or 0
         if self.site is not None:
             validate_sites(model, [self.site])
             self._width = site_width(model, task, self.site)
@@ -156,8 +171,17 @@ class SaeAudit(Audit):
                 if self.objective_label in pl_module.objective_modules
                 else None
             )
+            if isinstance(module, Transcoders):
+                if self.variables:
+                    raise ConfigError(
+                        f"audit {self.label!r}: latent alignment needs an SAE of one site, not transcoders"
+                    )
+                self.transcoders = module
+                return
             if not isinstance(module, SparseAutoencoder):
-                names = sorted(k for k, m in pl_module.objective_modules.items() if isinstance(m, SparseAutoencoder))
+                names = sorted(
+                    k for k, m in pl_module.objective_modules.items() if isinstance(m, (SparseAutoencoder, Transcoders))
+                )
                 raise ConfigError(
                     f"audit {self.label!r}: no sae objective labelled {self.objective_label!r}; sae objectives: "
                     f"{names or 'none'}"
@@ -193,6 +217,8 @@ class SaeAudit(Audit):
         if self.variables:
             self._align(model, task)
         results = super().evaluate(model, task, rank, world_size) | self._alignment
+        if self.transcoders is not None:
+            results = self.evaluate_layers_l0(results)
         for v in self.iia_variables if self.ladder else ():
             reached = [n for n in self._ladder() if results[f"latent_iia/{v}/top{n}"] >= self.iia_bar]
             results[f"latents_needed/{v}"] = float(min(reached)) if reached else math.inf
@@ -300,6 +326,13 @@ class SaeAudit(Audit):
         self._run_dir = files.run_dir
 
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
+        if self.transcoders is not None:
+            was_training = self.transcoders.training
+            self.transcoders.eval()
+            try:
+                return self._measure_layers(model, batch, self.transcoders)
+            finally:
+                self.transcoders.train(was_training)
         sae = self.sae_module
         was_training = sae.training
         sae.eval()
@@ -374,6 +407,87 @@ class SaeAudit(Audit):
             values |= self._latent_iia(model, task, batch, paired, sources, cache)
         return values | {k: Total(v.detach().double()) for k, v in totals.items()}
 
+    def _measure_layers(self, model: nn.Module, batch: Batch, transcoders: Transcoders) -> dict[str, Any]:
+        """Per layer: the fit's sums and CE with that MLP replaced / zeroed; then every MLP
+        replaced / zeroed at once. Variants: ``2 L + 2`` of one engine call."""
+        pairs = [(i, sae, sae.site, sae.target) for i, sae in transcoders.items_by_layer()]
+        sites = [name for _, _, site, target in pairs for name in (site, target)]
+        logits, cache = run_with(model, batch["input_ids"], record=sites, attention_mask=batch.get("attention_mask"))
+        rows = token_rows(batch, None)
+        totals: dict[str, Tensor] = {}
+        values: dict[str, Any] = {}
+        for i, sae, site, target in pairs:
+            x, y = site_rows(cache[site], rows).float(), site_rows(cache[target], rows).float()
+            out = sae(x, y)
+            totals |= {
+                f"sse/layer{i}": (y - out.reconstruction).pow(2).sum(),
+                f"sum/layer{i}": y.sum(0),
+                f"sum_sq/layer{i}": y.pow(2).sum(0),
+                f"fired/layer{i}": (out.latents > 0).sum(0).float(),
+            }
+            totals["rows"] = torch.tensor(float(y.shape[0]))
+            values[f"l0/layer{i}"] = ((out.latents > 0).float().sum(-1).mean()[None], torch.tensor([float(y.shape[0])]))
+        layers = [i for i, *_ in pairs]
+        replaced = [[i] for i in layers] + [layers]
+        edits = spliced(transcoders, replaced + [[] for _ in replaced])
+        n = len(replaced)
+
+        def zero(t: Tensor, variants: range, layer: int) -> Tensor:
+            rows_ = t.view(len(variants), -1, *t.shape[1:])
+            keep = torch.tensor([not (v >= n and layer in replaced[v - n]) for v in variants], device=t.device)
+            return (rows_ * keep.view(-1, *([1] * (rows_.dim() - 1))).to(t.dtype)).view_as(t)
+
+        for layer in layers:
+            edits[f"blocks.{layer}.mlp.out"].append(lambda t, variants, layer=layer: zero(t, variants, layer))
+        varied = first_answer_logits(run_variants(model, batch, 2 * n, edits)).float()
+        clean = first_answer_logits(gather_positions(logits, answer_positions(batch))).float()
+        B, labels = batch["input_ids"].shape[0], batch["labels"]
+        logp = clean.log_softmax(-1)
+
+        def ce(lp: Tensor) -> Tensor:
+            return -lp.gather(1, labels[:, None]).sum()
+
+        def kl(lp: Tensor) -> Tensor:
+            return (logp.exp() * (logp - lp)).sum()
+
+        totals |= {"ce_clean": ce(logp), "examples": torch.tensor(float(B))}
+        for v, chosen in enumerate(replaced):
+            key = f"layer{chosen[0]}" if len(replaced) > 1 and v < n - 1 else "all"
+            spliced_lp = varied[v * B : (v + 1) * B].log_softmax(-1)
+            zeroed_lp = varied[(n + v) * B : (n + v + 1) * B].log_softmax(-1)
+            totals |= {f"ce_sae/{key}": ce(spliced_lp), f"ce_zero/{key}": ce(zeroed_lp)}
+            if key == "all":
+                totals |= {"kl_sae": kl(spliced_lp), "kl_zero": kl(zeroed_lp)}
+        return values | {k: Total(v.detach().double()) for k, v in totals.items()}
+
+    def _summarise_layers(self, totals: dict[str, Tensor]) -> dict[str, float]:
+        rows, n = float(totals["rows"]), float(totals["examples"])
+        clean = float(totals["ce_clean"]) / n
+        out: dict[str, float] = {"ce_clean": clean}
+
+        def recovered(zero: float, spliced_: float) -> float:
+            return (zero - spliced_) / (zero - clean) if abs(zero - clean) > 1e-12 else float("nan")
+
+        for layer in self.transcoders.layers:
+            variance = (totals[f"sum_sq/layer{layer}"] - totals[f"sum/layer{layer}"].pow(2) / rows).sum()
+            out[f"fvu/layer{layer}"] = float(totals[f"sse/layer{layer}"] / variance.clamp_min(1e-12))
+            out[f"dead/layer{layer}"] = float((totals[f"fired/layer{layer}"] == 0).double().mean())
+            key = f"layer{layer}" if f"ce_sae/layer{layer}" in totals else "all"
+            zero, spliced_ = (float(totals[f"{k}/{key}"]) / n for k in ("ce_zero", "ce_sae"))
+            out[f"ce_recovered/layer{layer}"] = recovered(zero, spliced_)
+        zero, spliced_ = (float(totals[f"{k}/all"]) / n for k in ("ce_zero", "ce_sae"))
+        out |= {"ce_sae": spliced_, "ce_zero": zero, "ce_recovered": recovered(zero, spliced_)}
+        kl_zero = float(totals["kl_zero"])
+        out["kl_recovered"] = 1 - float(totals["kl_sae"]) / kl_zero if kl_zero > 1e-12 else float("nan")
+        for key in ("fvu", "dead"):
+            per = [out[f"{key}/layer{i}"] for i in self.transcoders.layers]
+            out[key] = sum(per) / len(per)
+        return out
+
+    def evaluate_layers_l0(self, results: dict[str, float]) -> dict[str, float]:
+        per = [results[f"l0/layer{i}"] for i in self.transcoders.layers if f"l0/layer{i}" in results]
+        return results | ({"l0": sum(per) / len(per)} if per else {})
+
     def _latent_iia(
         self, model: nn.Module, task: Task, base: Batch, paired: Any, sources: dict, cache: dict[str, Tensor]
     ) -> dict[str, Tensor]:
@@ -424,6 +538,8 @@ class SaeAudit(Audit):
         ]
 
     def summarise(self, totals: dict[str, Tensor], task: Task) -> dict[str, float]:
+        if self.transcoders is not None:
+            return self._summarise_layers(totals)
         rows = float(totals["rows"])
         variance = (totals["sum_sq"] - totals["sum"].pow(2) / rows).sum()
         out = {

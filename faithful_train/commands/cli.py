@@ -117,6 +117,20 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides for every trial, e.g. trainer.max_steps=200"
     )
+    graph = sub.add_parser(
+        "graph", help="build one attribution graph from a run's transcoders: writes its JSON (Neuronpedia) and PNG"
+    )
+    graph.add_argument("run_dir", help="the run directory")
+    graph.add_argument("--prompt", required=True, help="the prompt (text, or a generated task's tokens by name)")
+    graph.add_argument("--ckpt", help="the checkpoint (default <run dir>/checkpoints/last.ckpt)")
+    graph.add_argument(
+        "--transcoders", help="a folder of SAELens-layout transcoders, layer<i>/ (default: the run's saes/<label>/)"
+    )
+    graph.add_argument("--out", help="where to write <prompt>.json and .png (default <run dir>/graphs/on-demand)")
+    graph.add_argument("--node-threshold", type=float, default=0.8, help="circuit-tracer's node pruning (0.8)")
+    graph.add_argument("--edge-threshold", type=float, default=0.98, help="circuit-tracer's edge pruning (0.98)")
+    graph.add_argument("--max-sources", type=int, default=1024, help="entries kept per adjacency row")
+    graph.add_argument("--top-k", type=int, default=8, help="features whose claims are checked by intervention")
     repro = sub.add_parser(
         "repro", help="run configs over seeds 0..N-1: mean, sd, CI, threshold pass rates, paired differences"
     )
@@ -193,6 +207,22 @@ def main(argv: list[str] | None = None) -> int:
             from faithful_train.commands.export import export_run
 
             print(f"exported to {export_run(args.run_dir, args.out, args.ckpt, merge=args.merge)}")
+            return 0
+        if args.command == "graph":
+            from faithful_train.commands.graph import build_graph, format_graph
+
+            result = build_graph(
+                args.run_dir,
+                args.prompt,
+                args.ckpt,
+                args.transcoders,
+                args.out,
+                node_threshold=args.node_threshold,
+                edge_threshold=args.edge_threshold,
+                max_sources=args.max_sources,
+                top_k=args.top_k,
+            )
+            print(format_graph(result), end="")
             return 0
         if args.command == "verify":
             from faithful_train.commands.verify import format_drift, verify

@@ -10,6 +10,7 @@ of the wrapped model (see ``faithful_train.intervene.sites``):
     blocks.{i}.resid_pre       (B, T, D)     input of decoder layer i
     blocks.{i}.attn.heads      (B, T, H, Dh) input of the attention output projection, per head
     blocks.{i}.attn.out        (B, T, D)     attention output
+    blocks.{i}.mlp.in          (B, T, D)     input of the MLP or sparse MoE block (after its norm)
     blocks.{i}.mlp.out         (B, T, D)     output of the MLP or sparse MoE block
     blocks.{i}.moe.router      (B, T, E)     raw router logits (sparse MoE layers only)
     blocks.{i}.moe.weights     (B, T, E)     routing weights, zero off the top-k (sparse MoE layers only)
@@ -510,6 +511,7 @@ class HFAdapter(nn.Module):
                 write=lambda raw, new: new.flatten(-2),
             ),
             "attn.out": SitePoint(layer.get_submodule(spec.attn), read=_first, write=_replace_first),
+            "mlp.in": SitePoint(layer.get_submodule(spec.mlp), kind="input"),
             "mlp.out": SitePoint(layer.get_submodule(spec.mlp)),
             "resid_post": SitePoint(layer.hook_resid_post),
         }
@@ -589,28 +591,29 @@ class HFGraphParts:
             return [(w[i * D : (i + 1) * D], b[i * D : (i + 1) * D]) for i in range(3)]
         return [affine_weights(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
 
-    def attend(self, layer: int, q_in: Tensor, k_in: Tensor, v_in: Tensor, context: dict[str, Any]) -> Tensor:
+    def _heads(self, layer: int, index: int, x: Tensor) -> Tensor:
+        """Query (0), key (1) or value (2) per query head ``(B, H, T, Dh)`` from per-head inputs
+        ``(B, T, H, D)`` (keys and values with their group's weights)."""
         attn = self.layers[layer].get_submodule(self.spec.attn)
         H, Dh = self.n_heads, attn.head_dim
         groups = getattr(attn, "num_key_value_groups", 1)
-        states = []
-        for x, (weight, bias), norm, per_group in zip(
-            (q_in, k_in, v_in),
-            self._projections(attn),
-            (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), None),
-            (1, groups, groups),
-        ):
-            if norm is not None:  # a norm over every head's projection: project fully, take own head
-                full = norm(F.linear(x, weight, bias)).unflatten(-1, (-1, Dh))  # (B, T, H, heads, Dh)
-                heads = torch.arange(H, device=x.device) // per_group
-                out = full[:, :, torch.arange(H, device=x.device), heads]
-            else:
-                w = weight.view(-1, Dh, weight.shape[-1]).repeat_interleave(per_group, 0)  # (H, Dh, D)
-                out = torch.einsum("bthd,hed->bthe", x, w)
-                if bias is not None:
-                    out = out + bias.view(-1, Dh).repeat_interleave(per_group, 0)
-            states.append(out.transpose(1, 2))  # (B, H, T, Dh)
-        q, k, v = states
+        weight, bias = self._projections(attn)[index]
+        norm = (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), None)[index]
+        per_group = (1, groups, groups)[index]
+        if norm is not None:  # a norm over every head's projection: project fully, take own head
+            full = norm(F.linear(x, weight, bias)).unflatten(-1, (-1, Dh))  # (B, T, H, heads, Dh)
+            heads = torch.arange(H, device=x.device) // per_group
+            out = full[:, :, torch.arange(H, device=x.device), heads]
+        else:
+            w = weight.view(-1, Dh, weight.shape[-1]).repeat_interleave(per_group, 0)  # (H, Dh, D)
+            out = torch.einsum("bthd,hed->bthe", x, w)
+            if bias is not None:
+                out = out + bias.view(-1, Dh).repeat_interleave(per_group, 0)
+        return out.transpose(1, 2)  # (B, H, T, Dh)
+
+    def pattern(self, layer: int, q_in: Tensor, k_in: Tensor, context: dict[str, Any]) -> Tensor:
+        attn = self.layers[layer].get_submodule(self.spec.attn)
+        q, k = self._heads(layer, 0, q_in), self._heads(layer, 1, k_in)
         if "position_embeddings" in context:
             rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
             q, k = rotary(q, k, *context["position_embeddings"])
@@ -618,8 +621,22 @@ class HFGraphParts:
         mask = context.get("attention_mask")
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        pattern = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-        return (pattern @ v).transpose(1, 2)  # (B, T, H, Dh)
+        return scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+
+    def values(self, layer: int, v_in: Tensor) -> Tensor:
+        return self._heads(layer, 2, v_in)
+
+    def attend(self, layer: int, q_in: Tensor, k_in: Tensor, v_in: Tensor, context: dict[str, Any]) -> Tensor:
+        pattern = self.pattern(layer, q_in, k_in, context)
+        return (pattern @ self.values(layer, v_in)).transpose(1, 2)  # (B, T, H, Dh)
+
+    def norm_module(self, layer: int | None, where: str) -> nn.Module:
+        if where == "final":
+            return self.adapter.hf_model.get_submodule(self.spec.final)
+        return self.layers[layer].get_submodule(self.spec.norm_attn if where == "attn" else self.spec.norm_mlp)
+
+    def unembed(self, states: Tensor) -> Tensor:
+        return self.adapter.hf_model.get_output_embeddings()(states)
 
     def head_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
         weight, bias = affine_weights(self.layers[layer].get_submodule(self.spec.o_proj))  # (D, H * Dh)

@@ -116,6 +116,21 @@ class GraphParts(Protocol):
     def logits(self, resid: Tensor) -> Tensor:
         """Logits from the final residual stream (final norm and unembedding)."""
 
+    # -- what the replacement model (``intervene.replacement``) needs besides ---------------------
+
+    def norm_module(self, layer: int | None, where: str) -> nn.Module:
+        """The norm before ``"attn"`` or ``"mlp"`` of block ``layer``, or the ``"final"`` norm."""
+
+    def unembed(self, states: Tensor) -> Tensor:
+        """Logits from final-normed states."""
+
+    def pattern(self, layer: int, q_in: Tensor, k_in: Tensor, context: Any) -> Tensor:
+        """Attention probabilities ``(B, H, T, T)`` (query, key) from per-head normed inputs."""
+
+    def values(self, layer: int, v_in: Tensor) -> Tensor:
+        """Per-head values ``(B, H, T, Dh)`` from per-head normed inputs ``(B, T, H, D)``;
+        ``attend`` is ``pattern @ values``."""
+
 
 def graph_parts(model: nn.Module) -> GraphParts | None:
     """The model's ``GraphParts`` (ours and the Hugging Face adapter have them), or ``None``."""

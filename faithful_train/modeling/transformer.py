@@ -10,6 +10,8 @@ canonical site (see ``site_points``):
     blocks.{i}.attn.heads      (B, T, H, Dh) per-head outputs, before the output projection
     blocks.{i}.attn.out        (B, T, D)
     blocks.{i}.resid_mid       (B, T, D)
+    blocks.{i}.mlp.in          (B, T, D)   the feed-forward sublayer's input (after ln2): what a
+                                           transcoder reads
     blocks.{i}.mlp.out         (B, T, D)   the feed-forward sublayer (dense MLP or MoE)
     blocks.{i}.moe.router      (B, T, E)   raw router logits (MoE only)
     blocks.{i}.moe.weights     (B, T, E)   routing weights, zero off the top-k (MoE only)
@@ -166,7 +168,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg.d_model, cfg.d_mlp)
         self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
-        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
+        self.hook_mlp_in, self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.activation_checkpointing = False
 
     def forward(self, x: Tensor, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
@@ -183,7 +185,7 @@ class Block(nn.Module):
         x = self.hook_resid_pre(x)
         attended = self.attn(self.ln1(x), mask, positions)
         x = self.hook_resid_mid((x if positions is None else gather_positions(x, positions)) + attended)
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.hook_mlp_in(self.ln2(x)))))
 
     def site_points(self) -> dict[str, SitePoint]:
         points = {
@@ -192,6 +194,7 @@ class Block(nn.Module):
             "attn.heads": self.attn.hook_heads,
             "attn.out": self.attn.hook_out,
             "resid_mid": self.hook_resid_mid,
+            "mlp.in": self.hook_mlp_in,
             "mlp.out": self.hook_mlp_out,
             "resid_post": self.hook_resid_post,
         }
@@ -350,6 +353,31 @@ class TransformerGraphParts:
         )
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=context)
         return z.transpose(1, 2)
+
+    def _qkv(self, layer: int, index: int, x: Tensor) -> Tensor:
+        """Query (0), key (1) or value (2) per head ``(B, H, T, Dh)`` from inputs ``(B, T, H, D)``."""
+        attn = self.model.blocks[layer].attn
+        weight, bias = affine_weights(attn.qkv)
+        weight, bias = weight.reshape(3, attn.n_heads, attn.d_head, -1), bias.reshape(3, attn.n_heads, attn.d_head)
+        return torch.einsum("bthd,hed->bhte", x, weight[index]) + bias[index][None, :, None]
+
+    def pattern(self, layer: int, q_in: Tensor, k_in: Tensor, context: Tensor) -> Tensor:
+        q, k = self._qkv(layer, 0, q_in), self._qkv(layer, 1, k_in)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if context is not None:
+            scores = scores.masked_fill(~context, float("-inf"))
+        return scores.softmax(-1)
+
+    def values(self, layer: int, v_in: Tensor) -> Tensor:
+        return self._qkv(layer, 2, v_in)
+
+    def norm_module(self, layer: int | None, where: str) -> nn.Module:
+        if where == "final":
+            return self.model.ln_f
+        return self.model.blocks[layer].ln1 if where == "attn" else self.model.blocks[layer].ln2
+
+    def unembed(self, states: Tensor) -> Tensor:
+        return self.model.unembed(states)
 
     def head_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
         weight, bias = affine_weights(self.model.blocks[layer].attn.proj)

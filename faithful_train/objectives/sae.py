@@ -15,6 +15,10 @@ from the activations the step's forward already recorded (no second pass, no cac
         lr: 1.0e-3                     # its own learning rate (default: the model's)
         auxk_alpha: 0.03125            # AuxK on latents dead for dead_after tokens
         joint: false                   # true: the model is trained to be reconstructable too
+        # layers: all                # transcoders at every layer (or a list): site and target
+        #                              then hold {i}, e.g. blocks.{i}.mlp.in -> blocks.{i}.mlp.out;
+        #                              each layer's transcoder its own module, files in
+        #                              saes/<label>/layer<i>/; figures per layer (fvu/layer<i>)
         # path: saes/elsewhere         # start from an SAE in SAELens's layout (width, k and
         #                                activation from the file), or keep it as it is:
         # train: false                 # a fixed SAE: its latents are the site <site>.sae
@@ -50,6 +54,8 @@ from faithful_train.intervene.sae import (
     token_rows,
 )
 from faithful_train.intervene.sites import SiteRef, validate_sites
+from faithful_train.intervene.transcoders import Transcoders, save_transcoders
+from faithful_train.modeling.interface import n_layers
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Task
 
@@ -78,6 +84,7 @@ class SaeObjective(Objective):
         train: bool = True,
         positions: Any = None,
         max_rows: int | None = None,
+        layers: Any = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -104,9 +111,45 @@ class SaeObjective(Objective):
         self.max_rows = max_rows
         if path is not None and target is not None:
             raise ConfigError(f"objective {self.label!r}: a transcoder (target) cannot be read from a folder (path)")
+        if layers is not None:
+            if layers != "all" and not (isinstance(layers, (list, tuple)) or hasattr(layers, "__len__")):
+                raise ConfigError(f"objective {self.label!r}: layers must be all or a list of layers, got {layers!r}")
+            for name, value in (("site", site), ("target", target)):
+                if value is None or "{i}" not in value:
+                    raise ConfigError(
+                        f"objective {self.label!r}: with layers, {name} must hold {{i}} "
+                        f"(e.g. blocks.{{i}}.mlp.in -> blocks.{{i}}.mlp.out), got {value!r}"
+                    )
+            if path is not None:
+                raise ConfigError(f"objective {self.label!r}: layers and path do not go together")
+        self.layers = layers
         self.sae: SparseAutoencoder | None = None
+        self.transcoders: Transcoders | None = None
+
+    def _layer_list(self, model: nn.Module) -> list[int]:
+        depth = n_layers(model)
+        if self.layers == "all":
+            if depth is None:
+                raise ConfigError(f"objective {self.label!r}: layers: all needs a model that says its depth")
+            return list(range(depth))
+        chosen = [int(i) for i in self.layers]
+        for i in chosen:
+            if depth is not None and not 0 <= i < depth:
+                raise ConfigError(f"objective {self.label!r}: layers: {i} is not a layer of the model (0..{depth - 1})")
+        return sorted(set(chosen))
+
+    def _pairs(self) -> list[tuple[str, str | None, SparseAutoencoder]]:
+        """``(site, target, sae)`` of each SAE this objective trains."""
+        if self.transcoders is not None:
+            return [
+                (self.site.format(i=i), self.target.format(i=i), sae) for i, sae in self.transcoders.items_by_layer()
+            ]
+        return [(self.site, self.target, self.sae)]
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        if self.layers is not None:
+            self._bind_layers(model, task, run_seed)
+            return
         validate_sites(model, [self.site] + ([self.target] if self.target else []))
         if self.rows_at is not None:
             check_positions(self.rows_at, task)
@@ -139,15 +182,58 @@ class SaeObjective(Objective):
         if self.target is None:  # its latents become a site: <site>.sae, for any objective or audit
             attach_sae(model, self.site, self.sae, f"objective {self.label!r}")
 
+    def _bind_layers(self, model: nn.Module, task: Task, run_seed: int) -> None:
+        """One transcoder per layer, ``site.format(i)`` -> ``target.format(i)``."""
+        layers = self._layer_list(model)
+        validate_sites(model, [name.format(i=i) for i in layers for name in (self.site, self.target)])
+        by_layer = {}
+        with torch.random.fork_rng():
+            torch.manual_seed(run_seed + 7919)
+            for i in layers:
+                d_in = site_width(model, task, self.site.format(i=i))
+                d_out = site_width(model, task, self.target.format(i=i))
+                by_layer[i] = SparseAutoencoder(
+                    d_in,
+                    self.n_latents or self.expansion * d_in,
+                    k=self.k,
+                    activation=self.activation,
+                    d_out=d_out,
+                    normalize_decoder=self.normalize_decoder,
+                )
+        for i, sae in by_layer.items():
+            sae.register_buffer("tokens_since_fired", torch.zeros(sae.n_latents, dtype=torch.long))
+            sae.site, sae.target, sae.rows_at = self.site.format(i=i), self.target.format(i=i), self.rows_at
+        self.transcoders = Transcoders(by_layer)
+        self.transcoders.requires_grad_(self.train)
+        self.transcoders.lr = self.lr if self.train else None
+        self.transcoders.site, self.transcoders.target = self.site, self.target
+
     def module(self) -> nn.Module | None:
-        return self.sae
+        return self.transcoders if self.transcoders is not None else self.sae
 
     def sites(self) -> list[str]:
-        return [self.site] + ([self.target] if self.target else [])
+        return [name for site, target, _ in self._pairs() for name in (site, target) if name is not None]
 
     def term(self, ctx: StepContext) -> Tensor:
-        sae = self.sae
-        x, y = self._rows(ctx, self.site), self._rows(ctx, self.target) if self.target else None
+        if self.transcoders is None:
+            term, self.parts = self._term(ctx, self.site, self.target, self.sae)
+            return term
+        total, parts = None, {}
+        for (site, target, sae), layer in zip(self._pairs(), self.transcoders.layers):
+            term, own = self._term(ctx, site, target, sae)
+            total = term if total is None else total + term
+            parts |= {f"{k}/layer{layer}": v for k, v in own.items()}
+        for key in ("fvu", "l0", "dead"):
+            values = [v for k, v in parts.items() if k.startswith(key + "/")]
+            if values:
+                parts[key] = torch.stack(values).float().mean()
+        self.parts = parts
+        return total
+
+    def _term(
+        self, ctx: StepContext, site: str, target: str | None, sae: SparseAutoencoder
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        x, y = self._rows(ctx, site), self._rows(ctx, target) if target else None
         if self.max_rows is not None and x.shape[0] > self.max_rows:  # a random subset of the step's tokens
             keep = torch.randperm(x.shape[0], generator=ctx.generator)[: self.max_rows].to(x.device)
             x, y = x[keep], None if y is None else y[keep]
@@ -157,8 +243,7 @@ class SaeObjective(Objective):
         if not self.train:  # fixed: only its fit is logged
             with torch.no_grad():
                 out = sae(x, y)
-            self.parts = {"fvu": out.fvu, "l0": out.l0}
-            return out.fvu.new_zeros(())
+            return out.fvu.new_zeros(()), {"fvu": out.fvu, "l0": out.l0}
         sae.initialise_from(x, y)
         dead = sae.tokens_since_fired > self.dead_after
         out = sae(x, y, dead_mask=dead if self.auxk_alpha > 0 else None)
@@ -169,13 +254,12 @@ class SaeObjective(Objective):
             term = term + self.l1 * out.sparsity
         elif self.activation == "jumprelu":
             term = term + self.l0 * out.sparsity
-        self.parts = {
+        return term, {
             "fvu": out.fvu.detach(),
             "l0": out.l0.detach(),
             "dead": dead.float().mean(),
             "auxk": out.auxk.detach(),
         }
-        return term
 
     def _rows(self, ctx: StepContext, site: str) -> Tensor:
         """The site's values at the real tokens (padding left out), or at ``positions`` only."""
@@ -184,18 +268,24 @@ class SaeObjective(Objective):
     # -- unit-norm decoder and files ----------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if self.sae is not None and self.sae.normalize_decoder:
-            self.sae.remove_gradient_parallel_to_decoder_directions()
+        for _, _, sae in self._pairs():
+            if sae is not None and sae.normalize_decoder:
+                sae.remove_gradient_parallel_to_decoder_directions()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self.sae is not None and self.sae.normalize_decoder and self.train:
-            self.sae.set_decoder_norm_to_unit_norm()
+        for _, _, sae in self._pairs():
+            if sae is not None and sae.normalize_decoder and self.train:
+                sae.set_decoder_norm_to_unit_norm()
 
     def folder(self, trainer: Trainer) -> Path:
         return Path(trainer.default_root_dir) / "saes" / self.label
 
     def _save(self, trainer: Trainer) -> None:
-        if self.sae is not None and trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        if self.transcoders is not None:
+            save_transcoders(self.transcoders, self.folder(trainer))
+        elif self.sae is not None:
             save_saelens(self.sae, self.folder(trainer), self.site)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 def expected_shapes(family: str) -> dict[str, tuple[int, ...]]:
     shapes = {"embed": (B, T, D), "final": (B, T, D)}
     for i in range(2):
-        shapes |= {f"blocks.{i}.{s}": (B, T, D) for s in ("resid_pre", "resid_post", "attn.out", "mlp.out")}
+        shapes |= {f"blocks.{i}.{s}": (B, T, D) for s in ("resid_pre", "resid_post", "attn.out", "mlp.in", "mlp.out")}
         shapes[f"blocks.{i}.attn.heads"] = (B, T, HEADS, DH)
         shapes[f"blocks.{i}.attn.pattern"] = (B, HEADS, T, T)
     for i in MOE_LAYERS.get(family, ()):

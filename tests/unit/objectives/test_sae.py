@@ -77,3 +77,44 @@ def test_the_objective_makes_its_latents_a_site():
     objective = _objective(task, model)
     _, cache = run_with(model, task.sample(4, 0)["input_ids"], record=["blocks.0.resid_post.sae"])
     assert cache["blocks.0.resid_post.sae"].shape[-1] == objective.sae.n_latents
+
+
+def test_layers_train_one_transcoder_per_mlp_each_on_its_own_layer():
+    torch.manual_seed(0)
+    task = HierarchicalEquality()
+    model = tiny_transformer(vocab_size=task.vocab_size, max_seq_len=task.seq_len)
+    objective = SaeObjective(
+        site="blocks.{i}.mlp.in", target="blocks.{i}.mlp.out", layers="all", expansion=2, k=4, lr=0.01
+    )
+    objective.bind(model, task, 0)
+    sets = objective.module()
+    assert sets.layers == [0, 1] and objective.sites() == [
+        "blocks.0.mlp.in",
+        "blocks.0.mlp.out",
+        "blocks.1.mlp.in",
+        "blocks.1.mlp.out",
+    ]
+    batch = task.sample(32, 0)
+    logits, cache = run_with(model, batch["input_ids"], record=objective.sites())
+    ctx = StepContext(batch, logits, cache, model, task, 0, torch.Generator().manual_seed(0))
+    first = objective.term(ctx)
+    assert {"fvu/layer0", "fvu/layer1", "dead/layer1", "l0/layer0", "fvu"} <= set(objective.parts)
+    fvu0 = {i: float(objective.parts[f"fvu/layer{i}"]) for i in (0, 1)}
+    optimizer = torch.optim.Adam(sets.parameters(), lr=0.01)
+    for _ in range(80):
+        optimizer.zero_grad()
+        objective.term(ctx).backward()
+        optimizer.step()
+    objective.term(ctx)
+    for i in (0, 1):  # each transcoder learns its own layer's MLP (swapped, they would not fit)
+        assert float(objective.parts[f"fvu/layer{i}"]) < 0.5 * fvu0[i]
+    x0, y1 = cache["blocks.0.mlp.in"].flatten(0, 1), cache["blocks.1.mlp.out"].flatten(0, 1)
+    with torch.no_grad():
+        swapped = sets.at(0)(x0, y1).fvu
+    assert float(swapped) > 2 * float(objective.parts["fvu/layer1"])
+    assert first.requires_grad and all(p.grad is None for p in model.parameters())
+    with pytest.raises(ConfigError, match=r"target must hold \{i\}"):
+        SaeObjective(site="blocks.{i}.mlp.in", target="blocks.1.mlp.out", layers="all")
+    bad = SaeObjective(site="blocks.{i}.mlp.in", target="blocks.{i}.mlp.out", layers=[0, 5])
+    with pytest.raises(ConfigError, match="layers: 5 is not a layer of the model"):
+        bad.bind(model, task, 0)
