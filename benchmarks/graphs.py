@@ -65,7 +65,7 @@ def measure(length: int, threads: int) -> dict[str, Any]:
         "peak_growth_mib": peak_rss_mib() - before,
         "dense_matrix_mib": 4 * n * n / 2**20,
         "circuit_tracer_estimate_mib": 4 * 4 * n * n / 2**20,
-        "kept_entries": len(graph.weights),
+        "kept_entries": int((graph.weights != 0).sum()),
         "stored_share": graph.stored_share,
         "pruned_nodes": int(pruned.node_mask.sum()),
         "pruned_edges": int(pruned.edge_mask.sum()),

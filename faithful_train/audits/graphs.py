@@ -34,7 +34,10 @@ Figures, means over the prompts (``functional.attribution_graphs``, ``functional
   logit) the graph predicts when each of its ``top_k`` most influential features is scaled by
   ``scale`` (total effect through the linearised replacement model) and the change measured on
   the real model; ``intervention_sign_agreement``: the share of signs that match; ``trusted``:
-  1 when both reach their ``trust`` bars (graphs whose claims fail are flagged in the summary).
+  the share of prompts whose graph reaches both ``trust`` bars (the summary warns otherwise);
+  ``intervention_agreement_frozen_attention``: the same ρ with every attention pattern of the
+  real model held at the prompt's, as the graph assumes (where it is higher, the graph misses
+  effects through queries and keys).
 
 Files, per prompt and audit step: ``<run dir>/graphs/<label>/step<N>_prompt<j>.json`` in the
 format circuit-tracer's frontend and Neuronpedia read, and ``step<N>_prompt<j>.png`` (the
@@ -68,6 +71,7 @@ FIGURES = (
     "features",
     "intervention_agreement",
     "intervention_sign_agreement",
+    "intervention_agreement_frozen_attention",
     "trusted",
 )
 
@@ -206,6 +210,7 @@ class GraphsAudit(Audit):
                     ("features", graph.n_features),
                     ("intervention_agreement", claims.spearman),
                     ("intervention_sign_agreement", claims.sign_agreement),
+                    ("intervention_agreement_frozen_attention", claims.spearman_frozen_attention),
                     ("trusted", float(trusted)),
                 ):
                     figures[key].append(float(value))
@@ -259,15 +264,16 @@ def plot_attribution_graph(graph: AttributionGraph, tokens: list[str], path: Pat
 
     pruned = graph.pruned or graph.prune()
     L, T = graph.n_layers, graph.n_pos
-    where: dict[int, tuple[float, float]] = {}
-    slots: dict[tuple[int, int], int] = {}
     kept = pruned.node_mask.nonzero()[:, 0].tolist()
-    for index in kept:
+    cells: dict[tuple[int, int], list[int]] = {}
+    for index in kept:  # each (row, position) cell's nodes, spread around its centre
         kind, layer, pos, _ = graph.describe(index)
-        row = {"token": 0, "logit": L + 1}.get(kind, layer + 1)
-        n = slots.get((row, pos), 0)
-        slots[(row, pos)] = n + 1
-        where[index] = (pos + 0.12 * ((n % 7) - 3), row + 0.1 * (n // 7))
+        cells.setdefault(({"token": 0, "logit": L + 1}.get(kind, layer + 1), pos), []).append(index)
+    where: dict[int, tuple[float, float]] = {}
+    for (row, pos), members in cells.items():
+        step = min(0.12, 0.8 / len(members))
+        for rank, index in enumerate(members):
+            where[index] = (pos + step * (rank - (len(members) - 1) / 2), row)
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * T + 2), 1.3 * (L + 2) + 1))
     edges = pruned.edge_mask.nonzero()[:, 0]
     if len(edges):
@@ -298,7 +304,7 @@ def plot_attribution_graph(graph: AttributionGraph, tokens: list[str], path: Pat
     ax.set_yticks(range(L + 2), ["tokens", *(f"layer {i}" for i in range(L)), "logits"])
     ax.set_xticks(range(T), [t[:8] for t in tokens], rotation=60, fontsize=7)
     ax.set_title(
-        f"{title}: {len(where)} nodes, {len(edges)} edges; replacement {graph.replacement_score:.2f}, "
+        f"{title}\n{len(where)} nodes, {len(edges)} edges; replacement {graph.replacement_score:.2f}, "
         f"completeness {graph.completeness:.2f}",
         fontsize=9,
     )

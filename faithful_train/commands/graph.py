@@ -106,6 +106,7 @@ def build_graph(
         "nodes_at_0.8": graph.nodes_for(0.8),
         "intervention_agreement": claims.spearman,
         "intervention_sign_agreement": claims.sign_agreement,
+        "intervention_agreement_frozen_attention": claims.spearman_frozen_attention,
         "top_logits": [
             (task.token_name(int(t)), float(p)) for t, p in zip(graph.logit_tokens, graph.logit_probabilities)
         ],
@@ -121,6 +122,7 @@ def format_graph(result: dict[str, Any]) -> str:
         f"{'nodes_at_0.8':<28}{result['nodes_at_0.8']}",
         f"{'intervention_agreement':<28}{result['intervention_agreement']:.4f}",
         f"{'intervention_sign_agreement':<28}{result['intervention_sign_agreement']:.4f}",
+        f"{'  with attention held':<28}{result['intervention_agreement_frozen_attention']:.4f}",
         f"{'top logits':<28}" + ", ".join(f"{t} ({p:.3f})" for t, p in result["top_logits"]),
         f"graph: {result['json']}",
         f"png:   {result['png']}",

@@ -51,7 +51,7 @@ MEMORY_BUDGET = 256 * 2**20  # bytes of activations per backward chunk
 @dataclass
 class AttributionGraph:
     """One prompt's attribution graph; adjacency entries ``(rows, cols, weights)`` (targets,
-    sources), each row's largest ``max_sources`` by magnitude."""
+    sources), each row's largest ``max_sources`` by magnitude (zeros where a row has fewer)."""
 
     input_ids: list[int]
     n_layers: int
@@ -198,7 +198,12 @@ def _attribute(
     node_influence = torch.zeros(N, dtype=torch.float64)
     complete = 0.0
     total_abs = kept_abs = 0.0
-    store_rows, store_cols, store_weights = [], [], []
+    # each target row's largest entries, filled in place (no list of chunks copied at the end)
+    n_targets = F + len(tokens)
+    store_rows = torch.empty(n_targets, dtype=torch.int32)
+    store_cols = torch.zeros(n_targets, keep, dtype=torch.int32)
+    store_weights = torch.zeros(n_targets, keep, dtype=torch.float32)
+    filled = 0
 
     # targets in reverse topological order: logits, then each layer's features from the last
     logit_vecs = demeaned_unembedding(state.parts, tokens, D, state.embed)
@@ -232,12 +237,12 @@ def _attribute(
         complete += float(((1 - error_share) * weight).sum())
         top = magnitude.topk(keep, dim=1)
         values = rows.gather(1, top.indices)
-        nonzero = values != 0
         total_abs += float(sums.sum())
         kept_abs += float(top.values.sum())
-        store_rows.append(targets[:, None].expand_as(top.indices)[nonzero].int())
-        store_cols.append(top.indices[nonzero].int())
-        store_weights.append(values[nonzero].float())
+        store_rows[filled : filled + len(batch)] = targets.int()
+        store_cols[filled : filled + len(batch)] = top.indices.int()
+        store_weights[filled : filled + len(batch)] = values.float()
+        filled += len(batch)
     tokens_influence = float(node_influence[token_start:logit_start].sum())
     errors_influence = float(node_influence[error_start:token_start].sum())
     output = node_influence + logit_w
@@ -253,9 +258,9 @@ def _attribute(
         activations=activations,
         logit_tokens=tokens.cpu(),
         logit_probabilities=probs.cpu(),
-        rows=torch.cat(store_rows),
-        cols=torch.cat(store_cols),
-        weights=torch.cat(store_weights),
+        rows=store_rows.repeat_interleave(keep),
+        cols=store_cols.view(-1),
+        weights=store_weights.view(-1),
         node_influence=node_influence,
         replacement_score=replacement,
         completeness=complete / float(output.sum()) if float(output.sum()) > 0 else 1.0,
@@ -334,6 +339,8 @@ class Claims:
     measured: Tensor  # the real model's change
     spearman: float
     sign_agreement: float
+    frozen_attention: Tensor | None = None  # the real model's change with every attention pattern held
+    spearman_frozen_attention: float = float("nan")
 
 
 def total_effects(state: PromptState, vector: Tensor) -> list[Tensor]:
@@ -348,14 +355,22 @@ def total_effects(state: PromptState, vector: Tensor) -> list[Tensor]:
 
 
 def check_claims(
-    model: nn.Module, graph: AttributionGraph, top_k: int = 8, scale: float = 0.0, nodes: list[int] | None = None
+    model: nn.Module,
+    graph: AttributionGraph,
+    top_k: int = 8,
+    scale: float = 0.0,
+    nodes: list[int] | None = None,
+    frozen_attention: bool = True,
 ) -> Claims:
     """For the ``top_k`` features of the (pruned, if pruned) graph by influence: the change of
     the top logit (minus the mean logit) that the graph predicts when the feature is scaled by
     ``scale`` (``(scale − 1) a · (g · d)``, total effect through the linearised replacement
     model), against the change measured on the real model with that feature's contribution to
     its MLP's output scaled (``transcoders.spliced``), every feature one variant of one engine
-    call. Agreement: Spearman's ρ and the share of signs that match."""
+    call. Agreement: Spearman's ρ and the share of signs that match. ``frozen_attention``: the
+    same interventions again with every attention pattern held at the prompt's (an edit of
+    ``blocks.{i}.attn.pattern``), which the graph assumes: where agreement rises, the graph's
+    misses are effects through attention patterns (queries and keys), which it leaves out."""
     state: PromptState = graph.extra["state"]
     F = graph.n_features
     candidates = torch.arange(F)
@@ -385,6 +400,15 @@ def check_claims(
         edits = spliced(state.transcoders, [[] for _ in nodes], ablate)
         varied = run_variants(model, batch, len(nodes), edits, read=read)[:, -1].float()
         clean = state.logits[-1]
+        held = None
+        if frozen_attention:  # the same interventions, every attention pattern held at the prompt's
+            for layer, pattern in enumerate(state.patterns):
+                edits[f"blocks.{layer}.attn.pattern"] = [
+                    lambda t, variants, pattern=pattern: pattern.to(t.dtype).expand(t.shape[0], -1, -1, -1)[
+                        ..., -t.shape[-2] :, :
+                    ]
+                ]
+            held = run_variants(model, batch, len(nodes), edits, read=read)[:, -1].float()
     tok = int(target[0])
 
     def demeaned(logits: Tensor) -> Tensor:
@@ -394,7 +418,12 @@ def check_claims(
     predicted_t = torch.tensor(predicted)
     rho = float(spearman(predicted_t, measured)) if len(nodes) > 1 else float("nan")
     signs = float((torch.sign(predicted_t) == torch.sign(measured)).float().mean())
-    return Claims(nodes, predicted_t, measured, rho, signs)
+    claims = Claims(nodes, predicted_t, measured, rho, signs)
+    if held is not None:
+        claims.frozen_attention = (demeaned(held) - demeaned(clean)).cpu()
+        if len(nodes) > 1:
+            claims.spearman_frozen_attention = float(spearman(predicted_t, claims.frozen_attention))
+    return claims
 
 
 # -- the graph file: circuit-tracer's frontend / Neuronpedia format ---------------------------------

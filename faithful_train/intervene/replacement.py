@@ -27,7 +27,7 @@ from faithful_train.errors import ConfigError
 from faithful_train.intervene.edges import parts_of
 from faithful_train.intervene.transcoders import Transcoders
 from faithful_train.modeling.affine import frozen_norm
-from faithful_train.modeling.interface import GraphParts
+from faithful_train.modeling.interface import GraphParts, context_length
 
 
 @dataclass
@@ -174,9 +174,6 @@ def demeaned_unembedding(parts: GraphParts, tokens: Tensor, width: int, like: Te
 
 def prompt_too_long(model: nn.Module, input_ids: Tensor) -> None:
     """A one-line error if the prompt is longer than the model's context."""
-    limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
-    hf = getattr(model, "hf_model", None)
-    if hf is not None:
-        limit = getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
+    limit = context_length(model)
     if limit is not None and input_ids.shape[1] > limit:
         raise ConfigError(f"prompt: {input_ids.shape[1]} tokens; the model's context is {limit}")

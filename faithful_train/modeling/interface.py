@@ -153,6 +153,15 @@ def hidden_size(model: nn.Module) -> int | None:
     return getattr(model, "d_model", None)
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The longest input the model takes (ours: ``max_seq_len``; a Hugging Face model: its
+    position embeddings), or ``None`` if the model does not say."""
+    hf = getattr(model, "hf_model", None)
+    if hf is not None:
+        return getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
+    return getattr(getattr(model, "cfg", None), "max_seq_len", None)
+
+
 def n_heads(model: nn.Module) -> int | None:
     """Attention heads per block, or ``None`` if the model does not say."""
     cfg = getattr(model, "cfg", None)

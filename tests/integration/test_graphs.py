@@ -40,7 +40,14 @@ def test_the_graphs_config_logs_scores_and_writes_graph_files(runs):
     saes = [r for r in records if r["audit"] == "sae"]
     assert [r["step"] for r in graphs] == [10, 20] and [r["step"] for r in saes] == [10, 20]
     for r in graphs:
-        for key in ("replacement_score", "completeness", "nodes_at_0.8", "intervention_agreement", "trusted"):
+        for key in (
+            "replacement_score",
+            "completeness",
+            "nodes_at_0.8",
+            "intervention_agreement",
+            "intervention_agreement_frozen_attention",
+            "trusted",
+        ):
             assert key in r["metrics"], key
         assert 0 < r["metrics"]["replacement_score"] <= 1 and 0 < r["metrics"]["completeness"] <= 1
     for key in ("fvu/layer0", "fvu/layer1", "l0/layer1", "dead/layer0", "ce_recovered/layer1", "ce_recovered"):
