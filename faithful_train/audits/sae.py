@@ -425,8 +425,11 @@ class SaeAudit(Audit):
                 f"sum_sq/layer{i}": y.pow(2).sum(0),
                 f"fired/layer{i}": (out.latents > 0).sum(0).float(),
             }
-            totals["rows"] = torch.tensor(float(y.shape[0]))
-            values[f"l0/layer{i}"] = ((out.latents > 0).float().sum(-1).mean()[None], torch.tensor([float(y.shape[0])]))
+            totals["rows"] = torch.tensor(float(y.shape[0]), device=y.device)
+            values[f"l0/layer{i}"] = (
+                (out.latents > 0).float().sum(-1).mean()[None],
+                torch.tensor([float(y.shape[0])], device=y.device),
+            )
         layers = [i for i, *_ in pairs]
         replaced = [[i] for i in layers] + [layers]
         edits = spliced(transcoders, replaced + [[] for _ in replaced])
@@ -450,7 +453,7 @@ class SaeAudit(Audit):
         def kl(lp: Tensor) -> Tensor:
             return (logp.exp() * (logp - lp)).sum()
 
-        totals |= {"ce_clean": ce(logp), "examples": torch.tensor(float(B))}
+        totals |= {"ce_clean": ce(logp), "examples": torch.tensor(float(B), device=logp.device)}
         for v, chosen in enumerate(replaced):
             key = f"layer{chosen[0]}" if len(replaced) > 1 and v < n - 1 else "all"
             spliced_lp = varied[v * B : (v + 1) * B].log_softmax(-1)

@@ -21,7 +21,7 @@ from tests.unit import attribution_reference as reference
 from tests.unit.hf_configs import CONFIGS, VOCAB
 
 D = 32
-FAMILIES = ["ours", "gpt2", "llama", "olmoe"]
+FAMILIES = ["ours", "gpt2", "llama", "mixtral", "qwen2_moe", "olmoe"]
 
 
 def make(name: str) -> nn.Module:
