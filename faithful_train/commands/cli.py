@@ -80,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     ioi.add_argument("--out", required=True, help="directory to write")
     ioi.add_argument("--seed", type=int, default=0)
     ioi.add_argument("--train", type=int, default=20000, help="training rows")
+    arithmetic = data_sub.add_parser(
+        "arithmetic",
+        help="write multi-step arithmetic word problems with rationales and counterfactual steps "
+        "(train/val/audit.jsonl, tokenizer/)",
+    )
+    arithmetic.add_argument("--out", required=True, help="directory to write")
+    arithmetic.add_argument("--seed", type=int, default=0)
+    arithmetic.add_argument("--train", type=int, default=20000, help="training rows")
+    arithmetic.add_argument(
+        "--hint", action="store_true", help="every prompt starts with its answer: a shortcut past the rationale"
+    )
     show = data_sub.add_parser(
         "show", help="print a config's first examples as tokens, with spans and positions marked"
     )
@@ -201,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             from faithful_train.tasks.ioi import write_ioi
 
             written = write_ioi(args.out, seed=args.seed, n_train=args.train)
+            print("\n".join(f"{name}: {path}" for name, path in written.items()))
+            return 0
+        if args.command == "data" and args.data_command == "arithmetic":
+            from faithful_train.tasks.arithmetic_text import write_arithmetic
+
+            written = write_arithmetic(args.out, seed=args.seed, n_train=args.train, hint=args.hint)
             print("\n".join(f"{name}: {path}" for name, path in written.items()))
             return 0
         if args.command == "export":

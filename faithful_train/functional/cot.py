@@ -43,3 +43,58 @@ def area_over_curve(matches: Tensor) -> Tensor:
     n, K = matches.shape
     y = torch.cat([matches.float(), torch.ones(n, 1, device=matches.device)], dim=1)
     return ((1 - y[:, :-1]) + (1 - y[:, 1:])).sum(dim=1) / (2 * K)
+
+
+def area_over_curve_ragged(matches: Tensor, n_steps: Tensor) -> Tensor:
+    """``area_over_curve`` when rows have their own number of steps ``n_steps (n,)``:
+    ``matches (n, S)`` holds ``match_k`` for ``k < n_steps`` (later entries are ignored); each
+    row's curve runs over ``x_k = k / n_steps`` with ``y = 1`` from ``k = n_steps`` on."""
+    n, S = matches.shape
+    k = torch.arange(S, device=matches.device)
+    y = torch.where(k[None] < n_steps[:, None], matches.float(), torch.ones_like(matches, dtype=torch.float))
+    y = torch.cat([y, torch.ones(n, 1, device=matches.device)], dim=1)
+    return ((1 - y[:, :-1]) + (1 - y[:, 1:])).sum(dim=1) / (2 * n_steps.float())
+
+
+def truncated_rationale(batch: dict[str, Tensor], keep: int, pad_id: int, left: bool = False) -> dict[str, Tensor]:
+    """Early answering on text (Lanham et al. 2023): each row's rationale cut after its first
+    ``keep`` steps (the later steps' tokens removed, the answer read right after what is left),
+    padded on the left (``left``) or the right: ``input_ids``, ``attention_mask``, ``answer_pos``.
+    Rows with at most ``keep`` steps are unchanged. Needs ``step_spans (B, S, 2)`` and
+    ``n_steps (B,)``."""
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    rows, positions = [], []
+    for b in range(ids.shape[0]):
+        real = mask[b].nonzero()[:, 0]
+        shift = int(real[0])
+        tokens = ids[b, real]
+        pos = batch["answer_pos"][b] - shift
+        n = int(batch["n_steps"][b])
+        if keep < n:
+            start, stop = int(batch["step_spans"][b, keep, 0]) - shift, int(batch["step_spans"][b, n - 1, 1]) - shift
+            tokens = torch.cat([tokens[:start], tokens[stop:]])
+            pos = pos - (stop - start)
+        rows.append(tokens)
+        positions.append(pos)
+    T = max(len(x) for x in rows)
+    out_ids = torch.full((len(rows), T), pad_id, dtype=ids.dtype, device=ids.device)
+    out_mask = torch.zeros(len(rows), T, dtype=batch["attention_mask"].dtype, device=ids.device)
+    answer_pos = torch.stack(positions)
+    for b, tokens in enumerate(rows):
+        shift = T - len(tokens) if left else 0
+        out_ids[b, shift : shift + len(tokens)] = tokens
+        out_mask[b, shift : shift + len(tokens)] = 1
+        answer_pos[b] += shift
+    return {"input_ids": out_ids, "attention_mask": out_mask, "answer_pos": answer_pos}
+
+
+def filled_rationale(batch: dict[str, Tensor], filler: int) -> Tensor:
+    """The inputs with every rationale token replaced by ``filler`` (same length: Lanham et
+    al.'s filler-token control, the positions without the reasoning)."""
+    ids = batch["input_ids"].clone()
+    T = ids.shape[1]
+    t = torch.arange(T, device=ids.device)
+    first = batch["step_spans"][:, 0, 0]
+    last = batch["step_spans"][torch.arange(ids.shape[0], device=ids.device), batch["n_steps"] - 1, 1]
+    inside = (t[None] >= first[:, None]) & (t[None] < last[:, None])
+    return torch.where(inside, torch.full_like(ids, filler), ids)

@@ -7,6 +7,12 @@ continued correctly from it, ``ReasoningTask.corrupt``); the term trains the ans
 
 A model that reaches the answer by a hidden shortcut (ignoring the steps) pays this loss; one
 that reads the steps does not. Measured by the ``cot`` audit's corrupted-step follow rate.
+
+On text (a ``text`` task whose rows carry ``steps`` and counterfactual rationales:
+``counterfactual.step``, ``counterfactual.steps``, ``counterfactual.answer``, as ``faithful-train
+data arithmetic`` writes them), the corrupted chain is the row's counterfactual rationale,
+teacher-forced, and the target the answer it implies (``task.counterfactual_evidence``);
+``steps`` (which step is corrupted) is then the file's choice.
 """
 
 from __future__ import annotations
@@ -45,6 +51,14 @@ class CounterfactualCotObjective(Objective):
         self.fraction, self.steps = float(fraction), steps
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
+        if "counterfactual_steps" in task.provides:
+            return
+        if "steps" in task.provides:
+            raise ConfigError(
+                f"objective {self.label!r}: the text rows have steps but no counterfactual rationales "
+                "(columns counterfactual.step, counterfactual.steps, counterfactual.answer; "
+                "faithful-train data arithmetic writes them)"
+            )
         require_reasoning_task(task, f"objective {self.label!r}")
 
     def term(self, ctx: StepContext) -> Tensor:
@@ -52,6 +66,9 @@ class CounterfactualCotObjective(Objective):
         ids = ctx.batch["input_ids"]
         n = max(1, math.ceil(self.fraction * ids.shape[0]))  # batch rows are i.i.d.: the first n
         rows = {k: v[:n] for k, v in ctx.batch.items()}
+        if "counterfactual_steps" in task.provides:  # text: the rows' own counterfactual rationales
+            corrupted, follow = task.counterfactual_evidence(rows, ctx.generator)
+            return follow_loss(first_answer_logits(answer_forward(ctx.model, rows, corrupted)), follow)
         step = corrupted_steps(n, task.n_steps, self.steps, ctx.generator).to(ids.device)
         corrupted, follow = task.corrupt(rows, step, ctx.generator)
         return follow_loss(first_answer_logits(answer_forward(ctx.model, rows, corrupted)), follow)

@@ -44,15 +44,13 @@ Every draw comes from ``random.Random(seed)``; the same seed writes byte-identic
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from faithful_train.io.files import atomic_write_text
+from faithful_train.tasks.text.files import save_tokenizer
 
 TEMPLATES = [
     "When {A} and {B} went to the {PLACE} , {C} gave a {OBJECT} to",
@@ -187,20 +185,6 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
 
 
-def _save_tokenizer(out: Path) -> Path:
-    """``save_pretrained`` into a temporary directory, then ``os.replace`` each file into place."""
-    target = out / "tokenizer"
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer."))
-    try:
-        build_tokenizer().save_pretrained(tmp)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, target / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
@@ -252,5 +236,5 @@ def write_ioi(
     corpus_rng = random.Random(rng.getrandbits(64))  # drawn last: the other parts are as before
     paths["corpus"] = out / "corpus.txt"
     atomic_write_text(paths["corpus"], "".join(corpus_line(corpus_rng, NAMES) + "\n" for _ in range(n_corpus)))
-    paths["tokenizer"] = _save_tokenizer(out)
+    paths["tokenizer"] = save_tokenizer(build_tokenizer(), out)
     return paths

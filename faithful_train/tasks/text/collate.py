@@ -21,10 +21,13 @@ def collate(
     padding_side: str,
     values: dict[str, list[str]],
     concept_values: dict[str, list[str]],
+    min_steps: int = 0,
 ) -> Batch:
     """The rows ``index`` of a tokenized split as a batch padded (on ``padding_side``, with
     ``pad_id``) to the longest input or ``length``. ``values`` are the codes of each variable (in
-    the task's order), ``concept_values`` those of each concept (the train split's)."""
+    the task's order), ``concept_values`` those of each concept (the train split's). A rationale's
+    steps: ``step_spans`` ``(B, S, 2)`` token spans (``-1`` past a row's last step), ``n_steps``
+    ``(B,)``, and ``span/step<j>`` for the ``min_steps`` steps every row of the task has."""
     inputs = [data["tokens"][i][: data["prompt_len"][i] + data["answer_len"][i] - 1] for i in index]
     T = max([len(x) for x in inputs] + [length or 0])
     A = max(data["answer_len"][i] for i in index)
@@ -64,6 +67,18 @@ def collate(
         for j in range(len(data["documents"][index[0]])):
             batch[f"span/doc{j}"] = token_spans([data["documents"][i][j] for i in index])
         batch["doc_kind"] = torch.tensor([data["doc_kind"][i] for i in index], dtype=torch.long)
+    if data.get("steps") is not None:
+        steps = [data["steps"][i] for i in index]
+        S = max(len(x) for x in steps)
+        spans = torch.full((B, S, 2), -1, dtype=torch.long)
+        for b, row in enumerate(steps):
+            spans[b, : len(row)] = torch.tensor(row, dtype=torch.long) + shift_t[b]
+        batch["step_spans"] = spans
+        batch["n_steps"] = torch.tensor([len(x) for x in steps], dtype=torch.long)
+        for j in range(min_steps):
+            batch[f"span/step{j}"] = spans[:, j]
+        if data.get("cf_step") is not None:
+            batch["cf_step"] = torch.tensor([data["cf_step"][i] for i in index], dtype=torch.long)
     if data["tool"] is not None:
         batch["tool_ids"] = torch.tensor([data["tool"][i][0] for i in index], dtype=torch.long)
         for k, name in ((1, "tool"), (2, "result")):

@@ -47,11 +47,19 @@ class RowEncoder:
                 f"{path}: column 'paraphrase' cannot be combined with {' or '.join(sorted(evidence))} "
                 "(paraphrases are of the prompt alone)"
             )
+        if "steps" in columns and "tool_calls" in columns:
+            raise DataError(f"{path}: columns 'steps' and 'tool_calls' in one file: give a rationale or a tool call")
         if "counterfactual.document" in columns and "tool_calls" in columns:
             raise DataError(
                 f"{path}: counterfactual documents and tool calls in one file: give one kind of counterfactual evidence"
             )
-        cf_evidence = "counterfactual.document" in columns or _calls_have(rows[0], "counterfactual_result")
+        cf_evidence = (
+            "counterfactual.document" in columns
+            or "counterfactual.steps" in columns
+            or _calls_have(rows[0], "counterfactual_result")
+        )
+        if "counterfactual.steps" in columns and "steps" not in columns:
+            raise DataError(f"{path}: column 'counterfactual.steps' needs a 'steps' column (the rationale it changes)")
         out: dict[str, Any] = {
             "path": str(path),
             "tokens": [],
@@ -71,6 +79,8 @@ class RowEncoder:
             "documents": [] if "documents" in columns else None,
             "doc_kind": [] if "documents" in columns else None,
             "tool": [] if "tool_calls" in columns else None,
+            "steps": [] if "steps" in columns else None,
+            "cf_step": [] if "counterfactual.steps" in columns else None,
             "cf_evidence": [] if cf_evidence else None,
         }
         n_docs = None
@@ -91,6 +101,8 @@ class RowEncoder:
                         f"{where} column 'documents': {len(docs)} documents, but row 0 has {n_docs} "
                         "(every row needs as many)"
                     )
+            if out["steps"] is not None:
+                _steps(row.get("steps"), f"{where} column 'steps'")
             context, marks, start = self._render(row, where)
             tokens, offsets, special, prompt_len = self._split(context, str(answer), f"{where} column 'answer'")
             out["tokens"].append(tokens)
@@ -110,6 +122,10 @@ class RowEncoder:
                 out["doc_kind"].append(
                     self._doc_kinds(row.get("gold_document"), n_docs, f"{where} column 'gold_document'")
                 )
+            if out["steps"] is not None:
+                out["steps"].append([token_spans[f"step{j}"] for j in range(len(row["steps"]))])
+            if out["cf_step"] is not None:
+                out["cf_step"].append(self._changed_step(row, where))
             if out["tool"] is not None:
                 tool = self._tool_token(tokens, token_spans["tool"], row, where)
                 out["tool"].append((tool, token_spans["tool"], token_spans["result"]))
@@ -164,9 +180,10 @@ class RowEncoder:
         self, row: dict[str, Any], where: str, override: dict[str, str] | None = None
     ) -> tuple[str, dict[str, tuple[int, int]], int]:
         """The text before the answer: the documents (each followed by the separator), the prompt,
-        then the tool call `` <tool> <arguments> <result>``; the character span of each document,
-        the tool and the result; and where the prompt starts. ``override`` replaces a piece
-        (``doc<j>``, ``result``) by another text: a counterfactual row."""
+        the rationale's steps (each after a space) and its ``conclusion``, then the tool call `` <tool> <arguments>
+        <result>``; the character span of each document, step, the tool and the result; and where
+        the prompt starts. ``override`` replaces a piece (``doc<j>``, ``result``, ``steps``) by
+        another: a counterfactual row."""
         override = override or {}
         text, marks = "", {}
         for j, doc in enumerate(row.get("documents") or []):
@@ -175,6 +192,12 @@ class RowEncoder:
             text += doc + self.document_separator
         start = len(text)
         text += row["prompt"]
+        for j, step in enumerate(override.get("steps") or row.get("steps") or []):
+            text += " "
+            marks[f"step{j}"] = (len(text), len(text) + len(step))
+            text += step
+        if row.get("conclusion"):  # after the rationale, before the answer (GSM8K's "####")
+            text += " " + str(row["conclusion"])
         if "tool_calls" in row:
             call = self._tool_call(row.get("tool_calls"), where)
             text += " "
@@ -231,6 +254,13 @@ class RowEncoder:
             column = "tool_calls' item 0 'counterfactual_result"
             new, answer = call.get("counterfactual_result"), call.get("counterfactual_answer")
             override = {"result": new}
+        elif "counterfactual.steps" in row:
+            column = "counterfactual.steps"
+            steps = _steps(row.get(column), f"{where} column '{column}'")
+            if len(steps) != len(row["steps"]):
+                raise DataError(f"{where} column '{column}': {len(steps)} steps, the rationale has {len(row['steps'])}")
+            new, answer = " ".join(steps), row.get("counterfactual.answer")
+            override = {"steps": steps}
         else:
             if kinds is None or 0 not in kinds:
                 raise DataError(
@@ -242,7 +272,7 @@ class RowEncoder:
         if not isinstance(new, str) or not new.strip():
             raise DataError(f"{where} column '{column}': empty or not text: {new!r}")
         if answer is None or str(answer) == "":
-            answer_column = column.replace("result", "answer").replace("document", "answer")
+            answer_column = column.replace("result", "answer").replace("document", "answer").replace("steps", "answer")
             raise DataError(f"{where} column '{answer_column}': empty answer")
         context, _, _ = self._render(row, where, override)
         cf, _, _, _ = self._split(context, str(answer), f"{where} column '{column}'")
@@ -252,6 +282,16 @@ class RowEncoder:
                 "(a counterfactual keeps the evidence's and the answer's token lengths)"
             )
         return cf
+
+    @staticmethod
+    def _changed_step(row: dict[str, Any], where: str) -> int:
+        """Which step a counterfactual rationale changes (``counterfactual.step``, 0-based)."""
+        step = row.get("counterfactual.step")
+        if not isinstance(step, int) or not 0 <= step < len(row["steps"]):
+            raise DataError(
+                f"{where} column 'counterfactual.step': {step!r} is not a step index (0..{len(row['steps']) - 1})"
+            )
+        return step
 
     def _join(self, prompt: str, answer: str) -> str:
         return prompt + answer if prompt[-1].isspace() or answer[0].isspace() else f"{prompt} {answer}"
@@ -342,6 +382,13 @@ def _shifted(spec: Any, prompt: str, start: int) -> Any:
     if isinstance(spec, (list, tuple)) and len(spec) == 2 and all(isinstance(x, int) for x in spec):
         return [start + spec[0], start + spec[1]]
     return spec
+
+
+def _steps(value: Any, where: str) -> list[str]:
+    """A rationale: a non-empty list of non-empty step texts."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise DataError(f"{where}: a list of non-empty step texts, got {value!r}")
+    return value
 
 
 def _calls_have(row: dict[str, Any], key: str) -> bool:

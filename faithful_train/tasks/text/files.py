@@ -14,7 +14,7 @@ import torch
 from faithful_train.errors import DataError, first_line
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CACHE_VERSION = 3  # bump when the cached format changes
+CACHE_VERSION = 4  # bump when the cached format changes
 
 
 def hash_file(path: Path) -> str:
@@ -69,6 +69,47 @@ def read_rows(path: Path, where: str) -> list[dict[str, Any]]:
     while any(isinstance(f, dict) or type(f).__name__ == "Features" for f in data.features.values()):
         data = data.flatten()
     return data.to_list()
+
+
+def gsm8k_rows(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Rows of a GSM8K-format file (``question``; ``answer``: the solution's lines, then ``####``
+    and the final answer) as the text task's: ``prompt``, ``steps`` (the solution's non-empty
+    lines, as they are), ``conclusion`` ``####`` and ``answer`` (after it); other columns are kept."""
+    out = []
+    for r, row in enumerate(rows):
+        where = f"{path} row {r} column 'answer'"
+        solution = row.get("answer")
+        if not isinstance(solution, str) or "####" not in solution:
+            raise DataError(f"{where}: a GSM8K solution ends with '#### <answer>'; no '####' in {str(solution)[:60]!r}")
+        body, final = solution.rsplit("####", 1)
+        steps = [line.strip() for line in body.splitlines() if line.strip()]
+        if not final.strip():
+            raise DataError(f"{where}: nothing after '####' (the final answer)")
+        if not steps:
+            raise DataError(f"{where}: no solution lines before '####'")
+        kept = {k: v for k, v in row.items() if k not in ("question", "answer")}
+        out.append(
+            kept | {"prompt": row.get("question"), "steps": steps, "conclusion": "####", "answer": final.strip()}
+        )
+    return out
+
+
+def save_tokenizer(tokenizer: Any, out: Path) -> Path:
+    """``save_pretrained`` into a temporary directory beside ``out/tokenizer``, then each file
+    moved into place (``os.replace``): a reader never sees half a tokenizer."""
+    import shutil
+    import tempfile
+
+    target = out / "tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer."))
+    try:
+        tokenizer.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, target / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def read_lines(path: Path, where: str, tokenizer: Any) -> list[list[int]]:

@@ -26,11 +26,23 @@ Columns (nested JSON objects are flattened: ``{"spans": {"IO": ...}}`` is ``span
     gold_document                the index of the document the answer comes from
     counterfactual.document      the gold document with its fact changed (the same number of tokens),
     counterfactual.answer          and the answer it then gives (the same number of tokens)
+    steps                        a rationale: a list of step texts put after the prompt (each after
+                                 a space), before the answer; spans ``step0``, ``step1``, ... (those
+                                 every row has), ``step_spans``/``n_steps`` in batches. For the ``cot``
+                                 audit on text
+    conclusion                   text after the steps, before the answer (GSM8K's ``####``)
+    counterfactual.step          with ``counterfactual.steps`` (the rationale with that step's result
+    counterfactual.answer          changed and the later steps continued from it, as many tokens) and
+                                 the answer it implies
     tool_calls                   a list of one call ``{"tool", "arguments", "result",
                                  "counterfactual_result", "counterfactual_answer"}`` put after the
                                  prompt as `` <tool> <arguments> <result>``: the tool is one token of
                                  the tokenizer, which the model is trained to emit (``span/tool``,
                                  ``tool_ids``); ``span/result`` is the result. For the ``tools`` audit
+
+A file in GSM8K's format (columns ``question`` and ``answer``, the solution's lines then
+``#### <final answer>``) is read as it is: ``question`` is the prompt, the solution's lines the
+steps, ``####`` the conclusion and the text after it the answer.
 
 Counterfactual answers come from explicit pairs, or from ``label_fn: file.py:fn``, a function of
 one row's variables (``{name: value}``) returning the answer (the causal model); sources are then
@@ -62,6 +74,7 @@ from faithful_train.tasks.text.collate import collate, pad_lines, pad_right
 from faithful_train.tasks.text.encoding import RowEncoder
 from faithful_train.tasks.text.files import (
     cache_path,
+    gsm8k_rows,
     load_tokenizer,
     read_cache,
     read_lines,
@@ -104,6 +117,8 @@ class TextTask(Task):
         files = {"train": train, "val": val or train, "audit": audit or val or train}
         self.files = {split: Path(path) for split, path in files.items()}
         self.splits = {split: self._load(split, path) for split, path in self.files.items()}
+        found = [len(x) for s in self.splits.values() if s.get("steps") is not None for x in s["steps"]]
+        self._min_steps, self.max_steps = (min(found), max(found)) if found else (0, 0)
         train_split = self.splits["train"]
         self.variables = tuple(train_split["variables"])
         self._values = {v: list(train_split["values"][v]) for v in self.variables}
@@ -129,7 +144,10 @@ class TextTask(Task):
         data = read_cache(cached)
         if data is not None:
             return data
-        data = self.encoder.tokenize(read_rows(path, where), path)
+        rows = read_rows(path, where)
+        if rows and "prompt" not in rows[0] and {"question", "answer"} <= set(rows[0]):
+            rows = gsm8k_rows(rows, path)
+        data = self.encoder.tokenize(rows, path)
         write_cache(cached, data)
         return data
 
@@ -164,6 +182,8 @@ class TextTask(Task):
         firsts = {s["tokens"][r][s["prompt_len"][r]] for s in self.splits.values() for r in range(len(s["tokens"]))}
         for s in self.splits.values():
             firsts |= {a[0] for answers in s["cf_answers"].values() for a in answers}
+            if s["cf_evidence"] is not None:  # the answers counterfactual evidence gives
+                firsts |= {row[p] for row, p in zip(s["cf_evidence"], s["prompt_len"])}
         return tuple(sorted(firsts))
 
     @property
@@ -175,7 +195,13 @@ class TextTask(Task):
         data = self.splits["train"]
         docs = tuple(f"doc{j}" for j in range(len(data["documents"][0]))) if data["documents"] is not None else ()
         tools = ("tool", "result") if data["tool"] is not None else ()
-        return tuple(data["spans"]) + docs + tools
+        steps = tuple(f"step{j}" for j in range(self.min_steps))
+        return tuple(data["spans"]) + docs + tools + steps
+
+    @property
+    def min_steps(self) -> int:
+        """The steps every row of every split has (``step0`` .. are spans of all of them)."""
+        return self._min_steps
 
     @property
     def filler_token(self) -> int:
@@ -270,6 +296,7 @@ class TextTask(Task):
             padding_side=self.padding_side,
             values=self._values,
             concept_values=self.splits["train"]["concept_values"],
+            min_steps=self.min_steps,
         )
 
     def train_batch(self, index: int, batch_size: int, seed: int) -> Batch:
@@ -405,13 +432,16 @@ class TextTask(Task):
     @property
     def provides(self) -> frozenset[str]:
         """From the file's columns: ``paraphrase``, ``irrelevant``, ``concepts.*``, ``documents``,
-        ``tool_calls``, and counterfactual evidence."""
+        ``tool_calls``, ``steps`` (a rationale), and counterfactual evidence (documents, tool
+        results, or ``counterfactual_steps``)."""
         data = self.splits["train"]
         kinds = {"aligned_perturbations"} if data["paraphrase"] is not None else set()
         kinds |= {"irrelevant"} if data["irrelevant"] is not None else set()
         kinds |= {"documents"} if data["documents"] is not None else set()
         kinds |= {"tool_calls"} if data["tool"] is not None else set()
         kinds |= {"counterfactual_evidence"} if data["cf_evidence"] is not None else set()
+        kinds |= {"steps"} if data.get("steps") is not None else set()
+        kinds |= {"counterfactual_steps"} if data.get("cf_step") is not None else set()
         return frozenset(kinds | ({"concepts"} if self.concepts else set()))
 
     @staticmethod

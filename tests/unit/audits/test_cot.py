@@ -42,3 +42,98 @@ def test_cot_audit_on_planted_models():
     shortcut = audit.evaluate(Planted(task, False), task)
     assert shortcut["clean_acc"] == 1.0 and shortcut["follow_rate"] == 0.0 and shortcut["original_rate"] == 1.0
     assert shortcut["early_aoc"] == 0.0 and shortcut["filler_acc"] == 1.0
+
+
+# -- on text: rows with a rationale -------------------------------------------------------------------
+
+
+class CopyLastToken(nn.Module):
+    """Reads its rationale: the answer is the token before the answer position (the last step's
+    result, before the conclusion ``####``)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, attention_mask=None, positions=None, narrow=True):
+        previous = torch.cat([ids[:, :1], ids[:, :-1]], 1)
+        logits = torch.nn.functional.one_hot(previous, self.vocab).float() * 10 + self.dummy
+        return logits if positions is None else gather_positions(logits, positions)
+
+
+class FromPrompt(nn.Module):
+    """Ignores its rationale: the clean answer looked up by the prompt (the tokens up to ``?``)."""
+
+    def __init__(self, vocab: int, answers: dict, question: int):
+        super().__init__()
+        self.vocab, self.answers, self.question = vocab, answers, question
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, attention_mask=None, positions=None, narrow=True):
+        logits = torch.zeros(*ids.shape, self.vocab) + self.dummy
+        for b, row in enumerate(ids.tolist()):
+            prompt = tuple(t for t in row[: row.index(self.question) + 1] if t != 0)
+            logits[b, :, self.answers[prompt]] = 10.0
+        return logits if positions is None else gather_positions(logits, positions)
+
+
+def _arithmetic(tmp_path, monkeypatch):
+    import json
+
+    from faithful_train.tasks.arithmetic_text import write_arithmetic
+    from faithful_train.tasks.text import TextTask
+
+    monkeypatch.setenv("FAITHFUL_TRAIN_CACHE", str(tmp_path / "cache"))
+    paths = write_arithmetic(tmp_path / "a", seed=1, n_train=64, n_val=16, n_audit=64)
+    task = TextTask(str(paths["train"]), str(paths["tokenizer"]), audit=str(paths["audit"]), padding_side="left")
+    rows = [json.loads(line) for line in paths["audit"].read_text().splitlines()]
+    return task, rows
+
+
+def test_cot_audit_on_text_with_planted_models(tmp_path, monkeypatch):
+    task, rows = _arithmetic(tmp_path, monkeypatch)
+    vocab = task.vocab_size
+    audit = CotAudit(n_examples=64, batch_size=32)
+    audit.bind(CopyLastToken(vocab), task)
+    copies = audit.evaluate(CopyLastToken(vocab), task)
+    assert set(copies) == set(audit.metric_names(task))
+    assert copies["clean_acc"] == 1.0 and copies["follow_rate"] == 1.0 and copies["original_rate"] == 0.0
+    # early answering by hand: cut after k steps, the copier answers step k-1's result (k = 0: the
+    # prompt's last token "?", not an answer: the first of the task's answers); AOC per row
+    first = task.tokenizer.convert_ids_to_tokens(task.answer_tokens[0])
+    aocs = []
+    for row in rows:
+        n, results = len(row["steps"]), [s.split()[-1] for s in row["steps"]]
+        y = [float((results[k - 1] if k else first) == row["answer"]) for k in range(n)] + [1.0]
+        aocs.append(sum((1 - y[k]) + (1 - y[k + 1]) for k in range(n)) / (2 * n))
+    assert abs(copies["early_aoc"] - sum(aocs) / len(aocs)) < 1e-6
+    assert copies["early_aoc"] > 0.7 and copies["filler_acc"] < 0.1
+
+    prompts = {}
+    for b, ids in enumerate(task.rows("audit", range(64))["input_ids"].tolist()):
+        question = task.tokenizer.convert_tokens_to_ids("?")
+        prompt = tuple(t for t in ids[: ids.index(question) + 1] if t != 0)
+        prompts[prompt] = task.tokenizer.convert_tokens_to_ids(rows[b]["answer"])
+    ignores = FromPrompt(vocab, prompts, question)
+    found = audit.evaluate(ignores, task)
+    assert found["clean_acc"] == 1.0 and found["follow_rate"] == 0.0 and found["original_rate"] == 1.0
+    assert found["early_aoc"] == 0.0 and found["filler_acc"] == 1.0
+
+
+def test_counterfactual_cot_objective_on_text_asks_the_answer_to_follow_the_rationale(tmp_path, monkeypatch):
+    from faithful_train.objectives.base import StepContext
+    from faithful_train.objectives.counterfactual_cot import CounterfactualCotObjective
+
+    task, _ = _arithmetic(tmp_path, monkeypatch)
+    objective = CounterfactualCotObjective(fraction=1.0)
+    batch = task.train_batch(0, 16, 0)
+    objective.bind(CopyLastToken(task.vocab_size), task)
+    follows = objective.term(StepContext(batch, None, {}, CopyLastToken(task.vocab_size), task, 0, torch.Generator()))
+    question = task.tokenizer.convert_tokens_to_ids("?")
+    answers = {}
+    for ids, label in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        answers[tuple(t for t in ids[: ids.index(question) + 1] if t != 0)] = label
+    ignores = FromPrompt(task.vocab_size, answers, question)
+    shortcut = objective.term(StepContext(batch, None, {}, ignores, task, 0, torch.Generator()))
+    assert float(follows) < 0.01 < 5.0 < float(shortcut)  # the term is what a shortcut pays

@@ -1,0 +1,164 @@
+"""Reasoning text: rows with a rationale (the ``steps`` column), files in GSM8K's format read as
+they are, the generated arithmetic set (``data arithmetic``) with counterfactual steps, and
+one-line errors for bad rationales."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from faithful_train.commands.cli import main
+from faithful_train.errors import DataError
+from faithful_train.tasks.arithmetic_text import MAX_VALUE, write_arithmetic
+from faithful_train.tasks.text import TextTask
+from tests.unit.text_rows import word_tokenizer, write_jsonl
+
+WORDS = "how many pens are left ? Ana had 5 pens and gave 2 away 5 - 2 = 3 3 * 2 = 6 so 6 7 8 9 12 ####".split()
+
+GSM8K = [
+    {
+        "question": "Ana had 5 pens and gave 2 away how many pens are left ?",
+        "answer": "5 - 2 = 3\n3 * 2 = 6\n#### 6",
+    },
+    {"question": "Ana had 5 pens how many pens are left ?", "answer": "so 5 - 2 = 3\n\n#### 3"},
+    {"question": "how many pens are left ?", "answer": "5 - 2 = 3\n3 * 2 = 6\n6 - 2 = 12\n#### 12"},
+]
+
+
+@pytest.fixture
+def tok(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAITHFUL_TRAIN_CACHE", str(tmp_path / "cache"))
+    return str(word_tokenizer(tmp_path / "tok", WORDS))
+
+
+def _texts(task, batch, b, span):
+    ids = batch["input_ids"][b]
+    start, stop = span
+    return " ".join(task.tokenizer.convert_ids_to_tokens(ids[start:stop].tolist()))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_gsm8k_file_loads_with_its_steps_and_answers(tmp_path, tok, side):
+    task = TextTask(str(write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K)), tok, padding_side=side)
+    assert task.min_steps == 1 and task.spans == ("step0",)
+    batch = task.rows("train", range(3))
+    assert batch["n_steps"].tolist() == [2, 1, 3]
+    decode = task.tokenizer.convert_ids_to_tokens
+    assert decode(batch["labels"].tolist()) == ["6", "3", "12"]
+    for b, row in enumerate(GSM8K):
+        lines = [line for line in row["answer"].split("####")[0].splitlines() if line.strip()]
+        for j, line in enumerate(lines):
+            start, stop = batch["step_spans"][b, j].tolist()
+            assert _texts(task, batch, b, (start, stop)) == line
+        assert (batch["step_spans"][b, len(lines) :] == -1).all()
+        # the rationale sits between the prompt and the answer, then "####", where the answer is read
+        assert batch["step_spans"][b, len(lines) - 1, 1] == batch["answer_pos"][b, 0]
+        assert _texts(task, batch, b, (int(batch["answer_pos"][b, 0]), int(batch["answer_pos"][b, 0]) + 1)) == "####"
+    assert torch.equal(batch["span/step0"], batch["step_spans"][:, 0])
+
+
+def test_data_show_marks_the_step_spans(tmp_path, tok, capsys):
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: gpt2-tiny\ntask: {{name: text, train: {data}, tokenizer: {tok}}}\n")
+    assert main(["data", "show", "-c", str(config), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    marked = [line.split()[1] for line in out.splitlines() if "span step0" in line]
+    assert marked == "5 - 2 = 3".split()
+
+
+def test_the_arithmetic_set_has_chained_steps_and_counterfactual_rationales(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAITHFUL_TRAIN_CACHE", str(tmp_path / "cache"))
+    paths = write_arithmetic(tmp_path / "arith", seed=3, n_train=200, n_val=20, n_audit=20)
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    audit = [json.loads(line) for line in paths["audit"].read_text().splitlines()]
+    assert {len(r["steps"]) for r in rows} == {2, 3, 4}
+    assert not {r["prompt"].split()[0] for r in audit} & {r["prompt"].split()[0] for r in rows}  # new names
+    for row in rows:
+        left = int(row["prompt"].split()[2])
+        for step in row["steps"]:  # each step starts from the previous result, and computes it
+            a, op, b, eq, y = step.split()
+            assert int(a) == left and eq == "="
+            assert int(y) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert 0 <= int(y) <= MAX_VALUE
+            left = int(y)
+        assert row["answer"] == str(left)
+        j, cf = row["counterfactual.step"], row["counterfactual.steps"]
+        assert cf[:j] == row["steps"][:j] and cf[j] != row["steps"][j]
+        assert cf[j].split()[:4] == row["steps"][j].split()[:4]  # only the result is wrong
+        for prev, step in zip(cf[j:], cf[j + 1 :]):
+            a, op, b, _, y = step.split()
+            assert int(a) == int(prev.split()[-1])
+            assert int(y) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert row["counterfactual.answer"] == cf[-1].split()[-1] != row["answer"]
+    task = TextTask(str(paths["train"]), str(paths["tokenizer"]), val=str(paths["val"]), audit=str(paths["audit"]))
+    assert task.min_steps == 2 and "counterfactual_evidence" in task.provides
+    batch = task.rows("train", range(16))
+    changed, answers = task.counterfactual_evidence(batch, torch.Generator())
+    decode = task.tokenizer.convert_ids_to_tokens
+    assert decode(answers.tolist()) == [r["counterfactual.answer"] for r in rows[:16]]
+    for b in range(16):  # only the rationale changed, from the changed step on
+        differ = (changed[b] != batch["input_ids"][b]).nonzero()[:, 0]
+        first = batch["step_spans"][b, batch["cf_step"][b], 0]
+        assert len(differ) and differ.min() >= first
+        assert differ.max() < batch["step_spans"][b, batch["n_steps"][b] - 1, 1]
+
+
+def test_data_arithmetic_command_writes_the_set(tmp_path, capsys):
+    assert main(["data", "arithmetic", "--out", str(tmp_path / "a"), "--train", "50"]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "audit.jsonl",
+        "tokenizer",
+        "train.jsonl",
+        "val.jsonl",
+    ]
+    assert len((tmp_path / "a" / "train.jsonl").read_text().splitlines()) == 50
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            [{"prompt": "how many pens", "steps": "5 - 2 = 3", "answer": "3"}],
+            "row 0 column 'steps': a list of non-empty step texts",
+        ),
+        ([{"prompt": "how many pens", "steps": ["5 - 2 = 3", ""], "answer": "3"}], "row 0 column 'steps'"),
+        (
+            [{"question": "how many pens", "answer": "5 - 2 = 3\n3"}],
+            "row 0 column 'answer': a GSM8K solution ends with '#### <answer>'",
+        ),
+        ([{"question": "how many pens", "answer": "5 - 2 = 3\n#### "}], "nothing after '####'"),
+        (
+            [
+                {
+                    "prompt": "how many pens",
+                    "steps": ["5 - 2 = 3"],
+                    "answer": "3",
+                    "counterfactual.step": 0,
+                    "counterfactual.steps": ["5 - 2 = 12 12"],
+                    "counterfactual.answer": "12",
+                }
+            ],
+            "the counterfactual row has",
+        ),
+        (
+            [
+                {
+                    "prompt": "how many pens",
+                    "steps": ["5 - 2 = 3"],
+                    "answer": "3",
+                    "counterfactual.step": 2,
+                    "counterfactual.steps": ["5 - 2 = 6"],
+                    "counterfactual.answer": "6",
+                }
+            ],
+            "column 'counterfactual.step': 2 is not a step index (0..0)",
+        ),
+    ],
+)
+def test_bad_rationales_are_one_line(tmp_path, tok, rows, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")) as err:
+        TextTask(str(write_jsonl(tmp_path / "bad.jsonl", rows)), tok)
+    assert "\n" not in str(err.value) and "bad.jsonl row 0" in str(err.value)
