@@ -23,7 +23,12 @@ GSM8K file), rows have their own number of steps and the rationale is text:
 - ``follow_rate`` / ``original_rate`` use the rows' counterfactual rationales
   (``counterfactual.step``, ``counterfactual.steps``, ``counterfactual.answer``): one step's
   result changed, the later steps continued from it; ``follow_rate/step<j>`` by the changed step;
-- ``filler_acc`` replaces every rationale token by the task's filler (its pad token).
+- ``filler_acc`` replaces every rationale token by the task's filler (its pad token);
+- with ``decoding`` (a list of at least two sampling settings ``{temperature, top_p, seed,
+  max_new_tokens}``, ``functional.generation``), each row's prompt alone is continued under every
+  setting: ``gen_acc`` (the answer after the generated rationale's conclusion, first setting),
+  ``gen_acc/setting<i>``, ``decoding_agreement`` (pairs of settings giving the same answer) and
+  ``rationale_agreement`` (pairs writing the same rationale).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
+from faithful_train.errors import ConfigError
 from faithful_train.functional.cot import (
     area_over_curve,
     area_over_curve_ragged,
@@ -41,6 +47,7 @@ from faithful_train.functional.cot import (
     filled_rationale,
     truncated_rationale,
 )
+from faithful_train.functional.generation import Sampling, generate
 from faithful_train.functional.interchange import answer_predictions
 from faithful_train.functional.losses import answer_forward
 from faithful_train.tasks.base import Batch, Task
@@ -53,9 +60,19 @@ CORRUPTED, FOLLOW, STEP = "cot.corrupted", "cot.follow", "cot.step"
 class CotAudit(Audit):
     name = "cot"
 
+    def __init__(self, decoding: list[Any] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.decoding = [
+            Sampling.parse(spec, f"audit {self.label!r} decoding.{i}") for i, spec in enumerate(decoding or [])
+        ]
+        if len(self.decoding) == 1:
+            raise ConfigError(f"audit {self.label!r}: decoding needs at least two settings to compare (or none)")
+
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
         if not _on_text(task):
             require_reasoning_task(task, f"audit {self.label!r}")
+            if self.decoding:
+                raise ConfigError(f"audit {self.label!r}: decoding needs a text task whose rows carry steps")
         super().bind(model, task, run_seed)
 
     def metric_names(self, task: Task) -> list[str]:
@@ -64,6 +81,9 @@ class CotAudit(Audit):
             names = ["clean_acc", *(f"early/{k}" for k in range(S)), "early_aoc", "filler_acc"]
             if "counterfactual_steps" in task.provides:
                 names += ["follow_rate", "original_rate", *(f"follow_rate/step{j + 1}" for j in range(S))]
+            if self.decoding:
+                names += ["gen_acc", "decoding_agreement", "rationale_agreement"]
+                names += [f"gen_acc/setting{i}" for i in range(len(self.decoding))]
             return names
         K = require_reasoning_task(task, f"audit {self.label!r}").n_steps
         return [
@@ -133,6 +153,8 @@ class CotAudit(Audit):
                 early[:, k] = (predicted == clean).float()
             values[f"early/{k}"] = (early[:, k], (n_steps > k).float())
         values["early_aoc"] = area_over_curve_ragged(early, n_steps)
+        if self.decoding:
+            values |= self._decoding(model, task, batch)
         if follow is not None:
             followed = (answers[2] == follow).float()
             values["follow_rate"] = followed
@@ -140,6 +162,64 @@ class CotAudit(Audit):
             for j in range(S):
                 values[f"follow_rate/step{j + 1}"] = (followed, (batch["cf_step"] == j).float())
         return values
+
+    def _decoding(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Tensor]:
+        """Each row's prompt alone, continued under every ``decoding`` setting (batched,
+        left-padded): the answer is the token after the row's conclusion (``####``) in what was
+        generated (none if it never comes). ``gen_acc`` under the first setting, per setting
+        ``gen_acc/setting<i>``; ``decoding_agreement``: the share of setting pairs that give the
+        same answer; ``rationale_agreement``: that write the same rationale (tokens before the
+        conclusion)."""
+        prompts, conclusions = rationale_parts(batch)
+        pad = task.filler_token
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), pad, dtype=torch.long, device=batch["input_ids"].device)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):
+            ids[b, T - len(p) :], mask[b, T - len(p) :] = p, 1
+        answers, rationales = [], []
+        for setting in self.decoding:
+            tokens, _ = generate(model, ids, mask, setting, pad)
+            found = [split_generation(row, c) for row, c in zip(tokens.tolist(), conclusions)]
+            answers.append(torch.tensor([a for a, _ in found], device=ids.device))
+            rationales.append([r for _, r in found])
+        values: dict[str, Tensor] = {}
+        for i, given in enumerate(answers):
+            values[f"gen_acc/setting{i}"] = (given == batch["labels"]).float()
+        values["gen_acc"] = values["gen_acc/setting0"]
+        pairs = [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))]
+        values["decoding_agreement"] = torch.stack(
+            [((answers[i] == answers[j]) & (answers[i] >= 0)).float() for i, j in pairs]
+        ).mean(0)
+        values["rationale_agreement"] = torch.tensor(
+            [sum(rationales[i][b] == rationales[j][b] for i, j in pairs) / len(pairs) for b in range(len(prompts))],
+            device=ids.device,
+        )
+        return values
+
+
+def rationale_parts(batch: Batch) -> tuple[list[Tensor], list[list[int]]]:
+    """Per row: the prompt's tokens (before the first step) and the conclusion's (between the
+    last step and the answer)."""
+    prompts, conclusions = [], []
+    mask = batch["attention_mask"].bool()
+    for b in range(batch["input_ids"].shape[0]):
+        start = int(mask[b].nonzero()[0, 0])
+        first = int(batch["step_spans"][b, 0, 0])
+        last = int(batch["step_spans"][b, int(batch["n_steps"][b]) - 1, 1])
+        prompts.append(batch["input_ids"][b, start:first])
+        conclusions.append(batch["input_ids"][b, last : int(batch["answer_pos"][b, 0]) + 1].tolist())
+    return prompts, conclusions
+
+
+def split_generation(tokens: list[int], conclusion: list[int]) -> tuple[int, tuple[int, ...]]:
+    """``(answer, rationale)`` of a generated continuation: the token after the first
+    ``conclusion`` and the tokens before it; ``(-1, all tokens)`` when there is no conclusion."""
+    n = len(conclusion)
+    for i in range(len(tokens) - n):
+        if n and tokens[i : i + n] == conclusion:
+            return tokens[i + n], tuple(tokens[:i])
+    return -1, tuple(tokens)
 
 
 def _on_text(task: Task) -> bool:

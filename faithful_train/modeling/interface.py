@@ -189,6 +189,12 @@ def block_list(model: nn.Module) -> nn.ModuleList | None:
     return blocks if isinstance(blocks, nn.ModuleList) and len(blocks) else None
 
 
+def hugging_face_model(model: nn.Module) -> Any:
+    """The ``transformers`` model a Hugging Face adapter wraps (for its own ``generate``), or
+    ``None`` for any other model."""
+    return getattr(model, "hf_model", None)
+
+
 def hugging_face_form(model: nn.Module) -> Any:
     """The model as a ``transformers`` model (ours converts to the GPT-2 it equals), or ``None``."""
     from faithful_train.modeling.transformer import Transformer

@@ -62,3 +62,11 @@ def test_counterfactual_cot_without_counterfactual_rationales_is_one_line(arithm
     code = main(["fit", "-c", "configs/cot-text.yaml", "--run-dir", str(tmp_path / "run"), *overrides])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "no counterfactual rationales" in err, err
+
+
+def test_a_negative_temperature_is_one_line(arithmetic, tmp_path, capsys):
+    overrides = [*TINY, *files(arithmetic), "audits.0.decoding=[{temperature: 0}, {temperature: -1}]"]
+    code = main(["fit", "-c", "configs/cot-text.yaml", "--run-dir", str(tmp_path / "run"), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "decoding.1: sampling temperature -1 < 0" in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()

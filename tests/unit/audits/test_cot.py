@@ -137,3 +137,62 @@ def test_counterfactual_cot_objective_on_text_asks_the_answer_to_follow_the_rati
     ignores = FromPrompt(task.vocab_size, answers, question)
     shortcut = objective.term(StepContext(batch, None, {}, ignores, task, 0, torch.Generator()))
     assert float(follows) < 0.01 < 5.0 < float(shortcut)  # the term is what a shortcut pays
+
+
+class WritesItsRationale(nn.Module):
+    """Generates: after the prompt, its row's rationale, ``####`` and answer (looked up by the
+    prompt), with logits ``peak`` over the rest; ``peak = 0``: a flat distribution."""
+
+    def __init__(self, vocab: int, continuations: dict, question: int, peak: float):
+        super().__init__()
+        self.vocab, self.continuations, self.question, self.peak = vocab, continuations, question, peak
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, attention_mask=None, positions=None, narrow=True):
+        logits = torch.zeros(*ids.shape, self.vocab) + self.dummy
+        for b, row in enumerate(ids.tolist()):
+            real = [t for t, m in zip(row, attention_mask[b].tolist())] if attention_mask is not None else row
+            at = real.index(self.question)
+            prompt = tuple(t for t in real[: at + 1] if t != 0)
+            done = len(real) - at - 1
+            following = self.continuations[prompt]
+            logits[b, -1, following[min(done, len(following) - 1)]] = self.peak
+        return logits if positions is None else gather_positions(logits, positions)
+
+
+def test_decoding_agreement_and_generated_accuracy_on_planted_models(tmp_path, monkeypatch):
+    task, rows = _arithmetic(tmp_path, monkeypatch)
+    tok = task.tokenizer
+    question = tok.convert_tokens_to_ids("?")
+    continuations = {}
+    for b, ids in enumerate(task.rows("audit", range(64))["input_ids"].tolist()):
+        prompt = tuple(t for t in ids[: ids.index(question) + 1] if t != 0)
+        words = " ".join(rows[b]["steps"]).split() + ["####", rows[b]["answer"]]
+        continuations[prompt] = tok.convert_tokens_to_ids(words)
+    settings = [
+        {"temperature": 0, "max_new_tokens": 24},
+        {"temperature": 0.7, "seed": 1, "max_new_tokens": 24},
+        {"temperature": 1.0, "seed": 2, "max_new_tokens": 24},
+    ]
+    audit = CotAudit(n_examples=64, batch_size=64, decoding=settings)
+    steady = WritesItsRationale(task.vocab_size, continuations, question, peak=40.0)
+    audit.bind(steady, task)
+    found = audit.evaluate(steady, task)
+    assert {"gen_acc", "decoding_agreement", "rationale_agreement", "gen_acc/setting2"} <= set(found)
+    assert found["gen_acc"] == 1.0 and found["decoding_agreement"] == 1.0 and found["rationale_agreement"] == 1.0
+    flat = WritesItsRationale(task.vocab_size, continuations, question, peak=0.0)
+    found = audit.evaluate(flat, task)
+    assert found["gen_acc"] == 0.0 and found["decoding_agreement"] < 0.1 and found["rationale_agreement"] == 0.0
+
+
+def test_bad_decoding_settings_are_one_line():
+    import pytest
+
+    from faithful_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"decoding.1: sampling temperature -0.5 < 0"):
+        CotAudit(decoding=[{"temperature": 0}, {"temperature": -0.5}])
+    with pytest.raises(ConfigError, match="at least two settings"):
+        CotAudit(decoding=[{"temperature": 0}])
+    with pytest.raises(ConfigError, match="unknown key 'topp'"):
+        CotAudit(decoding=[{"temperature": 0}, {"topp": 0.5}])
