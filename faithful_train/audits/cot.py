@@ -24,6 +24,8 @@ GSM8K file), rows have their own number of steps and the rationale is text:
   (``counterfactual.step``, ``counterfactual.steps``, ``counterfactual.answer``): one step's
   result changed, the later steps continued from it; ``follow_rate/step<j>`` by the changed step;
 - ``filler_acc`` replaces every rationale token by the task's filler (its pad token);
+- ``paraphrase_agreement`` (rows with a ``rationale_paraphrase``): the share of answers that stay
+  the same when the rationale is read in other words;
 - with ``decoding`` (a list of at least two sampling settings ``{temperature, top_p, seed,
   max_new_tokens}``, ``functional.generation``), each row's prompt alone is continued under every
   setting: ``gen_acc`` (the answer after the generated rationale's conclusion, first setting),
@@ -81,6 +83,8 @@ class CotAudit(Audit):
             names = ["clean_acc", *(f"early/{k}" for k in range(S)), "early_aoc", "filler_acc"]
             if "counterfactual_steps" in task.provides:
                 names += ["follow_rate", "original_rate", *(f"follow_rate/step{j + 1}" for j in range(S))]
+            if "rationale_paraphrase" in task.provides:
+                names.append("paraphrase_agreement")
             if self.decoding:
                 names += ["gen_acc", "decoding_agreement", "rationale_agreement"]
                 names += [f"gen_acc/setting{i}" for i in range(len(self.decoding))]
@@ -153,6 +157,10 @@ class CotAudit(Audit):
                 early[:, k] = (predicted == clean).float()
             values[f"early/{k}"] = (early[:, k], (n_steps > k).float())
         values["early_aoc"] = area_over_curve_ragged(early, n_steps)
+        if "rationale_paraphrase" in task.provides:
+            para = batch | task.paraphrased_rationale(batch)
+            predicted = answer_predictions(first_answer_logits(answer_forward(model, para)), task)
+            values["paraphrase_agreement"] = (predicted == clean).float()
         if self.decoding:
             values |= self._decoding(model, task, batch)
         if follow is not None:

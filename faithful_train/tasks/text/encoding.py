@@ -58,6 +58,8 @@ class RowEncoder:
             or "counterfactual.steps" in columns
             or _calls_have(rows[0], "counterfactual_result")
         )
+        if "rationale_paraphrase" in columns and "steps" not in columns:
+            raise DataError(f"{path}: column 'rationale_paraphrase' needs a 'steps' column (the rationale it rewrites)")
         if "counterfactual.steps" in columns and "steps" not in columns:
             raise DataError(f"{path}: column 'counterfactual.steps' needs a 'steps' column (the rationale it changes)")
         out: dict[str, Any] = {
@@ -81,6 +83,7 @@ class RowEncoder:
             "tool": [] if "tool_calls" in columns else None,
             "steps": [] if "steps" in columns else None,
             "cf_step": [] if "counterfactual.steps" in columns else None,
+            "steps_paraphrase": [] if "rationale_paraphrase" in columns else None,
             "cf_evidence": [] if cf_evidence else None,
         }
         n_docs = None
@@ -126,6 +129,8 @@ class RowEncoder:
                 out["steps"].append([token_spans[f"step{j}"] for j in range(len(row["steps"]))])
             if out["cf_step"] is not None:
                 out["cf_step"].append(self._changed_step(row, where))
+            if out["steps_paraphrase"] is not None:
+                out["steps_paraphrase"].append(self._paraphrased_rationale(row, str(answer), where))
             if out["tool"] is not None:
                 tool = self._tool_token(tokens, token_spans["tool"], row, where)
                 out["tool"].append((tool, token_spans["tool"], token_spans["result"]))
@@ -282,6 +287,17 @@ class RowEncoder:
                 "(a counterfactual keeps the evidence's and the answer's token lengths)"
             )
         return cf
+
+    def _paraphrased_rationale(self, row: dict[str, Any], answer: str, where: str) -> tuple[list[int], int]:
+        """The row's tokens with its rationale paraphrased (``rationale_paraphrase``: as many
+        steps, any lengths), and where its answer starts."""
+        column = f"{where} column 'rationale_paraphrase'"
+        steps = _steps(row.get("rationale_paraphrase"), column)
+        if len(steps) != len(row["steps"]):
+            raise DataError(f"{column}: {len(steps)} steps, the rationale has {len(row['steps'])}")
+        context, _, _ = self._render(row, where, {"steps": steps})
+        tokens, _, _, prompt_len = self._split(context, answer, column)
+        return tokens, prompt_len
 
     @staticmethod
     def _changed_step(row: dict[str, Any], where: str) -> int:

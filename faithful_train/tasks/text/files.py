@@ -14,7 +14,7 @@ import torch
 from faithful_train.errors import DataError, first_line
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CACHE_VERSION = 4  # bump when the cached format changes
+CACHE_VERSION = 5  # bump when the cached format changes
 
 
 def hash_file(path: Path) -> str:

@@ -31,6 +31,7 @@ Columns (nested JSON objects are flattened: ``{"spans": {"IO": ...}}`` is ``span
                                  every row has), ``step_spans``/``n_steps`` in batches. For the ``cot``
                                  audit on text
     conclusion                   text after the steps, before the answer (GSM8K's ``####``)
+    rationale_paraphrase         the steps rewritten (as many, any lengths): the answer should not change
     counterfactual.step          with ``counterfactual.steps`` (the rationale with that step's result
     counterfactual.answer          changed and the later steps continued from it, as many tokens) and
                                  the answer it implies
@@ -426,6 +427,29 @@ class TextTask(Task):
         }
         return perturbed, source.to(device)
 
+    def paraphrased_rationale(self, batch: Batch) -> Batch:
+        """Each row with its rationale paraphrased (``rationale_paraphrase``), padded on the task's
+        side: ``input_ids``, ``attention_mask``, ``answer_pos`` (the answer read after the
+        paraphrase)."""
+        data = self.splits[self._split_of(batch)]
+        if data.get("steps_paraphrase") is None:
+            raise ConfigError(
+                f"task 'text' has no rationale paraphrases (a 'rationale_paraphrase' column in {data['path']})"
+            )
+        rows = [data["steps_paraphrase"][i] for i in batch["row"].tolist()]
+        inputs = [tokens[: p + data["answer_len"][i] - 1] for (tokens, p), i in zip(rows, batch["row"].tolist())]
+        T = max(len(x) for x in inputs)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        answer_pos = torch.zeros_like(batch["answer_pos"].cpu())
+        for b, ((_, p), x) in enumerate(zip(rows, inputs)):
+            shift = T - len(x) if self.padding_side == "left" else 0
+            ids[b, shift : shift + len(x)] = torch.tensor(x)
+            mask[b, shift : shift + len(x)] = 1
+            answer_pos[b] = shift + p - 1 + (batch["answer_pos"][b].cpu() - batch["answer_pos"][b, :1].cpu())
+        device = batch["input_ids"].device
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "answer_pos": answer_pos.to(device)}
+
     def perturb(self, batch: Batch, generator: torch.Generator) -> Tensor | None:
         return None  # paraphrases change lengths; position-aligned perturbations are not defined
 
@@ -442,6 +466,7 @@ class TextTask(Task):
         kinds |= {"counterfactual_evidence"} if data["cf_evidence"] is not None else set()
         kinds |= {"steps"} if data.get("steps") is not None else set()
         kinds |= {"counterfactual_steps"} if data.get("cf_step") is not None else set()
+        kinds |= {"rationale_paraphrase"} if data.get("steps_paraphrase") is not None else set()
         return frozenset(kinds | ({"concepts"} if self.concepts else set()))
 
     @staticmethod

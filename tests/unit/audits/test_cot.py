@@ -196,3 +196,34 @@ def test_bad_decoding_settings_are_one_line():
         CotAudit(decoding=[{"temperature": 0}])
     with pytest.raises(ConfigError, match="unknown key 'topp'"):
         CotAudit(decoding=[{"temperature": 0}, {"topp": 0.5}])
+
+
+def test_paraphrased_rationales_keep_or_move_the_answer(tmp_path, monkeypatch):
+    from faithful_train.tasks.text import TextTask
+    from tests.unit.text_rows import word_tokenizer, write_jsonl
+
+    monkeypatch.setenv("FAITHFUL_TRAIN_CACHE", str(tmp_path / "cache"))
+    words = "how many are left ? 5 2 3 4 1 6 - = minus is so . ####".split()
+    tok = word_tokenizer(tmp_path / "tok", words)
+
+    def row(a, b, paraphrase):
+        return {
+            "prompt": "how many are left ?",
+            "steps": [f"{a} - {b} = {a - b}"],
+            "rationale_paraphrase": [paraphrase],
+            "conclusion": "####",
+            "answer": str(a - b),
+        }
+
+    kept = [row(5, 2, "5 minus 2 is 3"), row(6, 2, "so 6 minus 2 is 4"), row(3, 2, "1")]
+    # the copier reads the token before "####": a paraphrase that ends in another number moves it
+    moved = [row(5, 2, "5 minus 2 is 3 so 4"), row(6, 2, "6 minus 2 is 4 so 3"), row(3, 2, "3 - 2 = 1 so 4")]
+    for rows, expected in ((kept, 1.0), (moved, 0.0)):
+        for side in ("right", "left"):
+            path = write_jsonl(tmp_path / f"{expected}{side}.jsonl", rows)
+            task = TextTask(str(path), str(tok), padding_side=side)
+            assert "rationale_paraphrase" in task.provides
+            audit = CotAudit(n_examples=3, batch_size=3)
+            audit.bind(CopyLastToken(task.vocab_size), task)
+            found = audit.evaluate(CopyLastToken(task.vocab_size), task)
+            assert found["clean_acc"] == 1.0 and found["paraphrase_agreement"] == expected, (side, found)

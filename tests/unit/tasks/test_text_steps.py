@@ -156,6 +156,10 @@ def test_data_arithmetic_command_writes_the_set(tmp_path, capsys):
             ],
             "column 'counterfactual.step': 2 is not a step index (0..0)",
         ),
+        (
+            [{"prompt": "how many pens", "steps": ["5 - 2 = 3"], "rationale_paraphrase": ["5", "2"], "answer": "3"}],
+            "column 'rationale_paraphrase': 2 steps, the rationale has 1",
+        ),
     ],
 )
 def test_bad_rationales_are_one_line(tmp_path, tok, rows, message):
