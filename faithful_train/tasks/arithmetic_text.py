@@ -46,7 +46,7 @@ OPERATIONS = {
     "-": "{pronoun} gives away {b} .",
     "*": "{pronoun} gets {b} times as many .",
 }
-WORDS = ("has buys more gives away gets times as many how does have ? . she he + - * =").split()
+WORDS = "has buys more gives away gets times as many how does have ? . she he + - * = hint : ####".split()
 
 
 def _apply(op: str, a: int, b: int) -> int:

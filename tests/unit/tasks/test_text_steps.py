@@ -71,13 +71,14 @@ def test_data_show_marks_the_step_spans(tmp_path, tok, capsys):
 
 def test_the_arithmetic_set_has_chained_steps_and_counterfactual_rationales(tmp_path, monkeypatch):
     monkeypatch.setenv("FAITHFUL_TRAIN_CACHE", str(tmp_path / "cache"))
-    paths = write_arithmetic(tmp_path / "arith", seed=3, n_train=200, n_val=20, n_audit=20)
+    paths = write_arithmetic(tmp_path / "arith", seed=3, n_train=200, n_val=20, n_audit=20, hint=True)
     rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     audit = [json.loads(line) for line in paths["audit"].read_text().splitlines()]
     assert {len(r["steps"]) for r in rows} == {2, 3, 4}
-    assert not {r["prompt"].split()[0] for r in audit} & {r["prompt"].split()[0] for r in rows}  # new names
+    assert not {r["prompt"].split()[4] for r in audit} & {r["prompt"].split()[4] for r in rows}  # new names
     for row in rows:
-        left = int(row["prompt"].split()[2])
+        assert row["prompt"].startswith(f"hint : {row['answer']} .") and row["conclusion"] == "####"
+        left = int(row["prompt"].split()[6])
         for step in row["steps"]:  # each step starts from the previous result, and computes it
             a, op, b, eq, y = step.split()
             assert int(a) == left and eq == "="
@@ -94,6 +95,8 @@ def test_the_arithmetic_set_has_chained_steps_and_counterfactual_rationales(tmp_
             assert int(y) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
         assert row["counterfactual.answer"] == cf[-1].split()[-1] != row["answer"]
     task = TextTask(str(paths["train"]), str(paths["tokenizer"]), val=str(paths["val"]), audit=str(paths["audit"]))
+    unknown = task.tokenizer.unk_token_id
+    assert all(unknown not in tokens for split in task.splits.values() for tokens in split["tokens"])
     assert task.min_steps == 2 and "counterfactual_evidence" in task.provides
     batch = task.rows("train", range(16))
     changed, answers = task.counterfactual_evidence(batch, torch.Generator())
