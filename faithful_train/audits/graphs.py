@@ -46,15 +46,15 @@ pruned graph, layers by positions).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from faithful_train.audits.base import Audit
 from faithful_train.errors import ConfigError
-from faithful_train.functional.attribution_graphs import AttributionGraph, attribute, check_claims, graph_json
+from faithful_train.functional.attribution_graphs import AttributionGraph, graph_json, traced
 from faithful_train.intervene.replacement import check_transcoders
 from faithful_train.intervene.transcoders import Transcoders, load_transcoders
 from faithful_train.io.files import atomic_write_json, atomic_write_png
@@ -94,7 +94,7 @@ class GraphsAudit(Audit):
         **kwargs: Any,
     ):
         kwargs.setdefault("n_examples", 4)
-        kwargs.setdefault("batch_size", 1)
+        kwargs.setdefault("batch_size", 4)
         super().__init__(**kwargs)
         where = f"audit {self.label!r}"
         if (transcoders is None) == (path is None):
@@ -122,7 +122,6 @@ class GraphsAudit(Audit):
         self.transcoders: Transcoders | None = None
         self._run_dir: Path | None = None
         self._graphs: list[AttributionGraph] = []
-        self._task: Task | None = None
 
     def metric_names(self, task: Task) -> list[str]:
         return list(FIGURES)
@@ -160,67 +159,67 @@ class GraphsAudit(Audit):
             self.transcoders.to(next(pl_module.model.parameters()).device)
         check_transcoders(pl_module.model, self.transcoders, where)
 
-    def prompts(self, task: Task) -> list[Tensor]:
-        """Each audit example's real tokens up to its (first) answer position: ``(1, T)`` each."""
-        data = self.data(task)
-        read = answer_positions(data)[:, 0]
-        mask = data.get("attention_mask")
+    @staticmethod
+    def prompts(batch: Batch) -> list[Tensor]:
+        """Each example's real tokens up to its (first) answer position: ``(1, T)`` each."""
+        read = answer_positions(batch)[:, 0]
+        mask = batch.get("attention_mask")
         out = []
-        for i in range(data["input_ids"].shape[0]):
-            ids = data["input_ids"][i, : int(read[i]) + 1]
+        for i in range(batch["input_ids"].shape[0]):
+            ids = batch["input_ids"][i, : int(read[i]) + 1]
             if mask is not None:
                 ids = ids[mask[i, : int(read[i]) + 1].bool()]
             out.append(ids[None])
         return out
 
-    def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Tensor]:
-        raise NotImplementedError  # evaluate builds one graph per prompt
-
     def evaluate(self, model: nn.Module, task: Task, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-        """One graph per prompt (every rank builds all of them: they are few, and deterministic)."""
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        self._graphs, self._task = [], task
-        figures: dict[str, list[float]] = {k: [] for k in FIGURES}
-        try:
-            for ids in self.prompts(task):
-                graph = attribute(
-                    model,
-                    self.transcoders,
-                    ids.to(device),
-                    self.max_n_logits,
-                    self.desired_logit_prob,
-                    self.max_sources,
-                )
-                pruned = graph.prune(self.node_threshold, self.edge_threshold)
-                claims = check_claims(model, graph, self.top_k, self.scale)
-                graph.extra["claims"] = claims
-                graph.extra.pop("state", None)  # the prompt's activations: not kept past the audit
-                self._graphs.append(graph)
-                trusted = (
-                    claims.spearman >= self.trust["spearman"] and claims.sign_agreement >= self.trust["sign_agreement"]
-                )
-                for key, value in (
-                    ("replacement_score", graph.replacement_score),
-                    ("completeness", graph.completeness),
-                    ("nodes_at_0.8", graph.nodes_for(0.8)),
-                    ("pruned_nodes", int(pruned.node_mask.sum())),
-                    ("pruned_edges", int(pruned.edge_mask.sum())),
-                    ("features", graph.n_features),
-                    ("intervention_agreement", claims.spearman),
-                    ("intervention_sign_agreement", claims.sign_agreement),
-                    ("intervention_agreement_frozen_attention", claims.spearman_frozen_attention),
-                    ("trusted", float(trusted)),
-                ):
-                    figures[key].append(float(value))
-        finally:
-            model.train(was_training)
-        results = {}
-        for key, values in figures.items():
-            finite = [v for v in values if not math.isnan(v)]
-            results[key] = sum(finite) / len(finite) if finite else float("nan")
-        return dict(sorted(results.items()))
+        """The base class's: this rank's share of the prompts, figures averaged over all ranks'
+        (rank zero writes the files of its own prompts)."""
+        self._graphs = []
+        return super().evaluate(model, task, rank, world_size)
+
+    def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
+        """One graph per prompt of the chunk; a figure that is undefined for a prompt (ρ over
+        fewer than two features) weighs nothing."""
+        rows: dict[str, list[float]] = {k: [] for k in FIGURES}
+        for ids in self.prompts(batch):
+            graph = traced(
+                model,
+                self.transcoders,
+                ids,
+                self.max_n_logits,
+                self.desired_logit_prob,
+                self.max_sources,
+                self.node_threshold,
+                self.edge_threshold,
+                self.top_k,
+                self.scale,
+            )
+            self._graphs.append(graph)
+            claims = graph.extra["claims"]
+            trusted = (
+                claims.spearman >= self.trust["spearman"] and claims.sign_agreement >= self.trust["sign_agreement"]
+            )
+            for key, value in (
+                ("replacement_score", graph.replacement_score),
+                ("completeness", graph.completeness),
+                ("nodes_at_0.8", graph.nodes_for(0.8)),
+                ("pruned_nodes", int(graph.pruned.node_mask.sum())),
+                ("pruned_edges", int(graph.pruned.edge_mask.sum())),
+                ("features", graph.n_features),
+                ("intervention_agreement", claims.spearman),
+                ("intervention_sign_agreement", claims.sign_agreement),
+                ("intervention_agreement_frozen_attention", claims.spearman_frozen_attention),
+                ("trusted", float(trusted)),
+            ):
+                rows[key].append(float(value))
+        device = batch["input_ids"].device
+        out: dict[str, Any] = {}
+        for key, values in rows.items():
+            value = torch.tensor(values, device=device)
+            defined = ~value.isnan()
+            out[key] = (torch.where(defined, value, torch.zeros_like(value)), defined.float())
+        return out
 
     def warnings(self) -> list[str]:
         if self.latest and self.latest.get("trusted", 1.0) < 1.0:

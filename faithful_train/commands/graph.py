@@ -63,7 +63,7 @@ def build_graph(
 
     from faithful_train.audits.graphs import plot_attribution_graph
     from faithful_train.commands.loading import load_run
-    from faithful_train.functional.attribution_graphs import attribute, check_claims, graph_json
+    from faithful_train.functional.attribution_graphs import graph_json, traced
     from faithful_train.intervene.replacement import check_transcoders, prompt_too_long
     from faithful_train.intervene.transcoders import load_transcoders
     from faithful_train.io.files import atomic_write_json
@@ -79,9 +79,10 @@ def build_graph(
         raise ConfigError("--prompt: no tokens")
     input_ids = torch.tensor([ids])
     prompt_too_long(model, input_ids)
-    graph = attribute(model, sets, input_ids, max_n_logits, desired_logit_prob, max_sources)
-    graph.prune(node_threshold, edge_threshold)
-    claims = check_claims(model, graph, top_k)
+    graph = traced(
+        model, sets, input_ids, max_n_logits, desired_logit_prob, max_sources, node_threshold, edge_threshold, top_k
+    )
+    claims = graph.extra["claims"]
     names = [task.token_name(t) for t in ids]
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", prompt).strip("-")[:48] or "graph"
     out_dir = Path(out) if out else run_dir / "graphs" / "on-demand"

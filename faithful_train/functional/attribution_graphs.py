@@ -426,6 +426,27 @@ def check_claims(
     return claims
 
 
+def traced(
+    model: nn.Module,
+    transcoders: Transcoders,
+    input_ids: Tensor,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_sources: int | None = 1024,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    top_k: int = 8,
+    scale: float = 0.0,
+) -> AttributionGraph:
+    """A prompt's graph, built, pruned and its claims checked (``extra["claims"]``); the prompt's
+    activations are not kept past it."""
+    graph = attribute(model, transcoders, input_ids, max_n_logits, desired_logit_prob, max_sources)
+    graph.prune(node_threshold, edge_threshold)
+    graph.extra["claims"] = check_claims(model, graph, top_k, scale)
+    graph.extra.pop("state", None)
+    return graph
+
+
 # -- the graph file: circuit-tracer's frontend / Neuronpedia format ---------------------------------
 
 
