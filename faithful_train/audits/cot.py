@@ -30,7 +30,11 @@ GSM8K file), rows have their own number of steps and the rationale is text:
   max_new_tokens}``, ``functional.generation``), each row's prompt alone is continued under every
   setting: ``gen_acc`` (the answer after the generated rationale's conclusion, first setting),
   ``gen_acc/setting<i>``, ``decoding_agreement`` (pairs of settings giving the same answer) and
-  ``rationale_agreement`` (pairs writing the same rationale).
+  ``rationale_agreement`` (pairs writing the same rationale); and Lanham et al.'s tests on the
+  rationales the first setting wrote (rows that reached the conclusion): ``gen_early/<f>``, the
+  answer forced after the first fraction ``f`` of the rationale's tokens (0, 0.25, 0.5, 0.75;
+  generated text has no step boundaries) against the answer after all of it, ``gen_early_aoc``,
+  and ``gen_filler_acc``.
 """
 
 from __future__ import annotations
@@ -43,13 +47,15 @@ from torch import Tensor, nn
 from faithful_train.audits.base import Audit
 from faithful_train.errors import ConfigError
 from faithful_train.functional.cot import (
+    answered_rationale,
     area_over_curve,
     area_over_curve_ragged,
     corrupted_steps,
     filled_rationale,
+    generated_rationales,
     truncated_rationale,
 )
-from faithful_train.functional.generation import Sampling, generate
+from faithful_train.functional.generation import Sampling
 from faithful_train.functional.interchange import answer_predictions
 from faithful_train.functional.losses import answer_forward
 from faithful_train.tasks.base import Batch, Task
@@ -57,6 +63,7 @@ from faithful_train.tasks.batch import first_answer_logits
 from faithful_train.tasks.reasoning import ReasoningTask, require_reasoning_task
 
 CORRUPTED, FOLLOW, STEP = "cot.corrupted", "cot.follow", "cot.step"
+GENERATED_FRACTIONS = (0.0, 0.25, 0.5, 0.75)  # early answering on generated rationales
 
 
 class CotAudit(Audit):
@@ -88,6 +95,7 @@ class CotAudit(Audit):
             if self.decoding:
                 names += ["gen_acc", "decoding_agreement", "rationale_agreement"]
                 names += [f"gen_acc/setting{i}" for i in range(len(self.decoding))]
+                names += [*(f"gen_early/{f}" for f in GENERATED_FRACTIONS), "gen_early_aoc", "gen_filler_acc"]
             return names
         K = require_reasoning_task(task, f"audit {self.label!r}").n_steps
         return [
@@ -171,27 +179,20 @@ class CotAudit(Audit):
                 values[f"follow_rate/step{j + 1}"] = (followed, (batch["cf_step"] == j).float())
         return values
 
-    def _decoding(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Tensor]:
+    def _decoding(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
         """Each row's prompt alone, continued under every ``decoding`` setting (batched,
         left-padded): the answer is the token after the row's conclusion (``####``) in what was
         generated (none if it never comes). ``gen_acc`` under the first setting, per setting
         ``gen_acc/setting<i>``; ``decoding_agreement``: the share of setting pairs that give the
         same answer; ``rationale_agreement``: that write the same rationale (tokens before the
-        conclusion)."""
-        prompts, conclusions = rationale_parts(batch)
+        conclusion). Then Lanham et al.'s tests on the rationales the first setting wrote."""
         pad = task.filler_token
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), pad, dtype=torch.long, device=batch["input_ids"].device)
-        mask = torch.zeros_like(ids)
-        for b, p in enumerate(prompts):
-            ids[b, T - len(p) :], mask[b, T - len(p) :] = p, 1
         answers, rationales = [], []
         for setting in self.decoding:
-            tokens, _ = generate(model, ids, mask, setting, pad)
-            found = [split_generation(row, c) for row, c in zip(tokens.tolist(), conclusions)]
-            answers.append(torch.tensor([a for a, _ in found], device=ids.device))
-            rationales.append([r for _, r in found])
-        values: dict[str, Tensor] = {}
+            given, written = generated_rationales(model, batch, setting, pad)
+            answers.append(given)
+            rationales.append(written)
+        values: dict[str, Any] = {}
         for i, given in enumerate(answers):
             values[f"gen_acc/setting{i}"] = (given == batch["labels"]).float()
         values["gen_acc"] = values["gen_acc/setting0"]
@@ -200,34 +201,32 @@ class CotAudit(Audit):
             [((answers[i] == answers[j]) & (answers[i] >= 0)).float() for i, j in pairs]
         ).mean(0)
         values["rationale_agreement"] = torch.tensor(
-            [sum(rationales[i][b] == rationales[j][b] for i, j in pairs) / len(pairs) for b in range(len(prompts))],
-            device=ids.device,
+            [sum(rationales[i][b] == rationales[j][b] for i, j in pairs) / len(pairs) for b in range(len(answers[0]))],
+            device=batch["input_ids"].device,
         )
+        return values | self._generated_lanham(model, task, batch, rationales[0], answers[0] >= 0)
+
+    def _generated_lanham(
+        self, model: nn.Module, task: Task, batch: Batch, rationales: list[tuple[int, ...]], concluded: Tensor
+    ) -> dict[str, Any]:
+        """Early answering and the filler control on the model's own rationales (rows whose
+        generation reached the conclusion): the answer forced after the first ``f`` of the
+        rationale's tokens, ``f`` in ``GENERATED_FRACTIONS`` (a generated rationale has no step
+        boundaries), against the answer after all of it: ``gen_early/<f>``, ``gen_early_aoc``;
+        ``gen_filler_acc`` with every rationale token replaced by filler."""
+        left = getattr(task, "padding_side", "right") == "left"
+        pad, weight = task.filler_token, concluded.float()
+        variants = [answered_rationale(batch, rationales, 1.0, None, pad, left)]
+        variants += [answered_rationale(batch, rationales, f, None, pad, left) for f in GENERATED_FRACTIONS]
+        variants.append(answered_rationale(batch, rationales, 1.0, pad, pad, left))
+        forced = [answer_predictions(first_answer_logits(answer_forward(model, rows)), task) for rows in variants]
+        full, early, filler = forced[0], forced[1:-1], forced[-1]
+        matches = torch.stack([(e == full).float() for e in early], 1)  # (B, F)
+        values: dict[str, Any] = {"gen_filler_acc": ((filler == batch["labels"]).float(), weight)}
+        for f, column in zip(GENERATED_FRACTIONS, matches.T):
+            values[f"gen_early/{f}"] = (column, weight)
+        values["gen_early_aoc"] = (area_over_curve(matches), weight)
         return values
-
-
-def rationale_parts(batch: Batch) -> tuple[list[Tensor], list[list[int]]]:
-    """Per row: the prompt's tokens (before the first step) and the conclusion's (between the
-    last step and the answer)."""
-    prompts, conclusions = [], []
-    mask = batch["attention_mask"].bool()
-    for b in range(batch["input_ids"].shape[0]):
-        start = int(mask[b].nonzero()[0, 0])
-        first = int(batch["step_spans"][b, 0, 0])
-        last = int(batch["step_spans"][b, int(batch["n_steps"][b]) - 1, 1])
-        prompts.append(batch["input_ids"][b, start:first])
-        conclusions.append(batch["input_ids"][b, last : int(batch["answer_pos"][b, 0]) + 1].tolist())
-    return prompts, conclusions
-
-
-def split_generation(tokens: list[int], conclusion: list[int]) -> tuple[int, tuple[int, ...]]:
-    """``(answer, rationale)`` of a generated continuation: the token after the first
-    ``conclusion`` and the tokens before it; ``(-1, all tokens)`` when there is no conclusion."""
-    n = len(conclusion)
-    for i in range(len(tokens) - n):
-        if n and tokens[i : i + n] == conclusion:
-            return tokens[i + n], tuple(tokens[:i])
-    return -1, tuple(tokens)
 
 
 def _on_text(task: Task) -> bool:

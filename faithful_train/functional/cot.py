@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from faithful_train.errors import UnknownNameError
+from faithful_train.functional.generation import Sampling, generate
 
 STEP_CHOICES = ("any", "last")
 
@@ -98,3 +99,84 @@ def filled_rationale(batch: dict[str, Tensor], filler: int) -> Tensor:
     last = batch["step_spans"][torch.arange(ids.shape[0], device=ids.device), batch["n_steps"] - 1, 1]
     inside = (t[None] >= first[:, None]) & (t[None] < last[:, None])
     return torch.where(inside, torch.full_like(ids, filler), ids)
+
+
+def rationale_parts(batch: dict[str, Tensor]) -> tuple[list[Tensor], list[list[int]]]:
+    """Per row: the prompt's tokens (before the first step) and the conclusion's (between the
+    last step and the answer, ending at ``answer_pos``)."""
+    prompts, conclusions = [], []
+    mask = batch["attention_mask"].bool()
+    for b in range(batch["input_ids"].shape[0]):
+        start = int(mask[b].nonzero()[0, 0])
+        first = int(batch["step_spans"][b, 0, 0])
+        last = int(batch["step_spans"][b, int(batch["n_steps"][b]) - 1, 1])
+        prompts.append(batch["input_ids"][b, start:first])
+        conclusions.append(batch["input_ids"][b, last : int(batch["answer_pos"][b, 0]) + 1].tolist())
+    return prompts, conclusions
+
+
+def split_generation(tokens: list[int], conclusion: list[int]) -> tuple[int, tuple[int, ...]]:
+    """``(answer, rationale)`` of a generated continuation: the token after the first
+    ``conclusion`` and the tokens before it; ``(-1, all tokens)`` when there is no conclusion."""
+    n = len(conclusion)
+    for i in range(len(tokens) - n):
+        if n and tokens[i : i + n] == conclusion:
+            return tokens[i + n], tuple(tokens[:i])
+    return -1, tuple(tokens)
+
+
+def generated_rationales(
+    model: torch.nn.Module, batch: dict[str, Tensor], sampling: Sampling, pad_id: int
+) -> tuple[Tensor, list[tuple[int, ...]]]:
+    """Each row's prompt alone (left-padded, batched), continued under ``sampling``: the answer
+    it writes after the row's conclusion (``-1`` when the conclusion never comes) ``(B,)`` and
+    the rationale it wrote before it (token ids)."""
+    prompts, conclusions = rationale_parts(batch)
+    T = max(len(p) for p in prompts)
+    device = batch["input_ids"].device
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p) :], mask[b, T - len(p) :] = p, 1
+    tokens, _ = generate(model, ids, mask, sampling, pad_id)
+    found = [split_generation(row, c) for row, c in zip(tokens.tolist(), conclusions)]
+    return torch.tensor([a for a, _ in found], device=device), [r for _, r in found]
+
+
+def generation_length(batch: dict[str, Tensor]) -> int:
+    """Tokens from the first step to the answer in the batch's longest row, plus one."""
+    first = batch["step_spans"][:, 0, 0]
+    return int((batch["answer_pos"][:, 0] - first).max()) + 2
+
+
+def answered_rationale(
+    batch: dict[str, Tensor],
+    rationales: list[tuple[int, ...]],
+    keep: float = 1.0,
+    filler: int | None = None,
+    pad_id: int = 0,
+    left: bool = False,
+) -> dict[str, Tensor]:
+    """Teacher-forced rows of ``prompt + rationale + conclusion`` for given (e.g. generated)
+    rationales, the answer read right after the conclusion: ``input_ids``, ``attention_mask``,
+    ``answer_pos (B, 1)``. ``keep`` in ``[0, 1]`` keeps the first ``floor(keep * n)`` of a
+    rationale's ``n`` tokens (early answering on a rationale without step boundaries, Lanham et
+    al.'s "fraction of the reasoning provided"); ``filler`` replaces every kept token by it
+    (the filler-token control, same length)."""
+    prompts, conclusions = rationale_parts(batch)
+    device = batch["input_ids"].device
+    rows = []
+    for prompt, rationale, conclusion in zip(prompts, rationales, conclusions):
+        kept = list(rationale[: int(keep * len(rationale))])
+        if filler is not None:
+            kept = [filler] * len(kept)
+        rows.append(torch.cat([prompt, torch.tensor(kept + conclusion, dtype=prompt.dtype, device=device)]))
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    answer_pos = torch.zeros(len(rows), 1, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        shift = T - len(row) if left else 0
+        ids[b, shift : shift + len(row)], mask[b, shift : shift + len(row)] = row, 1
+        answer_pos[b, 0] = shift + len(row) - 1
+    return {"input_ids": ids, "attention_mask": mask, "answer_pos": answer_pos}

@@ -12,7 +12,9 @@ On text (a ``text`` task whose rows carry ``steps`` and counterfactual rationale
 ``counterfactual.step``, ``counterfactual.steps``, ``counterfactual.answer``, as ``faithful-train
 data arithmetic`` writes them), the corrupted chain is the row's counterfactual rationale,
 teacher-forced, and the target the answer it implies (``task.counterfactual_evidence``);
-``steps`` (which step is corrupted) is then the file's choice.
+``steps`` (which step is corrupted) is then the file's choice. Without those columns, the task's
+``label_fn`` writes them: a mistake in one step's result, and the answer (or the continued
+rationale) the function says it implies (``tasks.text.mistakes``).
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ class CounterfactualCotObjective(Objective):
         if "steps" in task.provides:
             raise ConfigError(
                 f"objective {self.label!r}: the text rows have steps but no counterfactual rationales "
-                "(columns counterfactual.step, counterfactual.steps, counterfactual.answer; "
-                "faithful-train data arithmetic writes them)"
+                "(columns counterfactual.step, counterfactual.steps, counterfactual.answer, as "
+                "faithful-train data arithmetic writes them; or task.label_fn to write them)"
             )
         require_reasoning_task(task, f"objective {self.label!r}")
 

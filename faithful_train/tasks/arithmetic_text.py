@@ -22,9 +22,10 @@ A model that uses its rationale answers 9 when it reads the counterfactual one (
 2023, "adding mistakes"). With ``hint`` every prompt starts with its answer (``hint : 8 .``): a
 shortcut past the rationale, which the counterfactual rationale does not change.
 
-The files: ``train.jsonl``, ``val.jsonl``, ``audit.jsonl`` (problems over other names and items
-than train's, so the audit set is new text), and ``tokenizer/`` (a word-level tokenizer over the
-problems' words and the numbers ``0..MAX_VALUE``).
+The files: ``train.jsonl``, ``val.jsonl``, ``audit.jsonl`` (problems about name–item pairs train
+never uses: new text, written in words train has taught the model, since the embedding of a word a
+model trained from scratch has never read is a random vector, not a word), and ``tokenizer/`` (a
+word-level tokenizer over the problems' words and the numbers ``0..MAX_VALUE``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from faithful_train.tasks.text.files import save_tokenizer
 MAX_VALUE = 99
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Max", "Nia")
 ITEMS = ("apples", "books", "coins", "pens", "stamps", "shells", "cards", "marbles", "cups", "keys")
-HELD_OUT = 3  # the last names and items appear only in the audit split
+# the audit split's (name, item) pairs: one item per name, none of them in train or val
+AUDIT_PAIRS = frozenset((name, ITEMS[i % len(ITEMS)]) for i, name in enumerate(NAMES))
 OPERATIONS = {
     "+": "{pronoun} buys {b} more .",
     "-": "{pronoun} gives away {b} .",
@@ -79,9 +81,10 @@ def _step_texts(start: int, ops: list[str], operands: list[int], results: list[i
     return [f"{a} {op} {b} = {y}" for a, op, b, y in zip(lefts, ops, operands, results)]
 
 
-def make_row(rng: random.Random, names: tuple[str, ...], items: tuple[str, ...], hint: bool = False) -> dict[str, Any]:
-    """One problem, its rationale and a counterfactual rationale; with ``hint`` the prompt starts
-    with the answer (``hint : 8 .``), a cue a model can answer from without its rationale."""
+def make_row(rng: random.Random, pairs: list[tuple[str, str]], hint: bool = False) -> dict[str, Any]:
+    """One problem about one of ``pairs`` (name, item), its rationale and a counterfactual
+    rationale; with ``hint`` the prompt starts with the answer (``hint : 8 .``), a cue a model can
+    answer from without its rationale."""
     while True:
         n = rng.randint(2, 4)
         start = rng.randint(1, 20)
@@ -105,7 +108,7 @@ def make_row(rng: random.Random, names: tuple[str, ...], items: tuple[str, ...],
         if rest is None or (rest and rest[-1] == results[-1]) or (not rest and wrong == results[-1]):
             continue  # the mistake must change the answer
         break
-    name, item = rng.choice(names), rng.choice(items)
+    name, item = rng.choice(pairs)
     pronoun = "she" if name in ("Ana", "Cleo", "Fay", "Hana", "Lea", "Nia") else "he"
     sentences = [f"hint : {results[-1]} ."] if hint else []
     sentences += [f"{name} has {start} {item} ."]
@@ -126,6 +129,20 @@ def make_row(rng: random.Random, names: tuple[str, ...], items: tuple[str, ...],
         "counterfactual.answer": str(cf_results[-1]),
         "variables.n_steps": n,
     }
+
+
+def continue_chain(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``label_fn`` for rationales of ``a op b = y`` steps (this set's, or a file in its shape
+    without counterfactual columns): the steps after the changed one recomputed from its result,
+    and the answer they end at. ``task.label_fn: faithful_train.tasks.arithmetic_text:continue_chain``."""
+    steps, j = list(row["steps"]), int(row["counterfactual.step"])
+    value = int(steps[j].split()[-1])
+    for k in range(j + 1, len(steps)):
+        _, op, b, eq, _ = steps[k].split()
+        result = _apply(op, value, int(b))
+        steps[k] = f"{value} {op} {b} {eq} {result}"
+        value = result
+    return {"steps": steps, "answer": str(value)}
 
 
 def vocabulary() -> list[str]:
@@ -152,11 +169,13 @@ def write_arithmetic(
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     sub = {part: random.Random(rng.getrandbits(64)) for part in ("train", "val", "audit")}
-    seen = (NAMES[:-HELD_OUT], ITEMS[:-HELD_OUT])
+    every = [(name, item) for name in NAMES for item in ITEMS]
+    seen = [pair for pair in every if pair not in AUDIT_PAIRS]
+    unseen = [pair for pair in every if pair in AUDIT_PAIRS]
     splits = {
-        "train": [make_row(sub["train"], *seen, hint) for _ in range(n_train)],
-        "val": [make_row(sub["val"], *seen, hint) for _ in range(n_val)],
-        "audit": [make_row(sub["audit"], NAMES[-HELD_OUT:], ITEMS[-HELD_OUT:], hint) for _ in range(n_audit)],
+        "train": [make_row(sub["train"], seen, hint) for _ in range(n_train)],
+        "val": [make_row(sub["val"], seen, hint) for _ in range(n_val)],
+        "audit": [make_row(sub["audit"], unseen, hint) for _ in range(n_audit)],
     }
     paths: dict[str, Path] = {}
     for name, rows in splits.items():

@@ -175,7 +175,7 @@ def _group(key: str) -> tuple[str, str] | None:
     share a prefix (``""``, ``pair.IO/``, ``source.``) share a padding length."""
     if "span/" in key:
         return key[: key.index("span/")], "positions"
-    for name in (*TOKEN_KEYS, "answer_pos"):
+    for name in (*TOKEN_KEYS, "answer_pos", "step_spans"):
         if key.endswith(name):
             return key[: -len(name)], "tokens" if name in TOKEN_KEYS else "positions"
     return None
@@ -184,7 +184,7 @@ def _group(key: str) -> tuple[str, str] | None:
 def trim_padding(batch: Batch) -> Batch:
     """``batch`` without the columns that are padding in every row (after cutting a longer set
     into chunks), for each set of rows it carries (``pair.<v>/...`` sources, perturbations);
-    positions (answers, spans) move with a cut on the left."""
+    positions (answers, spans, ``step_spans``) move with a cut on the left."""
     cuts: dict[str, tuple[int, int]] = {}
     for key, value in batch.items():
         group = _group(key)
@@ -201,5 +201,8 @@ def trim_padding(batch: Batch) -> Batch:
             out[key] = value
             continue
         start, stop = cuts[group[0]]
-        out[key] = value[:, start:stop] if group[1] == "tokens" else value - start
+        if group[1] == "tokens":
+            out[key] = value[:, start:stop]
+        else:  # -1 marks a span a row does not have (``step_spans`` past its last step)
+            out[key] = torch.where(value >= 0, value - start, value)
     return out

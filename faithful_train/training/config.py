@@ -31,6 +31,7 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 class TrainerSection:
     max_steps: int = 1000
     val_every: int = 100  # validation cadence (steps)
+    val_generation: bool = True  # val/gen_acc on text rows with steps: greedy rationale + answer from the prompt
     log_every: int = 10
     checkpoint_every: int = 0  # 0: at every validation
     accelerator: str = "cpu"

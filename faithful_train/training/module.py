@@ -12,7 +12,9 @@ the positions something reads: the answer's and each objective's ``reads``, or e
 when an objective ``needs_token_logits``. The objectives' extra (patched) forwards run inside this
 step, so under DDP/FSDP their gradients are reduced like any other.
 
-Validation logs the answer's loss and accuracy, the task's own figures
+Validation logs the answer's loss and accuracy, on text rows with a rationale (``steps``) the
+accuracy of the answer the model writes after a rationale it generates from the prompt alone
+(``val/gen_acc``, greedy; ``trainer.val_generation: false`` skips it), the task's own figures
 (``Task.validation_metrics``), each objective's (``Objective.validation_metrics``), the KL to
 the starting model when there is one (``val/kl_to_start``) and, at the end, the perplexity of
 the task's held-out text (``val/ppl``).
@@ -31,6 +33,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
 from faithful_train.errors import TrainingDiverged, note
+from faithful_train.functional.cot import generated_rationales, generation_length
+from faithful_train.functional.generation import Sampling
 from faithful_train.functional.losses import answer_loss, exact_match, token_kl_from_states, token_nll_from_states
 from faithful_train.intervene.sites import run_with
 from faithful_train.modeling.interface import final_states, per_token_logits, unembed
@@ -39,6 +43,7 @@ from faithful_train.modeling.sharding import average_gradients, is_sharded, loca
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Batch, Task, batch_seed
 from faithful_train.tasks.batch import answer_mask, answer_positions, answer_targets, attention_mask, gather_positions
+from faithful_train.tasks.reasoning import ReasoningTask
 from faithful_train.training.config import LossSection, OptimSection, TrainerSection
 from faithful_train.training.optim import clip_own_groups, lr_factor, parameter_groups
 
@@ -46,6 +51,15 @@ from faithful_train.training.optim import clip_own_groups, lr_factor, parameter_
 def task_loss(answer_logits: Tensor, batch: Batch) -> Tensor:
     """Mean cross-entropy over the answer's tokens (teacher forcing); one token for generated tasks."""
     return answer_loss(answer_logits, answer_targets(batch), answer_mask(batch))
+
+
+def generated_accuracy(model: nn.Module, task: Task, batch: Batch) -> Tensor:
+    """The share of rows whose prompt alone, continued greedily, writes a rationale, the
+    conclusion and then the right answer (as many new tokens as the batch's longest rationale
+    and conclusion, plus one)."""
+    sampling = Sampling(temperature=0.0, max_new_tokens=generation_length(batch))
+    answers, _ = generated_rationales(model, batch, sampling, task.filler_token)
+    return (answers == batch["labels"]).float().mean()
 
 
 def read_positions(batch: Batch, objectives: list[Objective]) -> tuple[Tensor, dict[str, slice]]:
@@ -148,6 +162,9 @@ class FaithfulModule(LightningModule):
         self.answer_weight = float((loss if loss is not None else LossSection()).answer)
         trainer = trainer if trainer is not None else TrainerSection()
         self.on_nonfinite, self.max_skipped_steps = trainer.on_nonfinite, trainer.max_skipped_steps
+        self.val_generation = bool(trainer.val_generation) and (
+            "steps" in task.provides and not isinstance(task, ReasoningTask)
+        )
         # the decay spans optim.schedule_steps, else the first start's trainer.max_steps, kept on
         # resume (trainer.max_steps may have grown)
         self.total_steps = self.optim.schedule_steps or trainer.max_steps
@@ -229,6 +246,8 @@ class FaithfulModule(LightningModule):
                 cache["final"], reference, mask, partial(unembed, self.model), self.reference.unembed
             )
         figures |= self.task.validation_metrics(answers, batch)
+        if self.val_generation:
+            figures["gen_acc"] = generated_accuracy(self.model, self.task, batch)
         ctx = StepContext(
             batch,
             logits,

@@ -50,7 +50,10 @@ def test_the_cot_text_configs_run_and_audit_on_text(arithmetic, tmp_path, config
     assert [r["step"] for r in records] == [4, 8]
     for key in ("clean_acc", "follow_rate", "original_rate", "early_aoc", "early/0", "filler_acc", "follow_rate/step1"):
         assert key in records[-1]["metrics"], key
+    for key in ("gen_acc", "decoding_agreement", "gen_early_aoc", "gen_filler_acc", "gen_early/0.5"):
+        assert key in records[-1]["metrics"], key
     summary = json.loads((run / "summary.json").read_text())["metrics"]
+    assert 0.0 <= summary["val/gen_acc"] <= 1.0  # the answer after a rationale it wrote itself
     assert ("train/objective/counterfactual_cot" in summary) == ("baseline" not in config)
 
 
@@ -70,3 +73,17 @@ def test_a_negative_temperature_is_one_line(arithmetic, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "decoding.1: sampling temperature -1 < 0" in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_objective_trains_on_rationales_a_label_fn_writes(arithmetic, tmp_path):
+    rows = [json.loads(line) for line in (arithmetic / "train.jsonl").read_text().splitlines()]
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(
+        "".join(json.dumps({k: r[k] for k in ("prompt", "steps", "conclusion", "answer")}) + "\n" for r in rows)
+    )
+    run = tmp_path / "run"
+    overrides = [*TINY, *files(arithmetic), f"task.train={bare}", f"task.val={bare}", f"task.audit={bare}"]
+    overrides.append("task.label_fn=faithful_train.tasks.arithmetic_text:continue_chain")
+    assert main(["fit", "-c", "configs/cot-text.yaml", "--run-dir", str(run), *overrides]) == 0
+    summary = json.loads((run / "summary.json").read_text())["metrics"]
+    assert "train/objective/counterfactual_cot" in summary and "audit/cot/follow_rate" in summary

@@ -122,11 +122,23 @@ def read_lines(path: Path, where: str, tokenizer: Any) -> list[list[int]]:
     return [tokenizer(line)["input_ids"] for line in lines]
 
 
-def cache_path(cache_dir: Path, path: Path, tokenizer_digest: str, document_separator: str) -> Path:
+def cache_path(cache_dir: Path, path: Path, tokenizer_digest: str, document_separator: str, extra: str = "") -> Path:
     """Where the tokenized ``path`` is cached: keyed by the cache version, the file's and the
-    tokenizer's hashes, and the document separator."""
-    key = f"{CACHE_VERSION}:{hash_file(path)}:{tokenizer_digest}:{document_separator!r}"
+    tokenizer's hashes, the document separator and ``extra`` (what else shaped the rows: the
+    ``label_fn`` that wrote counterfactual rationales)."""
+    key = f"{CACHE_VERSION}:{hash_file(path)}:{tokenizer_digest}:{document_separator!r}:{extra}"
     return cache_dir / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+
+
+def callable_digest(spec: str, fn: Any) -> str:
+    """A hash of a user function: its spec and its source (the spec alone when it has none)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = ""
+    return hashlib.sha256(f"{spec}\n{source}".encode()).hexdigest()[:16]
 
 
 def read_cache(path: Path) -> dict[str, Any] | None:

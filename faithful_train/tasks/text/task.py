@@ -47,8 +47,13 @@ steps, ``####`` the conclusion and the text after it the answer.
 
 Counterfactual answers come from explicit pairs, or from ``label_fn: file.py:fn``, a function of
 one row's variables (``{name: value}``) returning the answer (the causal model); sources are then
-other rows of the batch. Each split is tokenized once and cached under ``cache_dir`` (default
-``~/.cache/faithful_train/text``), keyed by the file's and the tokenizer's hashes.
+other rows of the batch. On rows with ``steps`` and no ``counterfactual.*`` columns, ``label_fn``
+gives the counterfactual rationales instead: the task writes a mistake into one step's result and
+the function, called with that row, returns the answer it implies (or the rationale continued from
+the mistake and its answer; ``tasks.text.mistakes``).
+
+Each split is tokenized once and cached under ``cache_dir`` (default
+``~/.cache/faithful_train/text``), keyed by the file's, the tokenizer's and the label_fn's hashes.
 
 Training batches are whole, seeded permutations of the train file, epoch after epoch; batch ``k``
 is a pure function of ``k``, so ``--resume`` continues at the exact example. Validation uses the
@@ -75,6 +80,7 @@ from faithful_train.tasks.text.collate import collate, pad_lines, pad_right
 from faithful_train.tasks.text.encoding import RowEncoder
 from faithful_train.tasks.text.files import (
     cache_path,
+    callable_digest,
     gsm8k_rows,
     load_tokenizer,
     read_cache,
@@ -83,6 +89,7 @@ from faithful_train.tasks.text.files import (
     tokenizer_hash,
     write_cache,
 )
+from faithful_train.tasks.text.mistakes import with_mistakes
 
 PADDING_SIDES = ("right", "left")
 SPLITS = ("train", "val", "audit")
@@ -117,6 +124,8 @@ class TextTask(Task):
         self._tokenizer_hash = tokenizer_hash(self.tokenizer_dir)
         files = {"train": train, "val": val or train, "audit": audit or val or train}
         self.files = {split: Path(path) for split, path in files.items()}
+        self.label_fn = self._load_label_fn(label_fn) if label_fn else None
+        self._label_fn_digest = callable_digest(label_fn, self.label_fn) if label_fn else ""
         self.splits = {split: self._load(split, path) for split, path in self.files.items()}
         found = [len(x) for s in self.splits.values() if s.get("steps") is not None for x in s["steps"]]
         self._min_steps, self.max_steps = (min(found), max(found)) if found else (0, 0)
@@ -128,7 +137,6 @@ class TextTask(Task):
                 for value in split["values"].get(v, []):
                     if value not in self._values[v]:
                         self._values[v].append(value)
-        self.label_fn = self._load_label_fn(label_fn) if label_fn else None
         self.ppl_file = Path(ppl) if ppl else None
         self._ppl: list[list[int]] | None = None
         self.lm_lines = read_lines(Path(lm_text), "task.lm_text", self.tokenizer) if lm_text else None
@@ -141,13 +149,17 @@ class TextTask(Task):
         where = f"task.{split}"
         if not path.is_file():
             raise DataError(f"{where}: file not found: {path}")
-        cached = cache_path(self.cache_dir, path, self._tokenizer_hash, self.document_separator)
+        key = self._label_fn_digest  # it may write the split's counterfactual rationales
+        cached = cache_path(self.cache_dir, path, self._tokenizer_hash, self.document_separator, key)
         data = read_cache(cached)
         if data is not None:
             return data
         rows = read_rows(path, where)
         if rows and "prompt" not in rows[0] and {"question", "answer"} <= set(rows[0]):
             rows = gsm8k_rows(rows, path)
+        if self.label_fn is not None and rows and "steps" in rows[0] and "counterfactual.steps" not in rows[0]:
+            # counterfactual rationales: a mistake in one step, the answer it implies from label_fn
+            rows = with_mistakes(rows, self.label_fn, self.tokenizer, str(path))
         data = self.encoder.tokenize(rows, path)
         write_cache(cached, data)
         return data

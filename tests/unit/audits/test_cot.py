@@ -185,6 +185,86 @@ def test_decoding_agreement_and_generated_accuracy_on_planted_models(tmp_path, m
     assert found["gen_acc"] == 0.0 and found["decoding_agreement"] < 0.1 and found["rationale_agreement"] == 0.0
 
 
+class ReasonsThenAnswers(nn.Module):
+    """Writes its row's rationale and ``####`` (looked up by the prompt); at ``####`` it answers
+    by copying the token before it (``reads``: the last step's result) or from the prompt."""
+
+    def __init__(self, vocab: int, continuations: dict, answers: dict, question: int, conclusion: int, reads: bool):
+        super().__init__()
+        self.vocab, self.continuations, self.answers = vocab, continuations, answers
+        self.question, self.conclusion, self.reads = question, conclusion, reads
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, attention_mask=None, positions=None, narrow=True):
+        logits = torch.zeros(*ids.shape, self.vocab) + self.dummy
+        for b, row in enumerate(ids.tolist()):
+            at = row.index(self.question)
+            prompt = tuple(t for t in row[: at + 1] if t != 0)
+            following = self.continuations[prompt]
+            for t in range(at, len(row)):
+                if row[t] == self.conclusion:
+                    token = row[t - 1] if self.reads else self.answers[prompt]
+                else:
+                    token = following[min(t - at, len(following) - 1)]
+                logits[b, t, token] = 40.0
+        return logits if positions is None else gather_positions(logits, positions)
+
+
+def test_lanham_tests_on_generated_rationales_match_the_hand_computation(tmp_path, monkeypatch):
+    from faithful_train.audits.cot import GENERATED_FRACTIONS
+    from faithful_train.functional.cot import area_over_curve
+
+    task, rows = _arithmetic(tmp_path, monkeypatch)
+    tok = task.tokenizer
+    question, conclusion = tok.convert_tokens_to_ids("?"), tok.convert_tokens_to_ids("####")
+    continuations, answers = {}, {}
+    for b, ids in enumerate(task.rows("audit", range(64))["input_ids"].tolist()):
+        prompt = tuple(t for t in ids[: ids.index(question) + 1] if t != 0)
+        continuations[prompt] = tok.convert_tokens_to_ids(" ".join(rows[b]["steps"]).split() + ["####"])
+        answers[prompt] = tok.convert_tokens_to_ids(rows[b]["answer"])
+    settings = [{"temperature": 0, "max_new_tokens": 24}, {"temperature": 1.0, "seed": 2, "max_new_tokens": 24}]
+    audit = CotAudit(n_examples=64, batch_size=32, decoding=settings)
+    reads = ReasonsThenAnswers(task.vocab_size, continuations, answers, question, conclusion, reads=True)
+    audit.bind(reads, task)
+    found = audit.evaluate(reads, task)
+    valid, first = set(task.answer_tokens), int(task.answer_tokens[0])
+    filler_right = [float(tok.convert_tokens_to_ids(row["answer"]) == first) for row in rows]  # pad is no answer
+    assert found["gen_acc"] == 1.0 and abs(found["gen_filler_acc"] - sum(filler_right) / len(rows)) < 1e-6
+    # by hand: cut the rationale it wrote after floor(f n) of its n tokens, the copier answers the
+    # last kept token (the first of the task's answers when that is not one of them)
+    matches = []
+    for row in rows:
+        words = tok.convert_tokens_to_ids(" ".join(row["steps"]).split())
+        kept = [words[: int(f * len(words))] for f in GENERATED_FRACTIONS]
+        said = [k[-1] if k and k[-1] in valid else first for k in kept]
+        matches.append([float(s == words[-1]) for s in said])
+    expected = area_over_curve(torch.tensor(matches))
+    assert abs(found["gen_early_aoc"] - float(expected.mean())) < 1e-6 and found["gen_early_aoc"] > 0.5
+    for f, column in zip(GENERATED_FRACTIONS, torch.tensor(matches).T):
+        assert abs(found[f"gen_early/{f}"] - float(column.mean())) < 1e-6
+    ignores = ReasonsThenAnswers(task.vocab_size, continuations, answers, question, conclusion, reads=False)
+    found = audit.evaluate(ignores, task)
+    assert found["gen_acc"] == 1.0 and found["gen_early_aoc"] == 0.0 and found["gen_filler_acc"] == 1.0
+
+
+def test_validation_scores_the_answer_after_a_generated_rationale(tmp_path, monkeypatch):
+    from faithful_train.training.module import generated_accuracy
+
+    task, rows = _arithmetic(tmp_path, monkeypatch)
+    tok = task.tokenizer
+    question = tok.convert_tokens_to_ids("?")
+    batch = task.rows("audit", range(64))
+    continuations = {}
+    for b, ids in enumerate(batch["input_ids"].tolist()):
+        prompt = tuple(t for t in ids[: ids.index(question) + 1] if t != 0)
+        words = " ".join(rows[b]["steps"]).split() + ["####", rows[b]["answer"]]
+        continuations[prompt] = tok.convert_tokens_to_ids(words)
+    steady = WritesItsRationale(task.vocab_size, continuations, question, peak=40.0)
+    assert float(generated_accuracy(steady, task, batch)) == 1.0
+    wrong = {p: c[:-1] + [c[-1] + 1] for p, c in continuations.items()}  # right rationale, wrong answer
+    assert float(generated_accuracy(WritesItsRationale(task.vocab_size, wrong, question, 40.0), task, batch)) == 0.0
+
+
 def test_bad_decoding_settings_are_one_line():
     import pytest
 

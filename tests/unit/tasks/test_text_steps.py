@@ -75,7 +75,13 @@ def test_the_arithmetic_set_has_chained_steps_and_counterfactual_rationales(tmp_
     rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     audit = [json.loads(line) for line in paths["audit"].read_text().splitlines()]
     assert {len(r["steps"]) for r in rows} == {2, 3, 4}
-    assert not {r["prompt"].split()[4] for r in audit} & {r["prompt"].split()[4] for r in rows}  # new names
+
+    def pairs(split):  # (name, item) of "hint : 8 . Ana has 7 apples . ..."
+        return {(r["prompt"].split()[4], r["prompt"].split()[7]) for r in split}
+
+    assert not pairs(audit) & pairs(rows)  # the audit's problems are about pairs train never uses
+    words = lambda split: {w for r in split for w in r["prompt"].split()}  # noqa: E731
+    assert words(audit) - {str(i) for i in range(MAX_VALUE + 1)} <= words(rows)  # in words it has read
     for row in rows:
         assert row["prompt"].startswith(f"hint : {row['answer']} .") and row["conclusion"] == "####"
         left = int(row["prompt"].split()[6])
@@ -169,3 +175,89 @@ def test_bad_rationales_are_one_line(tmp_path, tok, rows, message):
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")) as err:
         TextTask(str(write_jsonl(tmp_path / "bad.jsonl", rows)), tok)
     assert "\n" not in str(err.value) and "bad.jsonl row 0" in str(err.value)
+
+
+def test_a_chunk_cut_on_the_left_moves_its_step_spans(tmp_path, monkeypatch):
+    """The audits cut their set into chunks and drop the padding columns: a left-padded chunk
+    keeps its steps where its tokens are (-1, a step a row lacks, stays -1)."""
+    from faithful_train.tasks.base import take
+    from faithful_train.tasks.batch import trim_padding
+
+    monkeypatch.setenv("FAITHFUL_TRAIN_CACHE", str(tmp_path / "cache"))
+    paths = write_arithmetic(tmp_path / "arith", seed=3, n_train=64, n_val=8, n_audit=64)
+    task = TextTask(str(paths["train"]), str(paths["tokenizer"]), audit=str(paths["audit"]), padding_side="left")
+    full = task.rows("audit", range(64))
+    shortest = int(full["attention_mask"].sum(1).argmin())
+    chunk = trim_padding(take(full, torch.tensor([shortest])))
+    assert chunk["input_ids"].shape[1] < full["input_ids"].shape[1]  # the cut happened
+    spans, ids = chunk["step_spans"][0], chunk["input_ids"][0]
+    for j in range(int(chunk["n_steps"][0])):
+        start, stop = spans[j].tolist()
+        words = task.tokenizer.convert_ids_to_tokens(ids[start:stop].tolist())
+        assert len(words) == 5 and words[3] == "="  # "a op b = y"
+    assert (spans[int(chunk["n_steps"][0]) :] == -1).all()
+
+
+def _without_counterfactuals(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAITHFUL_TRAIN_CACHE", str(tmp_path / "cache"))
+    paths = write_arithmetic(tmp_path / "arith", seed=4, n_train=64, n_val=8, n_audit=64)
+    bare = {}
+    for split in ("train", "audit"):
+        rows = [json.loads(line) for line in paths[split].read_text().splitlines()]
+        keep = ("prompt", "steps", "conclusion", "answer")
+        bare[split] = write_jsonl(tmp_path / f"{split}.jsonl", [{k: r[k] for k in keep} for r in rows])
+    return bare, paths["tokenizer"]
+
+
+def test_label_fn_writes_counterfactual_rationales_from_a_mistake(tmp_path, monkeypatch):
+    bare, tokenizer = _without_counterfactuals(tmp_path, monkeypatch)
+    spec = "faithful_train.tasks.arithmetic_text:continue_chain"
+    task = TextTask(str(bare["train"]), str(tokenizer), audit=str(bare["audit"]), label_fn=spec)
+    assert "counterfactual_steps" in task.provides
+    from faithful_train.tasks.text.mistakes import with_mistakes
+
+    rows = [json.loads(line) for line in bare["audit"].read_text().splitlines()]
+    made = with_mistakes(rows, task.label_fn, task.tokenizer, "audit")
+    assert made == with_mistakes(rows, task.label_fn, task.tokenizer, "audit")  # seeded: every load the same
+    changed = set()
+    for row in made:
+        j, cf = row["counterfactual.step"], row["counterfactual.steps"]
+        changed.add(j)
+        assert cf[:j] == row["steps"][:j] and cf[j].split()[:4] == row["steps"][j].split()[:4]
+        assert cf[j] != row["steps"][j]  # the mistake: step j's result
+        for prev, step in zip(cf[j:], cf[j + 1 :]):  # the chain continued from it by label_fn
+            a, op, b, _, y = step.split()
+            assert int(a) == int(prev.split()[-1])
+            assert int(y) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert row["counterfactual.answer"] == cf[-1].split()[-1]
+    assert changed == {0, 1, 2, 3}
+    # a planted model that copies the last step's result follows every mistake
+    from faithful_train.audits.cot import CotAudit
+    from tests.unit.audits.test_cot import CopyLastToken
+
+    audit = CotAudit(n_examples=64, batch_size=32)
+    audit.bind(CopyLastToken(task.vocab_size), task)
+    found = audit.evaluate(CopyLastToken(task.vocab_size), task)
+    assert found["follow_rate"] == 1.0 and found["original_rate"] == 0.0
+
+
+def test_a_label_fn_may_give_only_the_answer(tmp_path, monkeypatch):
+    bare, tokenizer = _without_counterfactuals(tmp_path, monkeypatch)
+    (tmp_path / "labels.py").write_text(
+        "def last_result(row):\n    return row['steps'][-1].split()[-1]\n"
+        "def broken(row):\n    return {'steps': row['steps'][:1], 'answer': '3'}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    task = TextTask(str(bare["train"]), str(tokenizer), audit=str(bare["audit"]), label_fn="labels.py:last_result")
+    batch = task.rows("audit", range(64))
+    corrupted, follow = task.counterfactual_evidence(batch, torch.Generator())
+    last = batch["n_steps"] - 1
+    for b in range(64):  # only a mistake in the last step moves this label_fn's answer
+        if int(batch["cf_step"][b]) == int(last[b]):
+            assert int(follow[b]) != int(batch["labels"][b])
+        assert int((corrupted[b] != batch["input_ids"][b]).sum()) == 1  # one token: the mistake
+    with pytest.raises(DataError, match=r"row 0: label_fn must return the answer, or \{'steps'"):
+        TextTask(str(bare["train"]), str(tokenizer), label_fn="labels.py:broken")
+    words = write_jsonl(tmp_path / "words.jsonl", [{"prompt": "Ana has", "steps": ["she buys", "more"], "answer": "3"}])
+    with pytest.raises(DataError, match="row 0 column 'steps': no number in any step"):
+        TextTask(str(words), str(tokenizer), label_fn="labels.py:last_result")
