@@ -61,6 +61,31 @@ def _worker(
             write(sweep, study, Path(out))
 
 
+def die_with_parent() -> None:
+    """Ask Linux to end this process when its parent dies (``PR_SET_PDEATHSIG``): a worker must
+    not train on, holding a core, after ``faithful-train sweep``/``repro`` is killed. Elsewhere,
+    nothing."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _child(target: Callable[..., None], *args: Any) -> None:
+    """A worker process's entry: dies with its parent, then runs ``target``."""
+    die_with_parent()
+    target(*args)
+
+
 def run_study(
     sweep: Sweep,
     out: Path,
@@ -105,7 +130,7 @@ def run_study(
     if workers == 1 or trials <= 1:
         _worker(*args)
     else:
-        procs = [ctx.Process(target=_worker, args=args) for _ in range(min(workers, max(trials, 1)))]
+        procs = [ctx.Process(target=_child, args=(_worker, *args)) for _ in range(min(workers, max(trials, 1)))]
         for p in procs:
             p.start()
         for p in procs:

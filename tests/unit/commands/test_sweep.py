@@ -3,6 +3,7 @@ storage, and the multi-objective pruner on a real Optuna study."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -224,3 +225,59 @@ def test_replicates_must_be_a_whole_number(tmp_path, capsys):
     cfg = trial_config(sweep, {"objectives.0.weight": 1.0}, replicate=2)
     assert cfg.seed == 2 and cfg.objectives[0].weight == 1.0
     assert trial_config(load_sweep(write(tmp_path)), {"objectives.0.weight": 1.0}, replicate=None).seed == 0
+
+
+PARENT = """
+import multiprocessing as mp
+import sys
+import time
+
+from faithful_train.commands.sweep.workers import _child
+
+
+def ready_then_sleep(path):
+    open(path, "w").close()
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    worker = mp.get_context("spawn").Process(target=_child, args=(ready_then_sleep, sys.argv[1]))
+    worker.start()
+    print(worker.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_process_dies_with_the_command_that_started_it(tmp_path):
+    """Killing ``faithful-train sweep``/``repro`` must not leave its workers training."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script, ready = tmp_path / "parent.py", tmp_path / "ready"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(ready)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists() and _alive(worker)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survived = _alive(worker)
+    if survived:  # leave nothing behind
+        os.kill(worker, signal.SIGKILL)
+    assert not survived
