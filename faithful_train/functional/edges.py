@@ -183,9 +183,10 @@ class _ScoreAccumulator:
 
     def __call__(self, layer: int, kind: str, inputs: Tensor) -> None:
         if inputs.requires_grad:
-            inputs.register_hook(lambda grad: self._add(layer, kind, grad))
+            inputs.register_hook(lambda grad, first=0: self._add(layer, kind, grad, first))
 
-    def _add(self, layer: int, kind: str, grad: Tensor) -> None:
+    def _add(self, layer: int, kind: str, grad: Tensor, first: int = 0) -> None:
+        """Scores of the receivers ``first, first + 1, ...`` of the group from their input gradients."""
         graph, H = self.graph, self.graph.n_heads
         K = self.variants
         grad = grad.detach().float()
@@ -195,7 +196,7 @@ class _ScoreAccumulator:
         else:
             start = graph.receiver_index(f"a{layer}.h0", "q") + (3 * H if kind == "mlp" else 0)
             blocks, own_heads = layer, kind == "mlp"
-        cols = slice(start, start + grad.shape[2])
+        cols = slice(start + first, start + first + grad.shape[2])
         delta = self.delta
         rows = []
         rows.append(torch.einsum("btd,btrd->r", delta.input.float().expand_as(grad[:, :, 0]), grad)[None])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +34,10 @@ from faithful_train.tasks.batch import gather_positions
 
 # edit a sender's output in the run: slot ("input", "a{L}" for the per-head outputs z, "m{L}"), value
 SenderEdit = Callable[[str, Tensor], Tensor]
-# see a receiver group's input (layer, kind "qkv" / "mlp" / "logits", tensor) e.g. to hook its gradient
+# see a receiver group's input (layer, kind "qkv" / "mlp" / "logits", tensor) e.g. to hook its gradient;
+# a hook may be called with the gradient of a part of the group and the index of its first receiver
 ReceiverHook = Callable[[int, str, Tensor], None]
+RECEIVER_GROUP_BYTES = 64 << 20  # the heads' input gradients before their norm, built this much at a time
 
 
 def parts_of(model: nn.Module) -> GraphParts:
@@ -86,6 +89,36 @@ class Record:
             pieces += [head_outputs(parts, layer, z), m[:, :, None]]
         out = torch.cat(pieces, 2)
         return out if upto is None else out[:, :, :upto]
+
+
+class _NormedReceivers:
+    """The heads' query, key and value inputs when they all read one stream ``x``: the norm runs
+    once and every head reads a view of its output (so nothing of size 3H x d_model per position
+    is kept for the backward, only ``x``). A hook sees what a hook on each receiver's own input
+    would: the gradient at the input before the norm, ``(N, T, 3H, D)``, from the gradient at the
+    normed views through the norm run again on a copy of ``x`` per receiver, built only while the
+    backward passes this layer."""
+
+    def __init__(self, normed: Tensor, norm: Callable[[Tensor], Tensor], x: Tensor):
+        self.normed, self.norm, self.x = normed, norm, x
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.normed.requires_grad
+
+    def register_hook(self, hook: Callable[..., None]) -> None:
+        def before_norm(grad: Tensor) -> None:
+            # a few receivers at a time (a copy of x, the norm's intermediates and its gradient
+            # for each): the hook gets each group with the index of its first receiver
+            size = max(1, RECEIVER_GROUP_BYTES // (4 * self.x.numel() * self.x.element_size()))
+            for first in range(0, grad.shape[2], size):
+                part = grad[:, :, first : first + size]
+                with torch.enable_grad():  # the norm again, on a copy of x per receiver
+                    x = self.x.detach()[:, :, None].repeat(1, 1, part.shape[2], 1).requires_grad_(True)
+                    (before,) = torch.autograd.grad(self.norm(x), x, part)
+                hook(before, first)
+
+        self.normed.register_hook(before_norm)
 
 
 def head_outputs(parts: GraphParts, layer: int, z: Tensor) -> Tensor:
@@ -161,10 +194,16 @@ def graph_forward(
 
     for layer in range(first, parts.n_layers):
         start = graph.receiver_index(f"a{layer}.h0", "q")
-        inputs = patched(resid, slice(start, start + 3 * H))
-        if on_receivers is not None:
-            on_receivers(layer, "qkv", inputs)
-        q_in, k_in, v_in = parts.attn_norm(layer, inputs).split(H, dim=2)
+        if missing is None:  # every head reads the same stream: one norm, seen 3H times
+            normed = parts.attn_norm(layer, resid)[:, :, None].expand(-1, -1, 3 * H, -1)
+            if on_receivers is not None:
+                on_receivers(layer, "qkv", _NormedReceivers(normed, partial(parts.attn_norm, layer), resid))
+        else:
+            inputs = patched(resid, slice(start, start + 3 * H))
+            if on_receivers is not None:
+                on_receivers(layer, "qkv", inputs)
+            normed = parts.attn_norm(layer, inputs)
+        q_in, k_in, v_in = normed.split(H, dim=2)
         z = parts.attend(layer, q_in, k_in, v_in, contexts[layer])
         if edit_sender is not None:
             z = edit_sender(f"a{layer}", z)

@@ -282,3 +282,28 @@ def test_curve_circuits_take_the_top_edges_by_magnitude():
     assert graph.names(circuits[0]) == ["input->logits"]
     assert set(graph.names(circuits[-1])) == {graph.edge_name(s, r) for s, r in graph.edges}
     assert len(MIB_FRACTIONS) == 10
+
+
+def test_what_an_attribution_run_keeps_for_its_backward_does_not_grow_with_heads():
+    """Every head reads one stream in an attribution run: the forward norms it once and keeps no
+    copy per head (the per-head input gradients are built in the backward, a layer at a time)."""
+
+    def saved_bytes(heads: int) -> int:
+        torch.manual_seed(0)
+        cfg = TransformerConfig(vocab_size=VOCAB, d_model=64, n_heads=heads, n_layers=2, d_mlp=64)
+        model = Transformer(cfg)
+        ids = torch.randint(0, VOCAB, (4, 12))
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        grads = []
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits, _ = graph_forward(
+                model, ids, None, torch.full((4, 1), 11), on_receivers=lambda layer, kind, x: grads.append(x)
+            )
+        return sum(seen.values())
+
+    assert saved_bytes(16) < 1.5 * saved_bytes(2)  # a copy per head's q, k and v input: over 4x
