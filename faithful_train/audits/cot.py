@@ -60,7 +60,7 @@ from faithful_train.functional.interchange import answer_predictions
 from faithful_train.functional.losses import answer_forward
 from faithful_train.tasks.base import Batch, Task
 from faithful_train.tasks.batch import first_answer_logits
-from faithful_train.tasks.reasoning import ReasoningTask, require_reasoning_task
+from faithful_train.tasks.reasoning import rationale_as_text, require_reasoning_task
 
 CORRUPTED, FOLLOW, STEP = "cot.corrupted", "cot.follow", "cot.step"
 GENERATED_FRACTIONS = (0.0, 0.25, 0.5, 0.75)  # early answering on generated rationales
@@ -78,14 +78,14 @@ class CotAudit(Audit):
             raise ConfigError(f"audit {self.label!r}: decoding needs at least two settings to compare (or none)")
 
     def bind(self, model: nn.Module, task: Task, run_seed: int = 0) -> None:
-        if not _on_text(task):
+        if not rationale_as_text(task):
             require_reasoning_task(task, f"audit {self.label!r}")
             if self.decoding:
                 raise ConfigError(f"audit {self.label!r}: decoding needs a text task whose rows carry steps")
         super().bind(model, task, run_seed)
 
     def metric_names(self, task: Task) -> list[str]:
-        if _on_text(task):
+        if rationale_as_text(task):
             S = task.max_steps
             names = ["clean_acc", *(f"early/{k}" for k in range(S)), "early_aoc", "filler_acc"]
             if "counterfactual_steps" in task.provides:
@@ -109,7 +109,7 @@ class CotAudit(Audit):
         ]
 
     def build_data(self, task: Task, seed: int) -> Batch:
-        if _on_text(task):
+        if rationale_as_text(task):
             return task.sample(self.n_examples, seed)
         batch = task.sample(self.n_examples, seed)
         generator = torch.Generator().manual_seed(seed + 1)
@@ -118,7 +118,7 @@ class CotAudit(Audit):
         return {**batch, CORRUPTED: corrupted, FOLLOW: follow, STEP: step}
 
     def measure(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Tensor | tuple[Tensor, Tensor]]:
-        if _on_text(task):
+        if rationale_as_text(task):
             return self._measure_text(model, task, batch)
         ids, B, K = batch["input_ids"], batch["input_ids"].shape[0], task.n_steps
         # one batched forward: clean, corrupted, and the chain cut after k = 0..K-1 steps
@@ -227,8 +227,3 @@ class CotAudit(Audit):
             values[f"gen_early/{f}"] = (column, weight)
         values["gen_early_aoc"] = (area_over_curve(matches), weight)
         return values
-
-
-def _on_text(task: Task) -> bool:
-    """A task whose rows carry a written rationale as text (the ``steps`` column)."""
-    return "steps" in task.provides and not isinstance(task, ReasoningTask)

@@ -60,3 +60,9 @@ def require_reasoning_task(task: Task, who: str) -> ReasoningTask:
             f"valid: {', '.join(valid)}, or your own ReasoningTask"
         )
     return task
+
+
+def rationale_as_text(task: Task) -> bool:
+    """A task whose rows carry a written rationale as text (a text task's ``steps`` column), not
+    a generated ``ReasoningTask``'s fixed step positions."""
+    return "steps" in task.provides and not isinstance(task, ReasoningTask)

@@ -43,7 +43,7 @@ from faithful_train.modeling.sharding import average_gradients, is_sharded, loca
 from faithful_train.objectives.base import Objective, StepContext
 from faithful_train.tasks.base import Batch, Task, batch_seed
 from faithful_train.tasks.batch import answer_mask, answer_positions, answer_targets, attention_mask, gather_positions
-from faithful_train.tasks.reasoning import ReasoningTask
+from faithful_train.tasks.reasoning import rationale_as_text
 from faithful_train.training.config import LossSection, OptimSection, TrainerSection
 from faithful_train.training.optim import clip_own_groups, lr_factor, parameter_groups
 
@@ -162,9 +162,7 @@ class FaithfulModule(LightningModule):
         self.answer_weight = float((loss if loss is not None else LossSection()).answer)
         trainer = trainer if trainer is not None else TrainerSection()
         self.on_nonfinite, self.max_skipped_steps = trainer.on_nonfinite, trainer.max_skipped_steps
-        self.val_generation = bool(trainer.val_generation) and (
-            "steps" in task.provides and not isinstance(task, ReasoningTask)
-        )
+        self.val_generation = bool(trainer.val_generation) and rationale_as_text(task)
         # the decay spans optim.schedule_steps, else the first start's trainer.max_steps, kept on
         # resume (trainer.max_steps may have grown)
         self.total_steps = self.optim.schedule_steps or trainer.max_steps
