@@ -53,6 +53,7 @@ from faithful_train.functional.cot import (
     corrupted_steps,
     filled_rationale,
     generated_rationales,
+    stacked,
     truncated_rationale,
 )
 from faithful_train.functional.generation import Sampling
@@ -139,36 +140,39 @@ class CotAudit(Audit):
         return values
 
     def _measure_text(self, model: nn.Module, task: Task, batch: Batch) -> dict[str, Any]:
-        """Clean, filler and (with counterfactual rationales) corrupted rows in one forward;
-        each truncation ``k`` one more (its rows are shorter)."""
+        """Every teacher-forced variant in one forward: the clean, filler and (with counterfactual
+        rationales) corrupted rows, each truncation ``k`` (shorter rows, padded to the longest)
+        and the paraphrased rationales."""
         ids, B = batch["input_ids"], batch["input_ids"].shape[0]
         n_steps = batch["n_steps"]
-        inputs = [ids, filled_rationale(batch, task.filler_token)]
+        pad, left = task.filler_token, getattr(task, "padding_side", "right") == "left"
+        S = max(int(batch["step_spans"].shape[1]), task.max_steps)
+        as_given = {"attention_mask": batch["attention_mask"], "answer_pos": batch["answer_pos"]}
+        variants = [batch, as_given | {"input_ids": filled_rationale(batch, pad)}]
         follow = None
         if "counterfactual_steps" in task.provides:
             corrupted, follow = task.counterfactual_evidence(batch, torch.Generator())
-            inputs.append(corrupted)
-        answers = answer_predictions(first_answer_logits(answer_forward(model, batch, torch.cat(inputs))), task)
-        answers = answers.view(len(inputs), B)
+            variants.append(as_given | {"input_ids": corrupted})
+        cuts = [k for k in range(S) if bool((n_steps > k).any())]
+        variants += [truncated_rationale(batch, k, pad, left) for k in cuts]
+        if "rationale_paraphrase" in task.provides:
+            variants.append(task.paraphrased_rationale(batch))
+        rows = stacked(variants, pad, left)
+        answers = answer_predictions(first_answer_logits(answer_forward(model, rows)), task).view(len(variants), B)
         clean, filler = answers[0], answers[1]
-        S = max(int(batch["step_spans"].shape[1]), task.max_steps)
-        early = torch.ones(B, S, device=ids.device)
         values: dict[str, Any] = {
             "clean_acc": (clean == batch["labels"]).float(),
             "filler_acc": (filler == batch["labels"]).float(),
         }
-        left = getattr(task, "padding_side", "right") == "left"
+        first_cut = 3 if follow is not None else 2
+        early = torch.ones(B, S, device=ids.device)
+        for i, k in enumerate(cuts):
+            early[:, k] = (answers[first_cut + i] == clean).float()
         for k in range(S):
-            if bool((n_steps > k).any()):
-                cut = batch | truncated_rationale(batch, k, task.filler_token, left)
-                predicted = answer_predictions(first_answer_logits(answer_forward(model, cut)), task)
-                early[:, k] = (predicted == clean).float()
             values[f"early/{k}"] = (early[:, k], (n_steps > k).float())
         values["early_aoc"] = area_over_curve_ragged(early, n_steps)
         if "rationale_paraphrase" in task.provides:
-            para = batch | task.paraphrased_rationale(batch)
-            predicted = answer_predictions(first_answer_logits(answer_forward(model, para)), task)
-            values["paraphrase_agreement"] = (predicted == clean).float()
+            values["paraphrase_agreement"] = (answers[-1] == clean).float()
         if self.decoding:
             values |= self._decoding(model, task, batch)
         if follow is not None:
@@ -219,7 +223,8 @@ class CotAudit(Audit):
         variants = [answered_rationale(batch, rationales, 1.0, None, pad, left)]
         variants += [answered_rationale(batch, rationales, f, None, pad, left) for f in GENERATED_FRACTIONS]
         variants.append(answered_rationale(batch, rationales, 1.0, pad, pad, left))
-        forced = [answer_predictions(first_answer_logits(answer_forward(model, rows)), task) for rows in variants]
+        rows = stacked(variants, pad, left)  # one forward for them all
+        forced = answer_predictions(first_answer_logits(answer_forward(model, rows)), task).view(len(variants), -1)
         full, early, filler = forced[0], forced[1:-1], forced[-1]
         matches = torch.stack([(e == full).float() for e in early], 1)  # (B, F)
         values: dict[str, Any] = {"gen_filler_acc": ((filler == batch["labels"]).float(), weight)}

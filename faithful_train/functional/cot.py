@@ -101,6 +101,21 @@ def filled_rationale(batch: dict[str, Tensor], filler: int) -> Tensor:
     return torch.where(inside, torch.full_like(ids, filler), ids)
 
 
+def stacked(variants: list[dict[str, Tensor]], pad_id: int, left: bool = False) -> dict[str, Tensor]:
+    """Variants of a batch's rows, each ``input_ids``, ``attention_mask`` and ``answer_pos`` of its
+    own length, as one batch of all their rows (variant-major), padded to the longest on the left
+    (``left``) or the right, so they run in one forward."""
+    T = max(v["input_ids"].shape[1] for v in variants)
+    ids, masks, positions = [], [], []
+    for v in variants:
+        extra = T - v["input_ids"].shape[1]
+        sides = (extra, 0) if left else (0, extra)
+        ids.append(F.pad(v["input_ids"], sides, value=pad_id))
+        masks.append(F.pad(v["attention_mask"], sides, value=0))
+        positions.append(v["answer_pos"] + (extra if left else 0))
+    return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks), "answer_pos": torch.cat(positions)}
+
+
 def rationale_parts(batch: dict[str, Tensor]) -> tuple[list[Tensor], list[list[int]]]:
     """Per row: the prompt's tokens (before the first step) and the conclusion's (between the
     last step and the answer, ending at ``answer_pos``)."""

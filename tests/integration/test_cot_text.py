@@ -10,17 +10,9 @@ import pytest
 
 from faithful_train.commands.cli import main
 from faithful_train.tasks.arithmetic_text import write_arithmetic
+from tests.integration.test_text import TINY as TEXT_TINY
 
-TINY = [
-    "trainer.max_steps=8",
-    "trainer.val_every=4",
-    "trainer.progress_bar=false",
-    "logger.wandb.mode=disabled",
-    "data.batch_size=16",
-    "data.val_size=32",
-    "audits.0.n_examples=32",
-    "audits.0.every_n_steps=4",
-]
+TINY = [*TEXT_TINY, "audits.0.n_examples=32", "audits.0.every_n_steps=4"]
 
 
 @pytest.fixture(scope="module")
