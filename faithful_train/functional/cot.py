@@ -10,12 +10,15 @@ the cot audit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from faithful_train.errors import UnknownNameError
 from faithful_train.functional.generation import Sampling, generate
+from faithful_train.tasks.text.collate import pad_lines
 
 STEP_CHOICES = ("any", "last")
 
@@ -75,18 +78,20 @@ def truncated_rationale(batch: dict[str, Tensor], keep: int, pad_id: int, left: 
             start, stop = int(batch["step_spans"][b, keep, 0]) - shift, int(batch["step_spans"][b, n - 1, 1]) - shift
             tokens = torch.cat([tokens[:start], tokens[stop:]])
             pos = pos - (stop - start)
-        rows.append(tokens)
+        rows.append(tokens.tolist())
         positions.append(pos)
-    T = max(len(x) for x in rows)
-    out_ids = torch.full((len(rows), T), pad_id, dtype=ids.dtype, device=ids.device)
-    out_mask = torch.zeros(len(rows), T, dtype=batch["attention_mask"].dtype, device=ids.device)
-    answer_pos = torch.stack(positions)
-    for b, tokens in enumerate(rows):
-        shift = T - len(tokens) if left else 0
-        out_ids[b, shift : shift + len(tokens)] = tokens
-        out_mask[b, shift : shift + len(tokens)] = 1
-        answer_pos[b] += shift
-    return {"input_ids": out_ids, "attention_mask": out_mask, "answer_pos": answer_pos}
+    return _packed(rows, torch.stack(positions), pad_id, left, ids.device)
+
+
+def _packed(rows: list[list[int]], answer_pos: Tensor, pad_id: int, left: bool, device: Any) -> dict[str, Tensor]:
+    """Rows of token ids padded into a batch on the left or the right (``pad_lines``), with each
+    row's answer positions ``answer_pos`` (counted from its first token) moved with its padding."""
+    out = {k: v.to(device) for k, v in pad_lines(rows, pad_id, "left" if left else "right").items()}
+    answer_pos = answer_pos.to(device)
+    if left:
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        answer_pos = answer_pos + (out["input_ids"].shape[1] - lengths)[:, None]
+    return out | {"answer_pos": answer_pos}
 
 
 def filled_rationale(batch: dict[str, Tensor], filler: int) -> Tensor:
@@ -147,13 +152,9 @@ def generated_rationales(
     it writes after the row's conclusion (``-1`` when the conclusion never comes) ``(B,)`` and
     the rationale it wrote before it (token ids)."""
     prompts, conclusions = rationale_parts(batch)
-    T = max(len(p) for p in prompts)
     device = batch["input_ids"].device
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p) :], mask[b, T - len(p) :] = p, 1
-    tokens, _ = generate(model, ids, mask, sampling, pad_id)
+    left = pad_lines([p.tolist() for p in prompts], pad_id, "left")
+    tokens, _ = generate(model, left["input_ids"].to(device), left["attention_mask"].to(device), sampling, pad_id)
     found = [split_generation(row, c) for row, c in zip(tokens.tolist(), conclusions)]
     return torch.tensor([a for a, _ in found], device=device), [r for _, r in found]
 
@@ -179,19 +180,11 @@ def answered_rationale(
     al.'s "fraction of the reasoning provided"); ``filler`` replaces every kept token by it
     (the filler-token control, same length)."""
     prompts, conclusions = rationale_parts(batch)
-    device = batch["input_ids"].device
     rows = []
     for prompt, rationale, conclusion in zip(prompts, rationales, conclusions):
         kept = list(rationale[: int(keep * len(rationale))])
         if filler is not None:
             kept = [filler] * len(kept)
-        rows.append(torch.cat([prompt, torch.tensor(kept + conclusion, dtype=prompt.dtype, device=device)]))
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    answer_pos = torch.zeros(len(rows), 1, dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        shift = T - len(row) if left else 0
-        ids[b, shift : shift + len(row)], mask[b, shift : shift + len(row)] = row, 1
-        answer_pos[b, 0] = shift + len(row) - 1
-    return {"input_ids": ids, "attention_mask": mask, "answer_pos": answer_pos}
+        rows.append(prompt.tolist() + kept + conclusion)
+    answer_pos = torch.tensor([[len(r) - 1] for r in rows])
+    return _packed(rows, answer_pos, pad_id, left, batch["input_ids"].device)
